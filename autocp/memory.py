@@ -1,0 +1,107 @@
+"""Per-rank peak memory: live tensor bytes on CPU, ``max_memory_allocated`` on CUDA.
+
+On CPU, RSS and the profiler do not measure what we care about (allocator caching,
+fragmentation, python objects). :class:`MemoryTracker` is a ``TorchDispatchMode`` that
+sees every tensor an op creates, keys it by its *storage* (views and in-place results
+are free), and frees it when the storage dies (weakref finalizer). Tensors that existed
+before the block (parameters, inputs) are counted by passing them to ``track``.
+
+    with MemoryTracker(track=[*model.parameters(), z]) as mt:
+        loss = model(z).sum(); loss.backward()
+    mt.peak_bytes, mt.live_bytes
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Iterable, Optional
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["MemoryTracker", "peak_memory"]
+
+
+class MemoryTracker(TorchDispatchMode):
+    """Live/peak bytes of tensor storages created inside the block (plus ``track``).
+
+    ``device``: ``"cpu"`` (default) uses the dispatch tracker; ``"cuda"`` resets and
+    reads ``torch.cuda.max_memory_allocated`` instead (everything allocated counts).
+    """
+
+    def __init__(self, track: Optional[Iterable[torch.Tensor]] = None, device: str = "cpu"):
+        super().__init__()
+        self.device = torch.device(device).type
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._seen: dict[int, object] = {}  # id(storage) -> finalizer
+        self._initial = list(track or [])
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _free(self, key: int, nbytes: int) -> None:
+        self._seen.pop(key, None)
+        self.live_bytes -= nbytes
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        """Count already-existing tensors (parameters, inputs) as live."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._add(t)
+
+    def _add(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(st)
+        if key in self._seen:
+            return
+        nbytes = st.nbytes()
+        self._seen[key] = weakref.finalize(st, self._free, key, nbytes)
+        self.live_bytes += nbytes
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
+
+    # ---------------------------------------------------------------- dispatch
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat, _ = tree_flatten(out)
+        for t in flat:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        super().__enter__()
+        self.track(*self._initial)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+            self.live_bytes = torch.cuda.memory_allocated()
+            return False
+        out = super().__exit__(*exc)
+        # stop reacting to frees that happen after the block
+        for fin in list(self._seen.values()):
+            fin.detach()
+        self._seen.clear()
+        return out
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+def peak_memory(fn, *args, track=(), device: str = "cpu", **kwargs):
+    """Run ``fn(*args, **kwargs)`` under a tracker; return ``(result, peak_bytes)``."""
+    with MemoryTracker(track=track, device=device) as mt:
+        res = fn(*args, **kwargs)
+    return res, mt.peak_bytes

@@ -1,0 +1,225 @@
+"""The square ``p x p`` device mesh that autocp tiles pair tensors over.
+
+Conventions (used everywhere in autocp, tested on 3x3):
+
+* Rank ``(r, c)`` sits at ``device_mesh.mesh[r, c]``. ``r`` indexes mesh *rows*
+  (mesh dim 0), ``c`` mesh *columns* (mesh dim 1).
+* The **row group** of ``(r, c)`` is the ``p`` ranks with the same ``r``:
+  ``{(r, 0), ..., (r, p-1)}``. In DeviceMesh terms this is the group *along mesh
+  dim 1* (the dim that varies inside the group) -- the naming that is easy to invert.
+* The **column group** is the ``p`` ranks with the same ``c`` (along mesh dim 0).
+* The **transpose partner** of ``(r, c)`` is ``(c, r)``.
+* A ring shift *along the row* by ``k`` moves data between ``(r, c)`` and
+  ``(r, c +- k mod p)``; along the column between ``(r, c)`` and ``(r +- k mod p, c)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["SquareMesh", "init_mesh", "MeshError"]
+
+ROW = "row"
+COL = "col"
+AXES = (ROW, COL)
+
+
+class MeshError(ValueError):
+    """A mesh that autocp cannot use; the message says given / required / fix."""
+
+
+def _isqrt_exact(n: int) -> Optional[int]:
+    p = math.isqrt(n)
+    return p if p * p == n else None
+
+
+def _check_axis(axis: str) -> str:
+    if axis not in AXES:
+        raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
+    return axis
+
+
+@dataclass(frozen=True)
+class _Coord:
+    r: int
+    c: int
+
+
+class SquareMesh:
+    """A square ``p x p`` 2D device mesh with this rank's coordinates and groups.
+
+    Wraps a 2D :class:`torch.distributed.device_mesh.DeviceMesh` (any device type) or,
+    for ``p == 1`` without an initialised process group, nothing at all (single
+    process; every collective is the identity).
+    """
+
+    def __init__(self, device_mesh=None, *, _single: bool = False):
+        if _single:
+            self.device_mesh = None
+            self.p = 1
+            self.r = self.c = 0
+            self._ranks = [[0]]
+            self.device_type = "cpu"
+            return
+        if device_mesh is None:
+            raise MeshError("SquareMesh needs a DeviceMesh; use autocp.init_mesh(p) to build one")
+        ndim = device_mesh.mesh.ndim
+        shape = tuple(device_mesh.mesh.shape)
+        if ndim != 2:
+            raise MeshError(
+                f"autocp needs a 2D square device mesh; given a {ndim}D mesh of shape {shape}. "
+                f"Fix: build it as init_device_mesh(device_type, (p, p)) or use autocp.init_mesh(p)."
+            )
+        if shape[0] != shape[1]:
+            raise MeshError(
+                f"autocp needs a square p x p mesh; given a {shape[0]} x {shape[1]} mesh. "
+                f"Fix: use a world size that is a perfect square (1, 4, 9, 16, ...) and mesh shape (p, p)."
+            )
+        self.device_mesh = device_mesh
+        self.p = shape[0]
+        self.device_type = device_mesh.device_type
+        self._ranks = device_mesh.mesh.tolist()
+        me = dist.get_rank()
+        for r, row in enumerate(self._ranks):
+            for c, rank in enumerate(row):
+                if rank == me:
+                    self.r, self.c = r, c
+                    break
+            else:
+                continue
+            break
+        else:
+            raise MeshError(f"global rank {me} is not in the mesh {self._ranks}")
+
+    # ------------------------------------------------------------------ factories
+    @classmethod
+    def single(cls) -> "SquareMesh":
+        """A 1x1 mesh that needs no process group."""
+        return cls(_single=True)
+
+    @classmethod
+    def from_any(cls, mesh) -> "SquareMesh":
+        """Accept a SquareMesh, a 2D DeviceMesh, or None (1x1 when not distributed)."""
+        if isinstance(mesh, SquareMesh):
+            return mesh
+        if mesh is None:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                return init_mesh()
+            return cls.single()
+        from torch.distributed.device_mesh import DeviceMesh
+
+        if isinstance(mesh, DeviceMesh):
+            return cls(mesh)
+        raise MeshError(f"expected a DeviceMesh or SquareMesh, got {type(mesh).__name__}")
+
+    # ------------------------------------------------------------------ coordinates
+    @property
+    def coord(self) -> tuple[int, int]:
+        """This rank's ``(r, c)``."""
+        return (self.r, self.c)
+
+    @property
+    def world_size(self) -> int:
+        return self.p * self.p
+
+    def rank_of(self, r: int, c: int) -> int:
+        """Global rank of mesh position ``(r mod p, c mod p)``."""
+        return self._ranks[r % self.p][c % self.p]
+
+    @property
+    def rank(self) -> int:
+        return self.rank_of(self.r, self.c)
+
+    @property
+    def transpose_partner(self) -> int:
+        """Global rank of ``(c, r)``."""
+        return self.rank_of(self.c, self.r)
+
+    def neighbor(self, axis: str, k: int) -> int:
+        """Global rank ``k`` steps along ``axis``: ``(r, c+k)`` for 'row', ``(r+k, c)`` for 'col'."""
+        _check_axis(axis)
+        if axis == ROW:
+            return self.rank_of(self.r, self.c + k)
+        return self.rank_of(self.r + k, self.c)
+
+    def index(self, axis: str) -> int:
+        """This rank's position inside its ``axis`` group: ``c`` for 'row', ``r`` for 'col'."""
+        return self.c if _check_axis(axis) == ROW else self.r
+
+    def group_ranks(self, axis: str) -> list[int]:
+        """Global ranks of this rank's row group (same r) or column group (same c)."""
+        if _check_axis(axis) == ROW:
+            return list(self._ranks[self.r])
+        return [self._ranks[r][self.c] for r in range(self.p)]
+
+    def group(self, axis: str):
+        """The process group of this rank's row (same r) or column (same c)."""
+        _check_axis(axis)
+        if self.device_mesh is None:
+            return None
+        # the row group varies c, i.e. runs along mesh dim 1
+        return self.device_mesh.get_group(1 if axis == ROW else 0)
+
+    @property
+    def row_group(self):
+        return self.group(ROW)
+
+    @property
+    def col_group(self):
+        return self.group(COL)
+
+    # ------------------------------------------------------------------ checks
+    def check_tokens(self, n: int, what: str = "N") -> None:
+        """Raise when a token length is too small for this mesh (each block needs a token)."""
+        if n < self.p:
+            raise MeshError(
+                f"{what}={n} tokens is smaller than the mesh side p={self.p} "
+                f"({self.p}x{self.p} mesh): every mesh row/column needs at least one token. "
+                f"Fix: use a mesh with p <= {n} (e.g. {max(1, math.isqrt(max(n, 1)))}x"
+                f"{max(1, math.isqrt(max(n, 1)))}) or a larger input."
+            )
+
+    def __repr__(self) -> str:
+        return f"SquareMesh(p={self.p}, coord=({self.r}, {self.c}), device_type={self.device_type!r})"
+
+
+def init_mesh(p: Optional[int] = None, device_type: Optional[str] = None) -> SquareMesh:
+    """Build a square mesh from the current (default) process group.
+
+    ``p`` defaults to ``sqrt(world_size)``; ``device_type`` defaults to ``"cuda"`` when
+    the backend is NCCL, else ``"cpu"``. Without an initialised process group and
+    ``p in (None, 1)`` this returns a single-process 1x1 mesh.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if p in (None, 1):
+            return SquareMesh.single()
+        raise MeshError(
+            f"init_mesh(p={p}) needs an initialised process group with {p * p} ranks; none is. "
+            f"Fix: call torch.distributed.init_process_group(...) first (torchrun does it)."
+        )
+    world = dist.get_world_size()
+    q = _isqrt_exact(world)
+    if q is None:
+        lo = math.isqrt(world)
+        raise MeshError(
+            f"world size {world} is not a perfect square; autocp needs a p x p mesh "
+            f"(1, 4, 9, 16, ... ranks). Fix: launch {lo * lo} or {(lo + 1) ** 2} processes."
+        )
+    if p is None:
+        p = q
+    if p * p != world:
+        raise MeshError(
+            f"init_mesh(p={p}) needs world size {p * p}; given world size {world}. "
+            f"Fix: pass p={q} or launch {p * p} processes."
+        )
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dm = init_device_mesh(device_type, (p, p), mesh_dim_names=("cp_r", "cp_c"))
+    return SquareMesh(dm)

@@ -1,0 +1,103 @@
+"""Shared pieces of the distributed ops: tile context, input checks, LSE merges.
+
+Contract of every 2D op module in :mod:`autocp.ops`::
+
+    op = SomeOp2D(boltz_module, mesh)      # shares the module's parameters (same names)
+    out_tile = op(z_tile, mask_tile, n_tokens=N)
+
+``z_tile`` is the ``Pair2D`` tile ``z[:, T_r, T_c, :]`` of local shape ``[B, b, b, C]``
+(``b = ceil(N / p)``; padded slots hold anything finite), ``mask_tile`` the Pair2D tile
+of the pair mask ``[B, b, b]`` or ``None`` (all real tokens valid). ``n_tokens`` is the
+global N: it tells which slots are padding, and padding is always masked by the op
+itself, so it never leaks into real outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..layout import LayoutError, block_size, token_valid
+from ..mesh import SquareMesh
+
+__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules"]
+
+
+@dataclass(frozen=True)
+class TileCtx:
+    """Mesh + global token count: which slots of each block are real tokens."""
+
+    mesh: SquareMesh
+    n: int
+
+    @property
+    def p(self) -> int:
+        return self.mesh.p
+
+    @property
+    def b(self) -> int:
+        return block_size(self.n, self.mesh.p)
+
+    def valid(self, t: int, device=None) -> torch.Tensor:
+        """Bool ``[b]``: real tokens of block ``t``."""
+        return token_valid(self.n, self.mesh.p, t % self.mesh.p, device=device)
+
+    def pair_valid(self, device=None) -> torch.Tensor:
+        """Bool ``[b, b]``: real (i, j) slots of this rank's Pair2D tile."""
+        return self.valid(self.mesh.r, device)[:, None] & self.valid(self.mesh.c, device)[None, :]
+
+
+def check_pair_tile(
+    z: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ctx: TileCtx,
+    channels: Optional[int] = None,
+    op: str = "op",
+) -> torch.Tensor:
+    """Validate a Pair2D tile (+ mask) and return the mask with padding zeroed.
+
+    Raises :class:`LayoutError` saying what was given, what is needed and how to fix it.
+    """
+    ctx.mesh.check_tokens(ctx.n, "n_tokens")
+    b = ctx.b
+    if z.dim() != 4 or z.shape[1] != b or z.shape[2] != b:
+        raise LayoutError(
+            f"{op}: z tile has shape {tuple(z.shape)}; on a {ctx.p}x{ctx.p} mesh with N={ctx.n} the "
+            f"Pair2D tile must be [B, {b}, {b}, C] (b = ceil(N/p)). Fix: shard z with "
+            f"autocp.Pair2D().shard(z, mesh) and pass n_tokens=N."
+        )
+    if channels is not None and z.shape[-1] != channels:
+        raise LayoutError(
+            f"{op}: z tile has {z.shape[-1]} channels; the module's weights expect {channels}. "
+            f"Fix: pass the pair tensor this module was built for."
+        )
+    valid = ctx.pair_valid(z.device)
+    if mask is None:
+        return valid.to(z.dtype).expand(z.shape[0], b, b)
+    if mask.shape != z.shape[:3]:
+        raise LayoutError(
+            f"{op}: mask tile has shape {tuple(mask.shape)}; it must match the z tile's first three "
+            f"dims {tuple(z.shape[:3])}. Fix: shard the [B, N, N] pair mask with autocp.Pair2D().shard."
+        )
+    return mask.to(z.dtype) * valid.to(z.dtype)
+
+
+def merge_lse(out_a, lse_a, out_b, lse_b):
+    """Merge two softmax-normalised partial attentions by their log-sum-exps.
+
+    ``out_* [..., Q, D]``, ``lse_* [..., Q]`` (``-inf`` = no keys). Exact, fp32.
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    wa = torch.exp(lse_a - safe).unsqueeze(-1)
+    wb = torch.exp(lse_b - safe).unsqueeze(-1)
+    return out_a * wa + out_b * wb, lse
+
+
+def share_submodules(dst: torch.nn.Module, src: torch.nn.Module, names) -> None:
+    """Register ``src``'s submodules under the same names in ``dst`` (parameters shared,
+    not copied), so ``dst.state_dict()`` has the same keys as ``src.state_dict()``."""
+    for name in names:
+        dst.add_module(name, getattr(src, name))

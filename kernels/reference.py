@@ -1,0 +1,68 @@
+"""Torch reference implementations of the tile computations (always correct, any device).
+
+These define the kernel interface that :mod:`autocp.ops` calls through the registry:
+
+``tile_attention_fwd(q, k, v, bias=None, key_valid=None, scale=1.0) -> (out, lse)``
+    ``q [..., Q, D]``, ``k [..., K, D]``, ``v [..., K, Dv]``; ``bias`` additive,
+    broadcastable to ``[..., Q, K]``; ``key_valid`` bool broadcastable to ``[..., K]``
+    (False = the key does not exist at all, e.g. autocp padding: it gets no weight, not
+    even in a fully masked row). Returns ``out [..., Q, Dv]`` (softmax-normalised inside
+    this key block) and ``lse [..., Q]``, both fp32. A query whose keys are all invalid
+    gets ``out = 0`` and ``lse = -inf`` so that log-sum-exp merges ignore it.
+
+``tile_attention_bwd(q, k, v, bias, key_valid, scale, lse, dout, delta) -> (dq, dk, dv, dbias)``
+    Flash-attention backward of one key block given the *merged* ``lse`` and
+    ``delta = sum(dout * out_merged, -1)`` of the whole row; ``dbias`` has the full
+    ``[..., Q, K]`` shape (the caller sums broadcast dims). fp32 results.
+
+``tri_mm(a, b, out=None) -> out (+)= a @ b^T``
+    Batched ``a [..., I, K]``, ``b [..., J, K]`` (the per-channel GEMM of triangle
+    multiplication, channels folded into the batch); fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["tile_attention_fwd", "tile_attention_bwd", "tri_mm"]
+
+
+def _scores(q, k, bias, key_valid, scale):
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.float()
+    if key_valid is not None:
+        s = s.masked_fill(~key_valid.unsqueeze(-2), float("-inf"))
+    return s
+
+
+def tile_attention_fwd(q, k, v, bias=None, key_valid: Optional[torch.Tensor] = None, scale: float = 1.0):
+    s = _scores(q, k, bias, key_valid, scale)
+    lse = torch.logsumexp(s, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - safe.unsqueeze(-1))
+    out = torch.matmul(p, v.float())
+    return out, lse
+
+
+def tile_attention_bwd(q, k, v, bias, key_valid, scale, lse, dout, delta):
+    s = _scores(q, k, bias, key_valid, scale)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - safe.unsqueeze(-1))
+    dout = dout.float()
+    dv = torch.matmul(p.transpose(-1, -2), dout)
+    dp = torch.matmul(dout, v.float().transpose(-1, -2))
+    ds = p * (dp - delta.unsqueeze(-1))
+    dq = torch.matmul(ds, k.float()) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
+    return dq, dk, dv, ds
+
+
+def tri_mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    prod = torch.matmul(a.float(), b.float().transpose(-1, -2))
+    if out is None:
+        return prod
+    out.add_(prod)
+    return out
