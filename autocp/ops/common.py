@@ -22,7 +22,7 @@ import torch
 from ..layout import LayoutError, block_size, token_valid
 from ..mesh import SquareMesh
 
-__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules"]
+__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "sync_grads"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,24 @@ def share_submodules(dst: torch.nn.Module, src: torch.nn.Module, names) -> None:
     not copied), so ``dst.state_dict()`` has the same keys as ``src.state_dict()``."""
     for name in names:
         dst.add_module(name, getattr(src, name))
+
+
+def sync_grads(module: torch.nn.Module, mesh: SquareMesh) -> None:
+    """Sum every parameter's ``.grad`` over all ``P`` ranks of the mesh (in place).
+
+    Convention of all autocp ops: after backward each rank holds the *partial*
+    parameter gradient of its own tiles, and the sum over the mesh is the single-device
+    gradient (an op whose work is replicated along a mesh axis scales its contribution
+    so the sum stays exact). Call this before the optimizer step (or let a DDP-style
+    gradient reducer over the same ranks do it).
+    """
+    if mesh.p == 1:
+        return
+    import torch.distributed as dist
+
+    from .. import comm
+
+    for prm in module.parameters():
+        if prm.grad is not None:
+            comm.STATS.add("sync_grads", prm.grad.numel() * prm.grad.element_size())
+            dist.all_reduce(prm.grad)  # the whole mesh (default group = the mesh ranks)
