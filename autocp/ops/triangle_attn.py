@@ -1,0 +1,392 @@
+"""2D-parallel triangle attention (Boltz ``TriangleAttention`` starting / ending node).
+
+Layout
+------
+Rank ``(r, c)`` of a ``p x p`` mesh holds the Pair2D tile ``z[:, T_r, T_c, :]`` of local
+shape ``[B, b, b, C]`` (``b = ceil(N/p)``, last block zero-padded) and the pair-mask tile
+``mask[:, T_r, T_c]`` of shape ``[B, b, b]``; it returns the output tile
+``out[:, T_r, T_c, :]`` of shape ``[B, b, b, C]`` (padded slots are 0).
+
+Starting node (Boltz Algorithm 13, the non-chunked, non-kernel path)
+--------------------------------------------------------------------
+``x = LN(z)``; for every row ``i`` the query ``(i, j)`` attends the keys ``(i, k)`` of
+the same row with bias ``tri[h, j, k] = linear(x)[j, k, h]`` and
+``mask_bias[i, k] = 1e9 * (mask[i, k] - 1)``; gating + output projection per query.
+
+Distributed algorithm (rank ``(r, c)``, queries ``i in T_r, j in T_c`` stay local):
+
+* K/V (and the key mask) of rows ``T_r`` for key block ``T_t`` are computed on rank
+  ``(r, t)``: they travel on a ring along the mesh **row**.
+* The bias tile ``tri[T_c, T_t]`` is the local ``linear(x)`` tile of rank ``(c, t)``.
+  One fused "transpose + skew" send puts ``tri[T_c, T_{r+c}]`` on rank ``(r, c)`` (rank
+  ``(a, b)`` sends its tile to ``(b - a, a)``); after that it travels on a ring along the
+  mesh **column**.
+* Both rings are skewed so step ``s`` uses key block ``t = (r + c + s) mod p``; the
+  next exchange is posted before the current block is computed (double buffering); the
+  per-block ``(out, lse)`` from :func:`autocp.kernels.tile_attention_fwd` merge by
+  :func:`autocp.ops.common.merge_lse`.
+* Backward (explicit, :class:`_TriAttnRing`) recomputes every block's scores: the same
+  rings run again, the K/V gradient accumulator ``(dk, dv)`` (fp32) travels with its
+  block along the row and the bias gradient ``dtri`` (fp32) along the column; after the
+  last step one fused send returns each accumulator to its home rank (``dk, dv`` to
+  ``(r, t)``; ``dtri[T_c, T_t]`` to ``(c, t)``, i.e. un-skew + transpose in one message).
+
+Fully masked rows: in fp32 Boltz every score of a row ``i`` whose keys are all masked
+equals ``-1e9`` exactly (the ``1e9`` swamps ``q.k + tri``), so Boltz returns the
+*uniform* average of ``v[i, k]`` over all ``N`` real keys, and its backward still sends
+``ds = (dout.v_k - dout.out) / N`` into ``q``, ``k`` and ``tri``. This op reproduces
+that: a row with no valid key takes the uniform path (forward: running sum of ``v``
+over real keys; backward: the tile kernel with a zero query, no bias, ``lse = log N``,
+plus the ``ds^T q`` term for ``dk``). autocp's own padding keys never get any weight
+(``key_valid=False``). Masks must be binary (0/1), as in Boltz.
+
+Ending node = the starting node on ``z^T``. Here it runs as the **axis-swapped ring**:
+the local tile is transposed (no communication) and the same algorithm runs on the
+transposed mesh view (virtual rank ``(c, r)``; the K/V ring then runs along the mesh
+*column* and the bias ring along the mesh *row*). This costs exactly the starting
+node's volume. The alternative, ``transpose_exchange`` of ``z`` (and the mask) in and of
+the output out, would add ``B b^2 C E`` bytes in + ``B b^2 C E`` out (+ the mask) in the
+forward and ``2 B b^2 C E`` in the backward on every off-diagonal rank, for no gain.
+
+Communication (bytes *sent* by one rank; ``(r', c')`` = ``(r, c)`` for the starting node
+and ``(c, r)`` for the ending node; ``E`` = element size of z's dtype, ``H`` heads of
+width ``D``, ``[x]`` = 1 if x else 0). See :func:`comm_bytes`.
+
+* ``S_kv = 2 B b^2 H D E`` (k and v packed), ``S_m = B b^2`` (uint8 key mask),
+  ``S_b = B b^2 H E`` (bias tile), ``S_dkv = 2 B b^2 H D * 4``, ``S_db = B b^2 H * 4``
+  (fp32 gradient accumulators).
+* forward: ``triattn.kv = (p - 1 + [r' != 0]) S_kv``, ``triattn.mask = (p - 1 + [r' != 0]) S_m``,
+  ``triattn.bias = (p - 1 + [(r', c') != (0, 0)]) S_b``.
+* backward: the same three again (recompute rings), plus
+  ``triattn.dkv = (p - 1 + [r' != 1 mod p]) S_dkv`` and
+  ``triattn.dbias = (p - 1 + [(r', c') != (1 mod p, 1 mod p)]) S_db``.
+* ``p = 1``: nothing.
+
+Memory per rank: saved for backward are only local tensors -- ``q, k, v``
+``[B, b, H, b, D]``, the bias tile ``[B, H, b, b]``, the key mask ``[B, b, b]``, the fp32
+output ``[B, b, H, b, D]`` and LSE ``[B, b, H, b]`` -- i.e. ``O(B b^2 (4 H D + H + 1))``
+= ``O(N^2 / P)``; received blocks are dropped after use (at most two K/V/bias blocks
+live at a time, plus the two travelling gradient accumulators in backward).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import comm
+from .. import kernels
+from ..layout import LayoutError, token_valid
+from ..mesh import SquareMesh
+from .common import TileCtx, check_pair_tile, merge_lse, share_submodules
+
+__all__ = ["TriangleAttention2D", "comm_bytes", "NAME"]
+
+NAME = "triattn"
+
+
+# ----------------------------------------------------------------------------- mesh view
+class _MeshView:
+    """The mesh seen by the algorithm: the real mesh, or its transpose (ending node)."""
+
+    def __init__(self, mesh: SquareMesh, transposed: bool):
+        self.mesh = mesh
+        self.p = mesh.p
+        self.transposed = transposed
+        self.r, self.c = (mesh.c, mesh.r) if transposed else (mesh.r, mesh.c)
+
+    def rank(self, r: int, c: int) -> int:
+        r, c = r % self.p, c % self.p
+        return self.mesh.rank_of(c, r) if self.transposed else self.mesh.rank_of(r, c)
+
+    # (dst, src) pairs of every transfer of the algorithm
+    def kv_skew(self):
+        r, c = self.r, self.c
+        return self.rank(r, c - r), self.rank(r, c + r)
+
+    def bias_skew(self):  # fused transpose + skew: (a, b) -> (b - a, a)
+        r, c = self.r, self.c
+        return self.rank(c - r, r), self.rank(c, r + c)
+
+    def row_next(self):
+        return self.rank(self.r, self.c - 1), self.rank(self.r, self.c + 1)
+
+    def col_next(self):
+        return self.rank(self.r - 1, self.c), self.rank(self.r + 1, self.c)
+
+    def kv_home(self):  # block t = r + c - 1 after the last step goes home to (r, t)
+        r, c = self.r, self.c
+        return self.rank(r, r + c - 1), self.rank(r, c - r + 1)
+
+    def bias_home(self):  # tri[T_c, T_t], t = r + c - 1, goes home to (c, t)
+        r, c = self.r, self.c
+        return self.rank(c, r + c - 1), self.rank(c - r + 1, r)
+
+
+def _post(x: torch.Tensor, peers, what: str):
+    dst, src = peers
+    return comm.start_exchange(x, dst, src, name=f"{NAME}.{what}")
+
+
+# ----------------------------------------------------------------------------- ring core
+class _TriAttnRing(torch.autograd.Function):
+    """Ring attention of the local queries over the whole row, explicit backward.
+
+    Inputs on (virtual) rank ``(r, c)``: ``q, k, v [B, b, H, b, D]`` (``q`` already
+    scaled; rows ``T_r``, queries / keys ``T_c``), ``tri [B, H, b, b]`` (this rank's
+    ``linear(x)`` tile: query block ``T_r``, key block ``T_c``), ``mask [B, b, b]`` uint8
+    (key mask of rows ``T_r``, keys ``T_c``; padding already 0). Output: fp32
+    ``[B, b, H, b, D]``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, tri, mask, view: _MeshView, n: int):
+        p = view.p
+        dev = q.device
+        kv_t, h_kv = _post(torch.stack([k, v]), view.kv_skew(), "kv")
+        m_t, h_m = _post(mask, view.kv_skew(), "mask")
+        b_t, h_b = _post(tri, view.bias_skew(), "bias")
+        out = lse = None
+        vsum = None
+        nvalid = None
+        for s in range(p):
+            t = (view.r + view.c + s) % p
+            h_kv.wait()
+            h_m.wait()
+            h_b.wait()
+            cur_kv, cur_m, cur_b = kv_t, m_t, b_t
+            if s + 1 < p:  # double buffering: post the next block before computing
+                kv_t, h_kv = _post(cur_kv, view.row_next(), "kv")
+                m_t, h_m = _post(cur_m, view.row_next(), "mask")
+                b_t, h_b = _post(cur_b, view.col_next(), "bias")
+            real = token_valid(n, p, t, device=dev)
+            valid = cur_m.bool() & real  # [B, b_i, b_k]
+            o_s, l_s = kernels.tile_attention_fwd(
+                q, cur_kv[0], cur_kv[1], cur_b.unsqueeze(1), valid.unsqueeze(2), 1.0
+            )
+            vs = (cur_kv[1].float() * real[:, None].float()).sum(-2)  # [B, b_i, H, D]
+            nv = valid.sum(-1)
+            if out is None:
+                out, lse, vsum, nvalid = o_s, l_s, vs, nv
+            else:
+                out, lse = merge_lse(out, lse, o_s, l_s)
+                vsum = vsum + vs
+                nvalid = nvalid + nv
+        # rows with no valid key at all: Boltz's uniform average over the N real keys
+        masked = nvalid == 0  # [B, b_i]
+        uniform = (vsum / n).unsqueeze(-2)  # [B, b_i, H, 1, D]
+        out = torch.where(masked[:, :, None, None, None], uniform, out)
+        ctx.save_for_backward(q, k, v, tri, mask, out, lse, masked)
+        ctx.view, ctx.n = view, n
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, tri, mask, out, lse, masked = ctx.saved_tensors
+        view, n = ctx.view, ctx.n
+        p = view.p
+        dev = q.device
+        B, bi, H, bj, D = q.shape
+        dout = dout.float().contiguous()
+        delta = (dout * out).sum(-1)  # [B, b_i, H, b_j]
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+
+        # rows on the uniform (fully masked) path, flattened over (B, b_i)
+        R = B * bi
+        idx = masked.reshape(-1).nonzero().squeeze(1)
+        has_m = idx.numel() > 0
+        if has_m:
+            q_m = q.reshape(R, H, bj, D)[idx].float()
+            q0 = torch.zeros_like(q_m)
+            dout_m = dout.reshape(R, H, bj, D)[idx]
+            delta_m = delta.reshape(R, H, bj)[idx]
+            lse_m = torch.full_like(delta_m, math.log(n))
+            batch_of = torch.div(idx, bi, rounding_mode="floor")
+
+        kv_t, h_kv = _post(torch.stack([k, v]), view.kv_skew(), "kv")
+        m_t, h_m = _post(mask, view.kv_skew(), "mask")
+        b_t, h_b = _post(tri, view.bias_skew(), "bias")
+        acc_kv = acc_b = h_acc_kv = h_acc_b = None
+        for s in range(p):
+            t = (view.r + view.c + s) % p
+            h_kv.wait()
+            h_m.wait()
+            h_b.wait()
+            cur_kv, cur_m, cur_b = kv_t, m_t, b_t
+            if s + 1 < p:
+                kv_t, h_kv = _post(cur_kv, view.row_next(), "kv")
+                m_t, h_m = _post(cur_m, view.row_next(), "mask")
+                b_t, h_b = _post(cur_b, view.col_next(), "bias")
+            real = token_valid(n, p, t, device=dev)
+            valid = cur_m.bool() & real
+            kk, vv = cur_kv[0], cur_kv[1]
+            dq_s, dk_s, dv_s, ds = kernels.tile_attention_bwd(
+                q, kk, vv, cur_b.unsqueeze(1), valid.unsqueeze(2), 1.0, lse, dout, delta
+            )
+            dq += dq_s
+            dkv = torch.stack([dk_s, dv_s]).float()  # [2, B, b_i, H, b_k, D]
+            dbias = ds.float().sum(1)  # [B, H, b_j, b_k]
+            if has_m:
+                bk = kk.shape[-2]
+                k_m = kk.reshape(R, H, bk, D)[idx]
+                v_m = vv.reshape(R, H, bk, D)[idx]
+                dq_m, _, dv_m, ds_m = kernels.tile_attention_bwd(
+                    q0, k_m, v_m, None, real, 1.0, lse_m, dout_m, delta_m
+                )
+                dk_m = torch.matmul(ds_m.transpose(-1, -2), q_m)  # the q-term the zero query dropped
+                dq.view(R, H, bj, D).index_add_(0, idx, dq_m.float())
+                dkv[0].view(R, H, bk, D).index_add_(0, idx, dk_m.float())
+                dkv[1].view(R, H, bk, D).index_add_(0, idx, dv_m.float())
+                dbias.index_add_(0, batch_of, ds_m.float())
+            if s > 0:  # add what the previous holders of this block accumulated
+                h_acc_kv.wait()
+                h_acc_b.wait()
+                dkv = dkv + acc_kv
+                dbias = dbias + acc_b
+            if s + 1 < p:
+                acc_kv, h_acc_kv = _post(dkv, view.row_next(), "dkv")
+                acc_b, h_acc_b = _post(dbias, view.col_next(), "dbias")
+            else:  # complete: send home (fused un-skew; for the bias also the transpose back)
+                dkv_home, h1 = _post(dkv, view.kv_home(), "dkv")
+                db_home, h2 = _post(dbias, view.bias_home(), "dbias")
+                h1.wait()
+                h2.wait()
+        return (
+            dq.to(q.dtype),
+            dkv_home[0].to(k.dtype),
+            dkv_home[1].to(v.dtype),
+            db_home.to(tri.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+# ----------------------------------------------------------------------------- module
+class TriangleAttention2D(nn.Module):
+    """2D-parallel Boltz ``TriangleAttention`` (starting node) / ``TriangleAttentionEndingNode``.
+
+    ``TriangleAttention2D(module, mesh)`` shares ``module``'s parameters (same names:
+    ``layer_norm``, ``linear``, ``mha.linear_q/k/v/o/g``), so a state_dict loads into
+    either. ``forward(z_tile, mask_tile=None, n_tokens=N)``: ``z_tile [B, b, b, C]`` is
+    ``z[:, T_r, T_c]`` on rank ``(r, c)``, ``mask_tile [B, b, b]`` the pair-mask tile
+    (binary; ``None`` = all real tokens valid); returns the output tile ``[B, b, b, C]``,
+    equal to ``module(z, mask, chunk_size=None)[:, T_r, T_c]`` (0 on padded slots).
+    Algorithm, communication and memory: see the module docstring.
+    """
+
+    def __init__(self, module: nn.Module, mesh=None):
+        super().__init__()
+        missing = [a for a in ("layer_norm", "linear", "mha", "starting") if not hasattr(module, a)]
+        if missing:
+            raise TypeError(
+                f"TriangleAttention2D needs a boltz TriangleAttention / TriangleAttentionEndingNode "
+                f"module; given {type(module).__name__}, which lacks {missing}."
+            )
+        share_submodules(self, module, ["layer_norm", "linear", "mha"])
+        self.starting = bool(module.starting)
+        self.inf = float(getattr(module, "inf", 1e9))
+        self.no_heads = module.mha.no_heads
+        self.c_hidden = module.mha.c_hidden
+        self.c_in = module.layer_norm.weight.shape[0]
+        self.mesh = SquareMesh.from_any(mesh)
+
+    def extra_repr(self) -> str:
+        node = "starting" if self.starting else "ending"
+        return f"{node} node, c_in={self.c_in}, heads={self.no_heads}x{self.c_hidden}, p={self.mesh.p}"
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+        n_tokens: Optional[int] = None,
+        chunk_size: Optional[int] = None,  # accepted for Boltz signature compatibility; unused
+        use_kernels: bool = False,  # idem
+    ) -> torch.Tensor:
+        mesh = self.mesh
+        name = type(self).__name__
+        if n_tokens is None:
+            if mesh.p != 1:
+                raise LayoutError(
+                    f"{name}: n_tokens (the global N) is required on a {mesh.p}x{mesh.p} mesh: it says "
+                    f"which slots of the [B, b, b, C] tile are padding. Fix: call op(z_tile, mask_tile, n_tokens=N)."
+                )
+            n_tokens = z.shape[1] if z.dim() == 4 else 0
+        ctx = TileCtx(mesh, int(n_tokens))
+        mask = check_pair_tile(z, mask, ctx, channels=self.c_in, op=name)
+        pair_valid = ctx.pair_valid(z.device)
+        view = _MeshView(mesh, transposed=not self.starting)
+        if not self.starting:  # ending node: starting node on z^T, on the transposed mesh view
+            z = z.transpose(1, 2)
+            mask = mask.transpose(1, 2)
+            pair_valid = pair_valid.transpose(0, 1)
+
+        H = self.no_heads
+        mha = self.mha
+        x = self.layer_norm(z)
+        tri = self.linear(x).permute(0, 3, 1, 2)  # [B, H, b_j, b_k]
+
+        def heads(t):  # [B, b_i, b_j, H*D] -> [B, b_i, H, b_j, D]
+            return t.view(t.shape[:-1] + (H, -1)).transpose(-2, -3)
+
+        q = heads(mha.linear_q(x)) / math.sqrt(self.c_hidden)
+        k = heads(mha.linear_k(x))
+        v = heads(mha.linear_v(x))
+        key_mask = (mask > 0.5).to(torch.uint8).contiguous()
+
+        o = _TriAttnRing.apply(q, k, v, tri, key_mask, view, ctx.n)
+        o = o.to(x.dtype).transpose(-2, -3)  # [B, b_i, b_j, H, D]
+        if mha.linear_g is not None:
+            g = mha.sigmoid(mha.linear_g(x))
+            o = o * g.view(g.shape[:-1] + (H, -1))
+        o = mha.linear_o(o.flatten(-2))
+        o = o * pair_valid[..., None].to(o.dtype)
+        if not self.starting:
+            o = o.transpose(1, 2)
+        return o
+
+
+# ----------------------------------------------------------------------------- comm volume
+def comm_bytes(
+    p: int,
+    r: int,
+    c: int,
+    *,
+    batch: int,
+    b: int,
+    heads: int,
+    head_dim: int,
+    elem: int = 4,
+    starting: bool = True,
+) -> dict:
+    """Analytic bytes sent by rank ``(r, c)``: ``{"fwd": {name: bytes}, "bwd": {...}}``.
+
+    Names are the ``comm.STATS`` keys (``triattn.kv``, ``triattn.mask``, ``triattn.bias``,
+    ``triattn.dkv``, ``triattn.dbias``); zero entries are omitted. ``elem`` = element size
+    of z's dtype. See the module docstring for the formula.
+    """
+    if not starting:
+        r, c = c, r
+    r, c = r % p, c % p
+    s_kv = 2 * batch * b * b * heads * head_dim * elem
+    s_m = batch * b * b
+    s_b = batch * b * b * heads * elem
+    s_dkv = 2 * batch * b * b * heads * head_dim * 4
+    s_db = batch * b * b * heads * 4
+    n_row = p - 1 + (r != 0)
+    n_col = p - 1 + ((r, c) != (0, 0))
+    fwd = {
+        f"{NAME}.kv": n_row * s_kv,
+        f"{NAME}.mask": n_row * s_m,
+        f"{NAME}.bias": n_col * s_b,
+    }
+    bwd = dict(fwd)
+    bwd[f"{NAME}.dkv"] = (p - 1 + (r != 1 % p)) * s_dkv
+    bwd[f"{NAME}.dbias"] = (p - 1 + ((r, c) != (1 % p, 1 % p))) * s_db
+    return {
+        "fwd": {k_: v_ for k_, v_ in fwd.items() if v_},
+        "bwd": {k_: v_ for k_, v_ in bwd.items() if v_},
+    }
