@@ -1,0 +1,311 @@
+"""2D-parallel triangle multiplication (Boltz ``TriangleMultiplicationOutgoing`` /
+``TriangleMultiplicationIncoming``), contraction by a double-buffered Cannon ring.
+
+Shapes on rank ``(r, c)`` of a ``p x p`` mesh, ``b = ceil(N / p)``:
+
+* input ``z_tile``  ``[B, b, b, C]`` = ``z[:, T_r, T_c, :]`` (Pair2D, padded slots anything finite)
+* ``mask_tile``     ``[B, b, b]``    = ``mask[:, T_r, T_c]`` or ``None``
+* output            ``[B, b, b, C]`` = ``out[:, T_r, T_c, :]`` (padded slots are 0)
+
+Everything except the contraction over ``k`` is tile-local (LayerNorms, projections,
+gates, mask multiply). The contraction, with ``a, b`` the two halves of the masked,
+gated projection (fp32, channel-first tiles ``[B, C, b, b]``):
+
+* outgoing ``out[i,j] = sum_k a[i,k] b[j,k]`` -> ``out(r,c) = sum_t a(r,t) b(c,t)^T``
+* incoming ``out[i,j] = sum_k a[k,i] b[k,j]`` -> ``out(r,c) = sum_t a(t,r)^T b(t,c)``
+
+where ``x(u,v)`` is the tile ``x[T_u, T_v]`` held by rank ``(u,v)``.
+
+Cannon schedule (:func:`_cannon`), for ``out(r,c) = sum_t X(r,t) . Y(t,c)`` where ``X``
+travels along the mesh row and ``Y`` along the mesh column and either operand may be the
+grid transpose of a held tensor (``X(u,v)`` = the tile held by ``(v,u)``):
+
+1. one *skew* exchange per operand, which also performs the grid transpose when needed
+   (rank ``(r,c)`` receives ``X(r, r+c)`` and ``Y(r+c, c)`` directly from their holders,
+   so a transposed operand costs no extra message);
+2. ``p`` multiply-accumulate steps with ``t = (r + c + s) mod p``; before computing step
+   ``s`` the shifts for step ``s+1`` are posted (``X`` one step along the row, ``Y`` one
+   step along the column: double-buffered), and waited for after the tile product.
+
+The six contractions (forward and the two operand gradients of both directions) are all
+such products (``G`` = output gradient):
+
+============ ============================== ==========================================
+direction     forward                        backward
+============ ============================== ==========================================
+outgoing      ``X=a``, ``Y=b^T``(grid)        ``dA: X=G, Y=b``; ``dB: X=G^T``(grid)``, Y=a``
+incoming      ``X=a^T``(grid)``, Y=b``        ``dA: X=b, Y=G^T``(grid); ``dB: X=a, Y=G``
+============ ============================== ==========================================
+
+Only the local ``a``/``b`` tiles are saved for backward (``O(b^2 C)`` per rank); the
+backward recomputes nothing gathered and rings ``G`` and the saved tiles again.
+
+Communication (bytes *sent* by rank ``(r,c)``, counted under the name ``"trimul"``): with
+the tile size ``S = B * C * b^2 * itemsize`` (``itemsize`` = 4: the contraction runs in
+fp32 as in Boltz), ``[cond]`` = 1 if true else 0, and ``o = [(r, c) != (0, 0)]``::
+
+    one Cannon product  = S * (2 (p - 1) + sx + sy)
+        sx = [r != 0] for a plain X, o for a grid-transposed X
+        sy = [c != 0] for a plain Y, o for a grid-transposed Y
+    outgoing  forward   = S * (2(p-1) + [r!=0] + o)
+              backward  = S * (4(p-1) + [r!=0] + 2[c!=0] + o)
+    incoming  forward   = S * (2(p-1) + o + [c!=0])
+              backward  = S * (4(p-1) + 2[r!=0] + [c!=0] + o)
+
+and 0 on a 1x1 mesh. Per rank this is ``~2pS`` forward and ``~4pS`` backward, i.e.
+``2 N^2 C * 4 / p`` bytes forward: the whole operand pair crosses each rank once per
+``sqrt(P)``. :func:`trimul_comm_bytes` evaluates it.
+
+Memory per rank: the saved ``a``, ``b`` tiles plus, while the ring runs, two receive
+buffers per operand (double buffering) and the fp32 accumulator -- all ``O(b^2 C)``,
+i.e. ``O(N^2 C / P)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import comm
+from ..kernels import tri_mm
+from ..mesh import COL, ROW, SquareMesh
+from .common import TileCtx, check_pair_tile, share_submodules
+
+__all__ = ["TriangleMultiplication2D", "trimul_contract", "trimul_comm_bytes", "COMM_NAME"]
+
+COMM_NAME = "trimul"
+_SUBMODULES = ("norm_in", "p_in", "g_in", "norm_out", "p_out", "g_out")
+_DIRECTIONS = ("outgoing", "incoming")
+
+# (x_transposed, y_transposed) of the Cannon products, by direction and role
+_PLAN = {
+    "outgoing": {"fwd": (False, True), "da": (False, False), "db": (True, False)},
+    "incoming": {"fwd": (True, False), "da": (False, True), "db": (False, False)},
+}
+
+
+# ----------------------------------------------------------------------------- Cannon ring
+def _skew_peers(mesh: SquareMesh, operand: str, transposed: bool) -> tuple[int, int]:
+    """(dst, src) of the initial skew (+ grid transpose) exchange.
+
+    Rank ``(r,c)`` must start with ``X(r, r+c)`` (operand 'x', row ring) or ``Y(r+c, c)``
+    ('y', column ring). ``X(u,v)`` is held by ``(u,v)``, or by ``(v,u)`` when transposed.
+    """
+    r, c = mesh.r, mesh.c
+    ro = mesh.rank_of
+    if operand == "x":
+        if transposed:  # I hold X(c, r); rank (c, r-c) needs it; X(r, r+c) is at (r+c, r)
+            return ro(c, r - c), ro(r + c, r)
+        return ro(r, c - r), ro(r, c + r)
+    if transposed:  # I hold Y(c, r); rank (c-r, r) needs it; Y(r+c, c) is at (c, r+c)
+        return ro(c - r, r), ro(c, r + c)
+    return ro(r - c, c), ro(r + c, c)
+
+
+def _cannon(x: torch.Tensor, y: torch.Tensor, mesh: SquareMesh, x_t: bool, y_t: bool) -> torch.Tensor:
+    """``out(r,c) = sum_t X(r,t) . Y(t,c)`` on tiles ``[..., b, b]`` (fp32 result).
+
+    ``x``/``y`` are this rank's raw tiles. With ``x_t`` the operand is the grid transpose
+    (``X(u,v)`` = the tile held by ``(v,u)``) and the local product uses that tile
+    transposed; without ``y_t`` the product uses ``y`` transposed -- so that every step is
+    one ``tri_mm(xbuf, ybuf)`` (``xbuf @ ybuf^T``). Each sender pre-transposes its own tile
+    once, so the buffers that travel are already in product orientation.
+    """
+    xb = x.transpose(-1, -2).contiguous() if x_t else x.contiguous()
+    yb = y.contiguous() if y_t else y.transpose(-1, -2).contiguous()
+    p = mesh.p
+    if p == 1:
+        return tri_mm(xb, yb)
+    dx, sx = _skew_peers(mesh, "x", x_t)
+    dy, sy = _skew_peers(mesh, "y", y_t)
+    xs, hx = comm.start_exchange(xb, dx, sx, name=COMM_NAME)
+    ys, hy = comm.start_exchange(yb, dy, sy, name=COMM_NAME)
+    del xb, yb
+    hx.wait()
+    hy.wait()
+    row_dst, row_src = mesh.neighbor(ROW, -1), mesh.neighbor(ROW, 1)
+    col_dst, col_src = mesh.neighbor(COL, -1), mesh.neighbor(COL, 1)
+    out = None
+    for s in range(p):
+        last = s == p - 1
+        if not last:  # post step s+1's transfers before computing step s
+            xn, hx = comm.start_exchange(xs, row_dst, row_src, name=COMM_NAME)
+            yn, hy = comm.start_exchange(ys, col_dst, col_src, name=COMM_NAME)
+        out = tri_mm(xs, ys, out)
+        if not last:
+            hx.wait()
+            hy.wait()
+            xs, ys = xn, yn
+    return out
+
+
+class _TriMulContract(torch.autograd.Function):
+    """Distributed contraction; ``a``, ``b``, output: channel-first tiles ``[B, C, b, b]``."""
+
+    @staticmethod
+    def forward(ctx, a, b, mesh, direction):
+        ctx.mesh, ctx.direction = mesh, direction
+        ctx.save_for_backward(a, b)
+        xt, yt = _PLAN[direction]["fwd"]
+        with torch.autocast(a.device.type, enabled=False):
+            return _cannon(a, b, mesh, xt, yt)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        mesh, plan = ctx.mesh, _PLAN[ctx.direction]
+        g = g.contiguous()
+        da = db = None
+        with torch.autocast(g.device.type, enabled=False):
+            if ctx.direction == "outgoing":
+                if ctx.needs_input_grad[0]:
+                    da = _cannon(g, b, mesh, *plan["da"])  # dA = G B
+                if ctx.needs_input_grad[1]:
+                    db = _cannon(g, a, mesh, *plan["db"])  # dB = G^T A
+            else:
+                if ctx.needs_input_grad[0]:
+                    da = _cannon(b, g, mesh, *plan["da"])  # dA = B G^T
+                if ctx.needs_input_grad[1]:
+                    db = _cannon(a, g, mesh, *plan["db"])  # dB = A G
+        if da is not None:
+            da = da.to(a.dtype)
+        if db is not None:
+            db = db.to(b.dtype)
+        return da, db, None, None
+
+
+def trimul_contract(a: torch.Tensor, b: torch.Tensor, mesh: SquareMesh, direction: str) -> torch.Tensor:
+    """The distributed triangle contraction on channel-first tiles.
+
+    ``a``, ``b``: rank ``(r,c)``'s tiles ``a[:, :, T_r, T_c]``, ``b[:, :, T_r, T_c]`` of shape
+    ``[B, C, b, b]`` (padding must be zero). Returns ``out[:, :, T_r, T_c]`` ``[B, C, b, b]``
+    (fp32) with ``out[i,j] = sum_k a[i,k] b[j,k]`` (outgoing) or ``sum_k a[k,i] b[k,j]``
+    (incoming), summed over all ``N`` tokens ``k`` of the mesh.
+    """
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if a.shape != b.shape or a.dim() < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"trimul_contract: a {tuple(a.shape)} and b {tuple(b.shape)} must be equal [..., b, b] tiles")
+    return _TriMulContract.apply(a, b, mesh, direction)
+
+
+def trimul_comm_bytes(
+    p: int, r: int, c: int, batch: int, b: int, channels: int, direction: str, which: str = "forward",
+    itemsize: int = 4,
+) -> int:
+    """Analytic bytes sent by rank ``(r, c)`` for one forward or backward (see module doc)."""
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
+    if p == 1:
+        return 0
+    tile = batch * channels * b * b * itemsize
+    o = int((r % p, c % p) != (0, 0))
+
+    def one(xt, yt):
+        sx = o if xt else int(r % p != 0)
+        sy = o if yt else int(c % p != 0)
+        return tile * (2 * (p - 1) + sx + sy)
+
+    plan = _PLAN[direction]
+    if which == "forward":
+        return one(*plan["fwd"])
+    if which == "backward":
+        return one(*plan["da"]) + one(*plan["db"])
+    raise ValueError(f"which must be 'forward' or 'backward', got {which!r}")
+
+
+# ----------------------------------------------------------------------------- module
+def _detect_direction(module: nn.Module) -> Optional[str]:
+    try:
+        from boltz.model.layers.triangular_mult import (
+            TriangleMultiplicationIncoming,
+            TriangleMultiplicationOutgoing,
+        )
+
+        if isinstance(module, TriangleMultiplicationOutgoing):
+            return "outgoing"
+        if isinstance(module, TriangleMultiplicationIncoming):
+            return "incoming"
+    except ImportError:  # boltz not installed: fall back to the class name
+        pass
+    name = type(module).__name__.lower()
+    if "outgoing" in name:
+        return "outgoing"
+    if "incoming" in name:
+        return "incoming"
+    return None
+
+
+class TriangleMultiplication2D(nn.Module):
+    """2D-parallel counterpart of Boltz's triangle multiplication (either direction).
+
+    ``TriangleMultiplication2D(module, mesh, direction=None)`` shares ``module``'s
+    submodules ``norm_in, p_in, g_in, norm_out, p_out, g_out`` (same ``state_dict`` keys,
+    same parameter objects). The direction comes from the module class
+    (``TriangleMultiplicationOutgoing`` / ``...Incoming``) or from ``direction=`` for a
+    ported model with the same submodules.
+
+    ``forward(z_tile, mask_tile=None, n_tokens=None)`` on rank ``(r, c)``: ``z_tile``
+    ``[B, b, b, C]`` = ``z[:, T_r, T_c]``, ``mask_tile`` ``[B, b, b]`` or ``None``,
+    ``n_tokens`` = global ``N`` (default ``p * b``: no padding). Returns the output tile
+    ``[B, b, b, C]``, equal to the Boltz module's output (``use_kernels=False``) on the
+    tile; padded slots are 0. Parameter gradients are per-rank partials (sum over the
+    mesh with :func:`autocp.ops.common.sync_grads`).
+    """
+
+    def __init__(self, module: nn.Module, mesh=None, direction: Optional[str] = None):
+        super().__init__()
+        found = _detect_direction(module)
+        if direction is None:
+            direction = found
+        if direction not in _DIRECTIONS:
+            raise ValueError(
+                f"TriangleMultiplication2D: cannot tell the direction of {type(module).__name__}; "
+                f"pass direction='outgoing' or 'incoming' (got {direction!r})."
+            )
+        if found is not None and found != direction:
+            raise ValueError(
+                f"TriangleMultiplication2D: direction={direction!r} contradicts the module class "
+                f"{type(module).__name__} ({found})."
+            )
+        missing = [n for n in _SUBMODULES if not hasattr(module, n)]
+        if missing:
+            raise ValueError(
+                f"TriangleMultiplication2D: {type(module).__name__} lacks submodules {missing}; "
+                f"expected Boltz's {list(_SUBMODULES)}."
+            )
+        self.direction = direction
+        self.mesh = SquareMesh.from_any(mesh)
+        share_submodules(self, module, _SUBMODULES)
+        self.dim = self.p_in.in_features
+
+    def extra_repr(self) -> str:
+        return f"direction={self.direction!r}, dim={self.dim}, p={self.mesh.p}"
+
+    def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, n_tokens: Optional[int] = None):
+        p = self.mesh.p
+        if n_tokens is None:
+            n_tokens = z.shape[1] * p if z.dim() == 4 else p
+        ctx = TileCtx(self.mesh, int(n_tokens))
+        name = f"TriangleMultiplication2D({self.direction})"
+        mask = check_pair_tile(z, mask, ctx, channels=self.dim, op=name)
+
+        # tile-local: exactly Boltz's use_kernels=False path
+        x = self.norm_in(z)
+        x_in = x
+        x = self.p_in(x) * self.g_in(x).sigmoid()
+        x = x * mask.unsqueeze(-1)  # zero on masked tokens and on autocp padding
+        a, b = torch.chunk(x.float(), 2, dim=-1)
+        del x
+        # channel-first [B, C, b, b]: the contraction is a plain batched GEMM per channel
+        a = a.permute(0, 3, 1, 2).contiguous()
+        b = b.permute(0, 3, 1, 2).contiguous()
+        x = trimul_contract(a, b, self.mesh, self.direction)
+        del a, b
+        x = x.permute(0, 2, 3, 1)
+        x = self.p_out(self.norm_out(x)) * self.g_out(x_in).sigmoid()
+        if ctx.n != ctx.b * p:  # padded slots: LayerNorm bias would leak into them
+            x = x * ctx.pair_valid(x.device).unsqueeze(-1).to(x.dtype)
+        return x
