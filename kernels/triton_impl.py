@@ -452,15 +452,14 @@ def _attn_shapes(q, k, v, bias, key_valid):
     try:
         batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         if bias is not None:
-            bshape = torch.broadcast_shapes(bias.shape, (1,) * len(batch) + (NQ, NK))
-            if bshape[-2:] != (NQ, NK):
+            core = tuple(bias.shape[-2:])
+            if len(core) < 2 or core[0] not in (1, NQ) or core[1] not in (1, NK):
                 return f"bias {tuple(bias.shape)} not broadcastable to [..., {NQ}, {NK}]"
-            batch = torch.broadcast_shapes(batch, bshape[:-2])
+            batch = torch.broadcast_shapes(batch, bias.shape[:-2])
         if key_valid is not None:
-            kshape = torch.broadcast_shapes(key_valid.shape, (NK,))
-            if kshape[-1:] != (NK,):
+            if key_valid.dim() < 1 or key_valid.shape[-1] not in (1, NK):
                 return f"key_valid {tuple(key_valid.shape)} not broadcastable to [..., {NK}]"
-            batch = torch.broadcast_shapes(batch, kshape[:-1])
+            batch = torch.broadcast_shapes(batch, key_valid.shape[:-1])
     except RuntimeError as e:
         return f"shapes do not broadcast: {e}"
     if math.prod(batch) == 0:
