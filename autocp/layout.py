@@ -125,7 +125,7 @@ class Layout:
         x = full
         for d, a in zip(self.dims, self.axes):
             n = x.shape[d]
-            mesh.check_tokens(n, f"size of dim {d}")
+            mesh.check_tokens(n, f"{self.name}: dim {d} of the full tensor {tuple(full.shape)}: N")
             b = block_size(n, mesh.p)
             t = self._block_index(mesh, a)
             lo, hi = block_range(n, mesh.p, t)

@@ -76,9 +76,13 @@ class SquareMesh:
                 f"Fix: build it as init_device_mesh(device_type, (p, p)) or use autocp.init_mesh(p)."
             )
         if shape[0] != shape[1]:
+            n = shape[0] * shape[1]
+            lo = math.isqrt(n)
+            near = f"{lo}x{lo} on {lo * lo} ranks" + (f" or {lo + 1}x{lo + 1} on {(lo + 1) ** 2}" if lo * lo != n else "")
             raise MeshError(
-                f"autocp needs a square p x p mesh; given a {shape[0]} x {shape[1]} mesh. "
-                f"Fix: use a world size that is a perfect square (1, 4, 9, 16, ...) and mesh shape (p, p)."
+                f"autocp needs a square p x p mesh; given a {shape[0]} x {shape[1]} mesh ({n} ranks). "
+                f"Fix: use a world size that is a perfect square (1, 4, 9, 16, ...) and mesh shape "
+                f"(p, p), e.g. {near}: init_device_mesh(device_type, (p, p)) or autocp.init_mesh()."
             )
         self.device_mesh = device_mesh
         self.p = shape[0]
@@ -94,7 +98,10 @@ class SquareMesh:
                 continue
             break
         else:
-            raise MeshError(f"global rank {me} is not in the mesh {self._ranks}")
+            raise MeshError(
+                f"this process (global rank {me}) is not in the given mesh {self._ranks}. "
+                f"Fix: build the SquareMesh only on the ranks of its DeviceMesh."
+            )
 
     # ------------------------------------------------------------------ factories
     @classmethod
@@ -177,11 +184,12 @@ class SquareMesh:
     def check_tokens(self, n: int, what: str = "N") -> None:
         """Raise when a token length is too small for this mesh (each block needs a token)."""
         if n < self.p:
+            q = max(n, 1)
             raise MeshError(
-                f"{what}={n} tokens is smaller than the mesh side p={self.p} "
-                f"({self.p}x{self.p} mesh): every mesh row/column needs at least one token. "
-                f"Fix: use a mesh with p <= {n} (e.g. {max(1, math.isqrt(max(n, 1)))}x"
-                f"{max(1, math.isqrt(max(n, 1)))}) or a larger input."
+                f"{what} = {n} tokens is smaller than the mesh side p={self.p} "
+                f"({self.p}x{self.p} mesh): every mesh row/column needs at least one token "
+                f"(N >= p). Fix: use a mesh with p <= {q} (at most {q}x{q} = {q * q} ranks) "
+                f"or an input with at least {self.p} tokens."
             )
 
     def __repr__(self) -> str:
