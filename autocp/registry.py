@@ -1,0 +1,346 @@
+"""What the compiler knows how to parallelize: module rules and structural patterns.
+
+Mirrors the kernel registry (:mod:`autocp.kernels.registry`): every entry has a
+``checker`` and a ``priority``; the highest-priority entry whose checker accepts wins.
+
+* **Module rules** (:func:`register_module`) match by module *class* (``isinstance``).
+  During capture a registered module is opaque (one graph node carrying its path), and
+  the rewrite replaces it with ``op_factory(module, mesh)``. The factory returns a module
+  that is called exactly like the original one (same positional/keyword arguments) on
+  local tiles; the global token count comes from :func:`autocp.passes.context.current_n`.
+  A factory that returns an op with the autocp op contract
+  ``op(z_tile, mask_tile, n_tokens=N)`` is adapted automatically (``call="pair"``).
+* **Patterns** (:func:`register_pattern`) match ATen subgraphs *structurally* (by what
+  they compute, not by class or spelling), see :mod:`autocp.passes.match`.
+
+The Boltz-1 / Boltz-2 classes are registered by :func:`register_boltz_defaults` (called
+lazily on first lookup; boltz is optional).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ModuleRule",
+    "PatternRule",
+    "register_module",
+    "register_pattern",
+    "lookup_module",
+    "module_rules",
+    "pattern_rules",
+    "registry_version",
+    "register_boltz_defaults",
+    "PairOpAdapter",
+]
+
+
+@dataclass
+class ModuleRule:
+    """How to parallelize instances of ``cls``.
+
+    ``op_factory(module, mesh) -> nn.Module`` (or ``None``: no 2D op yet, the rewrite
+    falls back to gather -> original -> re-shard); ``kind`` names the algorithm for the
+    explain report (``"triangle_mult_out"``, ``"triangle_attn_start"``, ``"pair_bias_attn"``,
+    ...); ``out_layouts(in_layouts) -> list`` gives the output layout tags (default:
+    the first tensor input's); ``comm_bytes(n, p, channels, itemsize)`` the analytic
+    per-rank communication volume of one call (for explain); ``call`` = ``"native"``
+    (factory result takes the original arguments) or ``"pair"`` (op contract
+    ``op(z, mask, n_tokens=N)``, adapted).
+    """
+
+    cls: type
+    op_factory: Optional[Callable[[nn.Module, Any], nn.Module]]
+    kind: str = "module"
+    priority: int = 0
+    checker: Callable[[nn.Module], Any] = field(default=lambda m: True)
+    out_layouts: Optional[Callable] = None
+    comm_bytes: Optional[Callable] = None
+    call: str = "native"
+    name: str = ""
+
+    def check(self, module) -> Any:
+        try:
+            ok = self.checker(module)
+        except Exception as e:  # noqa: BLE001 -- a checker that breaks rejects
+            return f"checker raised {type(e).__name__}: {e}"
+        return True if ok is True else (ok or "checker returned False")
+
+    def build(self, module: nn.Module, mesh) -> Optional[nn.Module]:
+        """The 2D replacement of ``module`` (``None`` when no op is available)."""
+        if self.op_factory is None:
+            return None
+        op = self.op_factory(module, mesh)
+        if op is None:
+            return None
+        if self.call == "pair":
+            return PairOpAdapter(op, module)
+        return op
+
+
+@dataclass
+class PatternRule:
+    """A structural rule: ``matcher(view, node) -> dict | None`` on the analysed ATen
+    graph (``view`` is a :class:`autocp.passes.match.GraphView`). A dict return is a
+    match: ``{"kind": ..., "nodes": [...], ...}``."""
+
+    name: str
+    matcher: Callable
+    kind: str
+    priority: int = 0
+    op_factory: Optional[Callable] = None
+
+
+_MODULES: list[ModuleRule] = []
+_PATTERNS: list[PatternRule] = []
+_VERSION = [0]
+_DEFAULTS_DONE = [False]
+
+
+def registry_version() -> int:
+    """Bumped on every registration (capture caches key on it)."""
+    return _VERSION[0]
+
+
+def register_module(
+    cls: type,
+    op_factory: Optional[Callable] = None,
+    *,
+    kind: str = "module",
+    priority: int = 0,
+    checker: Optional[Callable] = None,
+    out_layouts: Optional[Callable] = None,
+    comm_bytes: Optional[Callable] = None,
+    call: str = "native",
+    name: str = "",
+) -> ModuleRule:
+    """Teach the compiler to replace every ``cls`` instance by ``op_factory(module, mesh)``.
+
+    Re-registering the same ``(cls, name)`` replaces the earlier rule.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(
+            f"register_module: given {cls!r}; required an nn.Module subclass. "
+            f"Fix: pass the class (e.g. MyTriangleMult), not an instance."
+        )
+    if call not in ("native", "pair"):
+        raise ValueError(f"register_module: call must be 'native' or 'pair', given {call!r}")
+    rule = ModuleRule(
+        cls=cls,
+        op_factory=op_factory,
+        kind=kind,
+        priority=priority,
+        checker=checker or (lambda m: True),
+        out_layouts=out_layouts,
+        comm_bytes=comm_bytes,
+        call=call,
+        name=name or f"{cls.__module__}.{cls.__qualname__}",
+    )
+    _MODULES[:] = [r for r in _MODULES if not (r.cls is cls and r.name == rule.name)]
+    _MODULES.append(rule)
+    _MODULES.sort(key=lambda r: -r.priority)
+    _VERSION[0] += 1
+    return rule
+
+
+def register_pattern(
+    name: str, matcher: Callable, *, kind: str, priority: int = 0, op_factory: Optional[Callable] = None
+) -> PatternRule:
+    """Add a structural rule (see :class:`PatternRule`); replaces one of the same name."""
+    rule = PatternRule(name=name, matcher=matcher, kind=kind, priority=priority, op_factory=op_factory)
+    _PATTERNS[:] = [r for r in _PATTERNS if r.name != name]
+    _PATTERNS.append(rule)
+    _PATTERNS.sort(key=lambda r: -r.priority)
+    _VERSION[0] += 1
+    return rule
+
+
+def module_rules() -> list[ModuleRule]:
+    _ensure_defaults()
+    return list(_MODULES)
+
+
+def pattern_rules() -> list[PatternRule]:
+    _ensure_defaults()
+    return list(_PATTERNS)
+
+
+def lookup_module(module: nn.Module) -> Optional[ModuleRule]:
+    """The highest-priority rule whose class matches ``module`` and whose checker accepts."""
+    _ensure_defaults()
+    best = None
+    for rule in _MODULES:
+        if isinstance(module, rule.cls) and rule.check(module) is True:
+            # the most specific class wins among equal priorities
+            if best is None or (rule.priority == best.priority and issubclass(rule.cls, best.cls) and rule.cls is not best.cls):
+                best = rule
+            if best is not None and rule.priority < best.priority:
+                break
+    return best
+
+
+# ----------------------------------------------------------------------------- adapters
+class PairOpAdapter(nn.Module):
+    """Calls an op with the autocp contract ``op(z, mask, n_tokens=N)`` from the original
+    module's call ``module(x, mask=..., **ignored)``. Parameters stay the op's (which
+    shares them with the original), so state_dict keys are the original's."""
+
+    def __init__(self, op: nn.Module, original: nn.Module):
+        super().__init__()
+        self._names = []
+        for name, child in op.named_children():
+            self.add_module(name, child)
+            self._names.append(name)
+        for name, prm in op.named_parameters(recurse=False):
+            self.register_parameter(name, prm)
+        object.__setattr__(self, "op", op)
+        try:
+            self._sig = inspect.signature(original.forward)
+        except (TypeError, ValueError):
+            self._sig = None
+
+    def forward(self, *args, **kwargs):
+        from .passes.context import current_n
+
+        if self._sig is not None:
+            bound = self._sig.bind_partial(*args, **kwargs).arguments
+            vals = list(bound.items())
+        else:
+            vals = [(str(i), a) for i, a in enumerate(args)] + list(kwargs.items())
+        tensors = [(k, v) for k, v in vals if isinstance(v, torch.Tensor)]
+        if not tensors:
+            raise TypeError("PairOpAdapter: the call has no tensor argument (the pair tile)")
+        z = tensors[0][1]
+        mask = None
+        for k, v in tensors[1:]:
+            if "mask" in k or len(tensors) == 2:
+                mask = v
+                break
+        return self.op(z, mask, n_tokens=current_n())
+
+
+# ----------------------------------------------------------------------------- comm formulas
+def _tri_mult_comm(n, p, c, itemsize):
+    """Cannon: transpose b once (b^2 C) + skew (2 b^2 C) + 2(p-1) shifts of b^2 C."""
+    if p == 1:
+        return 0
+    b = -(-n // p)
+    return (1 + 2 + 2 * (p - 1)) * b * b * c * itemsize
+
+
+def _tri_attn_comm(n, p, c, itemsize, heads: int = 4, head_dim: int = 32):
+    """Ring of k/v (2 b^2 H d) along the row and bias (b^2 H) along the column, p-1 steps,
+    plus the transpose exchange of the ending node (b^2 C)."""
+    if p == 1:
+        return 0
+    b = -(-n // p)
+    return (p - 1) * b * b * (2 * heads * head_dim + heads) * itemsize + b * b * c * itemsize
+
+
+def _pair_bias_comm(n, p, c, itemsize, c_s: int = 384):
+    """Partial attentions merged by LSE along the row: out + lse per step."""
+    if p == 1:
+        return 0
+    b = -(-n // p)
+    return 2 * (p - 1) * b * (c_s + 1) * itemsize
+
+
+# ----------------------------------------------------------------------------- Boltz defaults
+def _try_factory(modname: str, clsname: str, **kw):
+    """Factory that builds ``autocp.ops.<modname>.<clsname>(module, mesh, **kw)`` when that op
+    exists in this checkout, else ``None`` (the rewrite then gathers -> original -> shards)."""
+
+    def factory(module, mesh):
+        import importlib
+
+        try:
+            mod = importlib.import_module(f"autocp.ops.{modname}")
+            cls = getattr(mod, clsname)
+        except (ImportError, AttributeError):
+            return None
+        return cls(module, mesh, **kw)
+
+    factory.__qualname__ = f"autocp.ops.{modname}.{clsname}"
+    return factory
+
+
+def _ensure_defaults() -> None:
+    if not _DEFAULTS_DONE[0]:
+        _DEFAULTS_DONE[0] = True
+        register_boltz_defaults()
+        from .passes import match as _match
+
+        _match.register_default_patterns()
+
+
+def register_boltz_defaults() -> list[ModuleRule]:
+    """Register the Boltz-1/2 pairformer, MSA and attention layer classes (if boltz imports)."""
+    rules = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from boltz.model.layers.triangular_attention.attention import (
+                TriangleAttentionEndingNode,
+                TriangleAttentionStartingNode,
+            )
+            from boltz.model.layers.triangular_mult import (
+                TriangleMultiplicationIncoming,
+                TriangleMultiplicationOutgoing,
+            )
+    except Exception:  # noqa: BLE001 -- boltz is optional
+        return rules
+    rules.append(register_module(
+        TriangleMultiplicationOutgoing, _try_factory("triangle_mult", "TriangleMultiplication2D"),
+        kind="triangle_mult_out", call="pair", comm_bytes=_tri_mult_comm))
+    rules.append(register_module(
+        TriangleMultiplicationIncoming, _try_factory("triangle_mult", "TriangleMultiplication2D"),
+        kind="triangle_mult_in", call="pair", comm_bytes=_tri_mult_comm))
+    rules.append(register_module(
+        TriangleAttentionStartingNode, _try_factory("triangle_attn", "TriangleAttention2D"),
+        kind="triangle_attn_start", call="pair", comm_bytes=_tri_attn_comm))
+    rules.append(register_module(
+        TriangleAttentionEndingNode, _try_factory("triangle_attn", "TriangleAttention2D"),
+        kind="triangle_attn_end", call="pair", comm_bytes=_tri_attn_comm))
+    optional = [
+        ("boltz.model.layers.attentionv2", "AttentionPairBias", "pair_bias_attn", "pair_bias_attn", "AttentionPairBias2D"),
+        ("boltz.model.layers.attention", "AttentionPairBias", "pair_bias_attn", "pair_bias_attn", "AttentionPairBias2D"),
+        ("boltz.model.layers.outer_product_mean", "OuterProductMean", "outer_product_mean", "outer_product", "OuterProductMean2D"),
+        ("boltz.model.layers.pair_averaging", "PairWeightedAveraging", "pair_weighted_averaging", "pair_averaging", "PairWeightedAveraging2D"),
+    ]
+    import importlib
+
+    for modpath, clsname, kind, opmod, opcls in optional:
+        try:
+            cls = getattr(importlib.import_module(modpath), clsname)
+        except Exception:  # noqa: BLE001
+            continue
+        comm = _pair_bias_comm if kind == "pair_bias_attn" else None
+        rules.append(register_module(cls, _native_factory(opmod, opcls), kind=kind, comm_bytes=comm))
+    return rules
+
+
+def _native_factory(modname: str, clsname: str):
+    """Ops whose call signature is not the pair contract (attention with pair bias,
+    outer product mean, pair averaging): used only once the op module exists and
+    declares ``AUTOCP_NATIVE_CALL = True`` (it accepts the Boltz module's own arguments);
+    until then the rewrite uses the gather fallback, which is exact."""
+
+    def factory(module, mesh):
+        import importlib
+
+        try:
+            cls = getattr(importlib.import_module(f"autocp.ops.{modname}"), clsname)
+        except (ImportError, AttributeError):
+            return None
+        if not getattr(cls, "AUTOCP_NATIVE_CALL", False):
+            return None
+        return cls(module, mesh)
+
+    factory.__qualname__ = f"autocp.ops.{modname}.{clsname}"
+    return factory

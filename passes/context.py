@@ -1,0 +1,47 @@
+"""The tile context: global token count and mesh while a parallel module runs.
+
+Rewritten modules run the model's own python on local tiles; the 2D ops they call need
+the *global* N (which slots of a tile are padding). :class:`autocp.passes.emit.ParallelModule`
+sets it around every forward with :func:`tile_context`; ops read :func:`current_n`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+__all__ = ["tile_context", "current_n", "current_mesh", "current"]
+
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def tile_context(mesh, n_tokens: int):
+    """Make ``(mesh, n_tokens)`` current inside the block (nestable)."""
+    stack = getattr(_LOCAL, "stack", None)
+    if stack is None:
+        stack = _LOCAL.stack = []
+    stack.append((mesh, int(n_tokens)))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def current():
+    stack = getattr(_LOCAL, "stack", None)
+    if not stack:
+        raise RuntimeError(
+            "autocp: a rewritten module was called outside a parallel module's forward, so the "
+            "global token count N is unknown. Fix: call the module returned by "
+            "autocp.parallelize(...), or wrap the call in autocp.passes.context.tile_context(mesh, N)."
+        )
+    return stack[-1]
+
+
+def current_n() -> int:
+    return current()[1]
+
+
+def current_mesh():
+    return current()[0]

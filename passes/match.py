@@ -1,0 +1,2 @@
+def register_default_patterns():
+    pass
