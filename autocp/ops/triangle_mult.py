@@ -63,6 +63,7 @@ i.e. ``O(N^2 C / P)``.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -218,18 +219,17 @@ def trimul_comm_bytes(
 
 # ----------------------------------------------------------------------------- module
 def _detect_direction(module: nn.Module) -> Optional[str]:
-    try:
-        from boltz.model.layers.triangular_mult import (
-            TriangleMultiplicationIncoming,
-            TriangleMultiplicationOutgoing,
-        )
+    """'outgoing' / 'incoming' from the module class, or None when unknown.
 
-        if isinstance(module, TriangleMultiplicationOutgoing):
+    Never imports boltz (importing it pulls in torch._dynamo, seconds per process): a
+    Boltz instance implies its module is already in ``sys.modules``.
+    """
+    bz = sys.modules.get("boltz.model.layers.triangular_mult")
+    if bz is not None:
+        if isinstance(module, bz.TriangleMultiplicationOutgoing):
             return "outgoing"
-        if isinstance(module, TriangleMultiplicationIncoming):
+        if isinstance(module, bz.TriangleMultiplicationIncoming):
             return "incoming"
-    except ImportError:  # boltz not installed: fall back to the class name
-        pass
     name = type(module).__name__.lower()
     if "outgoing" in name:
         return "outgoing"
