@@ -45,6 +45,7 @@ class MSALayer2D(nn.Module):
         self.pair_weighted_averaging = PairWeightedAveraging2D(layer.pair_weighted_averaging, mesh)
         self.pairformer_layer = PairformerNoSeqLayer2D(layer.pairformer_layer, mesh, reproduce_dropout)
         self.outer_product_mean = OuterProductMean2D(layer.outer_product_mean, mesh)
+        self.train(layer.training)
 
     def forward(self, z, m, token_mask, msa_mask, n_tokens: int, n_seq: int, **_chunking):
         upd = self.pair_weighted_averaging(m, z, token_mask, n_tokens=n_tokens, n_seq=n_seq)

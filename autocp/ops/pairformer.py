@@ -94,6 +94,7 @@ class PairformerLayer2D(_PairStack2D):
             self.transition_s = Transition2D(layer.transition_s, mesh)
         if self.boltz2:
             share_submodules(self, layer, ["pre_norm_s", "s_post_norm"])
+        self.train(layer.training)
 
     def forward(self, s, z, mask, pair_mask, n_tokens: int, chunk_size_tri_attn=None, use_kernels=False):
         n = n_tokens
@@ -117,6 +118,7 @@ class PairformerNoSeqLayer2D(_PairStack2D):
     def __init__(self, layer: nn.Module, mesh: SquareMesh, reproduce_dropout: bool = False):
         super().__init__()
         self._init_pair(_unwrap(layer), mesh, reproduce_dropout)
+        self.train(layer.training)
 
     def forward(self, z, pair_mask, n_tokens: int, chunk_size_tri_attn=None, use_kernels=False):
         return self._pair(z, pair_mask, n_tokens)
@@ -144,6 +146,7 @@ class Pairformer2D(nn.Module):
         self.no_seq = all(not hasattr(l, "attention") and not hasattr(l, "no_update_s") for l in layers)
         cls = PairformerNoSeqLayer2D if self.no_seq else PairformerLayer2D
         self.layers = nn.ModuleList([cls(l, mesh, reproduce_dropout) for l in layers])
+        self.train(module.training)  # start in the source's train/eval mode
 
     def forward(self, *args, n_tokens: int, **kwargs):
         if self.no_seq:
