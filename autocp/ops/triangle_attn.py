@@ -102,31 +102,48 @@ class _MeshView:
         r, c = r % self.p, c % self.p
         return self.mesh.rank_of(c, r) if self.transposed else self.mesh.rank_of(r, c)
 
-    # (dst, src) pairs of every transfer of the algorithm
+    # (dst, src) pairs of every transfer of the algorithm; None on a 1x1 mesh (no comm,
+    # also right for a single-process mesh used inside a multi-rank process group)
+    def _peers(self, dst, src):
+        if self.p == 1:
+            return None
+        return self.rank(*dst), self.rank(*src)
+
     def kv_skew(self):
         r, c = self.r, self.c
-        return self.rank(r, c - r), self.rank(r, c + r)
+        return self._peers((r, c - r), (r, c + r))
 
     def bias_skew(self):  # fused transpose + skew: (a, b) -> (b - a, a)
         r, c = self.r, self.c
-        return self.rank(c - r, r), self.rank(c, r + c)
+        return self._peers((c - r, r), (c, r + c))
 
     def row_next(self):
-        return self.rank(self.r, self.c - 1), self.rank(self.r, self.c + 1)
+        return self._peers((self.r, self.c - 1), (self.r, self.c + 1))
 
     def col_next(self):
-        return self.rank(self.r - 1, self.c), self.rank(self.r + 1, self.c)
+        return self._peers((self.r - 1, self.c), (self.r + 1, self.c))
 
     def kv_home(self):  # block t = r + c - 1 after the last step goes home to (r, t)
         r, c = self.r, self.c
-        return self.rank(r, r + c - 1), self.rank(r, c - r + 1)
+        return self._peers((r, r + c - 1), (r, c - r + 1))
 
     def bias_home(self):  # tri[T_c, T_t], t = r + c - 1, goes home to (c, t)
         r, c = self.r, self.c
-        return self.rank(c, r + c - 1), self.rank(c - r + 1, r)
+        return self._peers((c, r + c - 1), (c - r + 1, r))
+
+
+class _Done:
+    def wait(self) -> None:
+        pass
+
+
+_DONE = _Done()
 
 
 def _post(x: torch.Tensor, peers, what: str):
+    """Post ``x -> dst``, ``recv <- src``; ``peers=None`` (1x1 mesh) is the identity."""
+    if peers is None:  # p == 1: also right for a single-process mesh inside a process group
+        return x, _DONE
     dst, src = peers
     return comm.start_exchange(x, dst, src, name=f"{NAME}.{what}")
 
