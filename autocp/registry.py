@@ -321,15 +321,15 @@ def register_boltz_defaults() -> list[ModuleRule]:
         except Exception:  # noqa: BLE001
             continue
         comm = _pair_bias_comm if kind == "pair_bias_attn" else None
-        rules.append(register_module(cls, _native_factory(opmod, opcls), kind=kind, comm_bytes=comm))
+        rules.append(register_module(cls, _native_factory(opmod, opcls, kind), kind=kind, comm_bytes=comm))
     return rules
 
 
-def _native_factory(modname: str, clsname: str):
-    """Ops whose call signature is not the pair contract (attention with pair bias,
-    outer product mean, pair averaging): used only once the op module exists and
-    declares ``AUTOCP_NATIVE_CALL = True`` (it accepts the Boltz module's own arguments);
-    until then the rewrite uses the gather fallback, which is exact."""
+def _native_factory(modname: str, clsname: str, kind: str):
+    """Build ``autocp.ops.<modname>.<clsname>(module, mesh)`` (when it exists in this
+    checkout) wrapped in an adapter that takes the Boltz module's own call arguments and
+    adds the global sizes (``n_tokens``, ``n_seq``) from the tile context. ``None`` when
+    the op is missing: the rewrite then uses the exact gather fallback."""
 
     def factory(module, mesh):
         import importlib
@@ -338,9 +338,34 @@ def _native_factory(modname: str, clsname: str):
             cls = getattr(importlib.import_module(f"autocp.ops.{modname}"), clsname)
         except (ImportError, AttributeError):
             return None
-        if not getattr(cls, "AUTOCP_NATIVE_CALL", False):
-            return None
-        return cls(module, mesh)
+        return NativeOpAdapter(cls(module, mesh), module, kind)
 
     factory.__qualname__ = f"autocp.ops.{modname}.{clsname}"
     return factory
+
+
+class NativeOpAdapter(nn.Module):
+    """Calls a 2D op whose arguments are named like the Boltz module's (``s, z, mask,
+    k_in, multiplicity, m, chunk_size, ...``) plus ``n_tokens`` / ``n_seq`` keywords."""
+
+    def __init__(self, op: nn.Module, original: nn.Module, kind: str):
+        super().__init__()
+        for name, child in op.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "op", op)
+        self.kind = kind
+        self._sig = inspect.signature(original.forward)
+        self._op_sig = inspect.signature(op.forward)
+
+    def forward(self, *args, **kwargs):
+        from .passes.context import current
+
+        ctx = current()
+        bound = dict(self._sig.bind(*args, **kwargs).arguments)
+        params = self._op_sig.parameters
+        call = {k: v for k, v in bound.items() if k in params}
+        if "n_tokens" in params:
+            call["n_tokens"] = ctx.n
+        if "n_seq" in params:
+            call["n_seq"] = ctx.n_seq
+        return self.op(**call)

@@ -15,13 +15,22 @@ __all__ = ["tile_context", "current_n", "current_mesh", "current"]
 _LOCAL = threading.local()
 
 
+class TileInfo(tuple):
+    """``(mesh, n)`` plus ``n_seq`` (global MSA depth, or None)."""
+
+    def __new__(cls, mesh, n, n_seq=None):
+        obj = super().__new__(cls, (mesh, n))
+        obj.mesh, obj.n, obj.n_seq = mesh, n, n_seq
+        return obj
+
+
 @contextlib.contextmanager
-def tile_context(mesh, n_tokens: int):
+def tile_context(mesh, n_tokens: int, n_seq=None):
     """Make ``(mesh, n_tokens)`` current inside the block (nestable)."""
     stack = getattr(_LOCAL, "stack", None)
     if stack is None:
         stack = _LOCAL.stack = []
-    stack.append((mesh, int(n_tokens)))
+    stack.append(TileInfo(mesh, int(n_tokens), n_seq))
     try:
         yield
     finally:

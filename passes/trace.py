@@ -336,10 +336,14 @@ def capture(
     *,
     reuse_blocks: bool = True,
     cache: bool = True,
+    fallback: frozenset = frozenset(),
 ) -> Capture:
-    """Capture ``model(*args, **kwargs)``; see the module docstring."""
+    """Capture ``model(*args, **kwargs)``; see the module docstring. ``fallback``: extra
+    module paths to keep opaque (modules the rewrite will run gathered; their outputs are
+    recorded by a fake run)."""
     kwargs = dict(kwargs or {})
-    key = (_sig_of(args, kwargs), model.training, _registry.registry_version(), reuse_blocks)
+    fallback = frozenset(fallback)
+    key = (_sig_of(args, kwargs), model.training, _registry.registry_version(), reuse_blocks, fallback)
     if cache:
         hit = _CACHE.get(model, {}).get(key)
         if hit is not None:
@@ -347,7 +351,7 @@ def capture(
     t0 = time.perf_counter()
     sid = next(_KEYS)
     registered = find_registered(model)
-    blocks = find_repeated_blocks(model, registered) if reuse_blocks else {}
+    fallback = frozenset(p for p in fallback if p and p not in registered)
     entries: dict = {}
 
     def new_entry(path, module, kind, rule=None, group=None):
@@ -359,8 +363,21 @@ def capture(
 
     # the registered modules, opaque, inside a clone that shares parameters
     leaf_repl = {p: OpaqueWrapper(new_entry(p, _get(model, p), "module", rule=r)) for p, r in registered.items()}
-    inner = structural_clone(model, leaf_repl)
     paths = _module_paths(model)
+    if fallback:
+        inner0 = structural_clone(model, leaf_repl)
+        paths.update(_module_paths(inner0))
+        rec0 = _record_blocks(inner0, {p: [p] for p in fallback}, args, kwargs, paths)
+        for p in fallback:
+            r = rec0[p]
+            e = new_entry(p, _get(model, p), "fallback")
+            if r is None:
+                continue  # never called
+            e.out_spec, e.out_const, e.out_meta_mask = r["out_spec"], r["out_const"], r["out_mask"]
+            e.out_meta = r["out_meta"]
+            leaf_repl[p] = OpaqueWrapper(e)
+    blocks = find_repeated_blocks(model, {**registered, **{p: None for p in fallback}}) if reuse_blocks else {}
+    inner = structural_clone(model, leaf_repl)
     paths.update(_module_paths(inner))
 
     block_graphs: dict = {}

@@ -1,0 +1,205 @@
+"""Public compiler API: :func:`parallelize`, :func:`explain`, :func:`estimate`.
+
+    pm = autocp.parallelize(model, mesh, example_inputs=(s, z, mask, pair_mask))
+    s_out, z_out = pm(s, z, mask, pair_mask)        # full tensors in, full tensors out
+    print(pm.explain())                              # what was rewritten, layouts, comm, memory
+    autocp.estimate(model, n_tokens=4096, mesh_shape=(4, 4))
+
+The pipeline (``autocp.passes``): trace -> analyze -> match -> rewrite -> emit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .mesh import MeshError, SquareMesh
+
+__all__ = ["parallelize", "explain", "estimate", "compile_stages"]
+
+
+def _split_example(example_inputs):
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+            and isinstance(example_inputs[1], dict)):
+        return example_inputs[0], dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs: given {type(example_inputs).__name__}; required a tuple of positional inputs, a dict of "
+        f"keyword inputs, or (args_tuple, kwargs_dict). Fix: example_inputs=(s, z, mask, pair_mask)."
+    )
+
+
+def _resolve_input_tags(model, args, kwargs, input_layouts):
+    from .passes.analyze import infer_input_layouts, tags_of_layout
+
+    leaves, _ = tree_flatten((args, kwargs))
+    tensors = [l for l in leaves if isinstance(l, torch.Tensor)]
+    tags, n = infer_input_layouts(tensors) if input_layouts is None else (None, None)
+    if input_layouts is None:
+        return tags, n
+    # explicit: {arg name: Layout} (names of model.forward's parameters) or a list per tensor
+    if isinstance(input_layouts, (list, tuple)):
+        lays = list(input_layouts)
+        if len(lays) != len(tensors):
+            raise ValueError(
+                f"input_layouts: given {len(lays)} layouts; required one per tensor input ({len(tensors)}). "
+                f"Fix: pass a list aligned with the tensors of example_inputs, or a dict by argument name."
+            )
+        pairs = list(zip(tensors, lays))
+    else:
+        sig = inspect.signature(model.forward)
+        bound = sig.bind(*args, **kwargs).arguments
+        unknown = set(input_layouts) - set(bound)
+        if unknown:
+            raise ValueError(
+                f"input_layouts: given names {sorted(unknown)} that are not arguments of "
+                f"{type(model).__name__}.forward{tuple(bound)}. Fix: use those argument names."
+            )
+        pairs = []
+        for name, val in bound.items():
+            for leaf in tree_flatten(val)[0]:
+                if isinstance(leaf, torch.Tensor):
+                    pairs.append((leaf, input_layouts.get(name)))
+    tags = []
+    n = None
+    for t, lay in pairs:
+        if lay is None:
+            tags.append(tuple([None] * t.dim()))
+            continue
+        tg = tags_of_layout(lay, t.dim())
+        tags.append(tg)
+        for d, x in enumerate(tg):
+            if x in ("r", "c"):
+                if n is not None and n != t.shape[d]:
+                    raise ValueError(f"input_layouts: token axes disagree on N ({n} vs {t.shape[d]}).")
+                n = int(t.shape[d])
+    if n is None:
+        raise ValueError("input_layouts: no input has a token axis (Pair2D/RowToken/ColToken/MsaTiles).")
+    return tags, n
+
+
+def _n_seq(tensors, tags):
+    for t, tg in zip(tensors, tags):
+        if tg and "s" in tg:
+            return int(t.shape[tg.index("s")])
+    return None
+
+
+def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, reuse_blocks=True):
+    """trace -> analyze -> match -> rewrite-plan; returns ``(capture, analysis, matches, plan)``."""
+    from .passes.analyze import analyze
+    from .passes.match import match
+    from .passes.rewrite import plan_rewrite
+    from .passes.trace import capture
+
+    def run(fallback):
+        cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=fallback)
+        an = analyze(cap, input_tags, n)
+        mr = match(cap, an)
+        # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
+        # triangle multiplication), so downstream ops see them
+        an = analyze(cap, input_tags, n)
+        mr = match(cap, an)
+        return cap, an, mr
+
+    cap, an, mr = run(frozenset())
+    plan = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
+    if plan.fallback_paths and "" not in plan.fallback_paths:
+        cap, an, mr = run(frozenset(plan.fallback_paths))
+        plan2 = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
+        plan2.fallback_paths |= set()
+        plan = plan2
+    return cap, an, mr, plan
+
+
+def parallelize(
+    model: nn.Module,
+    mesh=None,
+    *,
+    example_inputs,
+    input_layouts=None,
+    strict: bool = False,
+    reuse_blocks: bool = True,
+) -> nn.Module:
+    """The 2D-context-parallel version of ``model`` on the square ``mesh``.
+
+    ``example_inputs``: a tuple (positional), dict (keyword) or ``(args, kwargs)``; only
+    shapes matter (N, channels). ``input_layouts``: ``{arg name: Layout}`` or a list per
+    tensor; default by shape (``[B,N,N,..]`` Pair2D, ``[B,S,N,..]`` MsaTiles, ``[B,N,..]``
+    RowToken, else Replicated). ``strict=True`` raises on a pair op without a distributed
+    implementation instead of gathering it (with a warning) -- see
+    :mod:`autocp.passes.rewrite`.
+    """
+    from .passes.emit import ParallelModule
+    from .passes.explain import build_report
+    from .passes.rewrite import GatherFallback
+    from .passes.trace import structural_clone
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"parallelize: given {type(model).__name__}; required an nn.Module.")
+    sq = SquareMesh.from_any(mesh)
+    args, kwargs = _split_example(example_inputs)
+    input_tags, n = _resolve_input_tags(model, args, kwargs, input_layouts)
+    sq.check_tokens(n, "N (token length of example_inputs)")
+    tensors = [l for l in tree_flatten((args, kwargs))[0] if isinstance(l, torch.Tensor)]
+    n_seq = _n_seq(tensors, input_tags)
+    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=strict,
+                                       reuse_blocks=reuse_blocks)
+    out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
+    root_fallback = "" in plan.fallback_paths
+    replacements = {}
+    for path, act in plan.actions.items():
+        mod = model.get_submodule(path)
+        if act.action == "op":
+            from .registry import lookup_module
+
+            replacements[path] = lookup_module(mod).build(mod, sq)
+        else:
+            replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
+    for path, act in plan.actions.items():
+        if act.action == "fallback":
+            warnings.warn(
+                f"autocp: {path} ({act.module_cls}) runs gathered (gather -> original -> re-shard) because "
+                f"{act.why}; this materialises about {act.full_bytes / 2**20:.2f} MiB of full tensors per rank at "
+                f"N={n} (O(N^2), not O(N^2/P)). Fix: autocp.register_module({act.module_cls}, op_factory), or "
+                f"strict=True to make this an error.",
+                stacklevel=2,
+            )
+    if root_fallback:
+        warnings.warn(
+            f"autocp: pair ops in the top-level python of {type(model).__name__} are not covered; the whole "
+            f"model runs gathered (O(N^2) per rank). Fix: move them into a module and register it.",
+            stacklevel=2,
+        )
+        clone = GatherFallback(model, sq, input_tags, out_tags)
+    else:
+        clone = structural_clone(model, replacements)
+    report = build_report(model, cap, an, mr, plan, sq, n, tensors)
+    pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
+                        report=report, plan=plan, root_fallback=root_fallback)
+    return pm
+
+
+def explain(pm, **kw) -> str:
+    """The report of a parallelized module (see :meth:`ParallelModule.explain`)."""
+    if not hasattr(pm, "explain") or getattr(pm, "report", None) is None:
+        raise TypeError(f"explain: given {type(pm).__name__}; required the module returned by autocp.parallelize.")
+    return pm.explain(**kw)
+
+
+def estimate(model: nn.Module, n_tokens: int = None, mesh_shape=(1, 1), dtype=torch.float32, **kw):
+    """Per-rank peak memory of the parallelized ``model`` at ``n_tokens`` on ``mesh_shape``,
+    from FakeTensor runs (no devices). See :func:`autocp.passes.estimate.estimate`."""
+    from .passes.estimate import estimate as _estimate
+
+    return _estimate(model, n_tokens=n_tokens, mesh_shape=mesh_shape, dtype=dtype, **kw)

@@ -1,0 +1,174 @@
+"""Pass 5 -- emit: the parallel module.
+
+Requires: a :class:`autocp.passes.rewrite.RewritePlan`, the input/output tags from the
+analysis, the mesh.
+
+Guarantees: :class:`ParallelModule` --
+
+* same ``state_dict`` keys (and shapes) as the original model, parameters *shared* (the
+  same ``Parameter`` objects), the original model not mutated (a structural clone holds
+  the replaced modules);
+* ``forward`` accepts full tensors (sharded by the input layouts) or DTensors, runs the
+  model's own python on local tiles inside :func:`autocp.passes.context.tile_context`, and
+  returns full tensors (default), local tiles (``output="local"``) or DTensors
+  (``output="dtensor"``);
+* gradient convention: every rank holds *partial* parameter gradients, summed by
+  :func:`autocp.ops.common.sync_grads`. Full outputs are gathered with a backward scaled
+  by ``1/P``, so a loss computed identically on every rank from full outputs gives, after
+  ``sync_grads``, exactly the single-device gradients;
+* ``explain()`` -- the report of :mod:`autocp.passes.explain`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..layout import ColToken, MsaTiles, Pair2D, Replicated, RowToken
+from .context import tile_context
+from .rewrite import gather_tags, shard_tags
+
+__all__ = ["ParallelModule", "layout_of_tags"]
+
+
+def layout_of_tags(tags):
+    """The :mod:`autocp.layout` object for a canonical tag tuple (None if not canonical)."""
+    if tags is None:
+        return None
+    idx = {t: i for i, t in enumerate(tags) if t is not None}
+    real = [t for t in tags if t is not None]
+    if not real:
+        return Replicated()
+    if real == ["r", "c"]:
+        return Pair2D((idx["r"], idx["c"]))
+    if real == ["r"]:
+        return RowToken(idx["r"])
+    if real == ["c"]:
+        return ColToken(idx["c"])
+    if real == ["s", "c"]:
+        return MsaTiles(idx["s"], idx["c"])
+    return None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.scale, None
+
+
+class ParallelModule(nn.Module):
+    """The 2D-parallel model returned by :func:`autocp.parallelize`."""
+
+    def __init__(self, original: nn.Module, clone: nn.Module, mesh, *, input_tags, output_tags,
+                 n_tokens: int, n_seq: Optional[int], report=None, plan=None, root_fallback: bool = False):
+        super().__init__()
+        for name, child in clone._modules.items():
+            self._modules[name] = child
+        for name, prm in clone._parameters.items():
+            self._parameters[name] = prm
+        for name, buf in clone._buffers.items():
+            self._buffers[name] = buf
+        object.__setattr__(self, "_clone", clone)
+        object.__setattr__(self, "_original_type", type(original))
+        self.mesh = mesh
+        self.input_tags = list(input_tags)
+        self.output_tags = list(output_tags)
+        self.example_n = n_tokens
+        self.example_n_seq = n_seq
+        self.report = report
+        self.plan = plan
+        self.root_fallback = root_fallback
+        self.training = original.training
+        clone.training = original.training
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._clone.training = mode
+        return self
+
+    def explain(self, **kw) -> str:
+        from .explain import render
+
+        return render(self.report, **kw)
+
+    # ------------------------------------------------------------------ forward
+    def _sizes(self, leaves):
+        n = n_seq = None
+        for leaf, tags in zip([l for l in leaves if isinstance(l, torch.Tensor)], self.input_tags):
+            if not tags:
+                continue
+            shape = leaf.shape
+            for d, t in enumerate(tags):
+                if t in ("r", "c") and n is None:
+                    n = int(shape[d])
+                if t == "s" and n_seq is None:
+                    n_seq = int(shape[d])
+        return n or self.example_n, n_seq or self.example_n_seq
+
+    def forward(self, *args, output: str = "full", **kwargs):
+        if output not in ("full", "local", "dtensor"):
+            raise ValueError(f"output must be 'full', 'local' or 'dtensor'; given {output!r}")
+        mesh = self.mesh
+        leaves, spec = tree_flatten((args, kwargs))
+        dt_cls = _dtensor_cls()
+        full_leaves = [l.full_tensor() if (dt_cls and isinstance(l, dt_cls) and False) else l for l in leaves]
+        # global sizes: from full tensors directly, from DTensors by their global shape
+        n, n_seq = self._sizes(full_leaves)
+        local = []
+        k = 0
+        for leaf in full_leaves:
+            if isinstance(leaf, torch.Tensor):
+                tags = self.input_tags[k] if k < len(self.input_tags) else None
+                k += 1
+                if dt_cls is not None and isinstance(leaf, dt_cls):
+                    lay = layout_of_tags(tags)
+                    local.append(lay.from_dtensor(leaf, mesh) if lay is not None else leaf.full_tensor())
+                else:
+                    if tags:
+                        mesh.check_tokens(n, "N")
+                    local.append(shard_tags(leaf, tags, mesh))
+            else:
+                local.append(leaf)
+        a, kw = tree_unflatten(local, spec)
+        with tile_context(mesh, n, n_seq):
+            if self.root_fallback:
+                out = self._clone(*a, **kw)
+            else:
+                out = self._clone(*a, **kw)
+        if output == "local":
+            return out
+        oleaves, ospec = tree_flatten(out)
+        res = []
+        k = 0
+        P = mesh.p * mesh.p
+        for leaf in oleaves:
+            if isinstance(leaf, torch.Tensor):
+                tags = self.output_tags[k] if k < len(self.output_tags) else None
+                k += 1
+                if output == "dtensor":
+                    lay = layout_of_tags(tags)
+                    sizes = [n_seq if t == "s" else n for t in (tags or ()) if t is not None]
+                    res.append(lay.to_dtensor(leaf, mesh, sizes) if lay is not None else leaf)
+                else:
+                    full = gather_tags(leaf, tags, mesh, n, n_seq)
+                    res.append(_ScaleGrad.apply(full, 1.0 / P) if P > 1 else full)
+            else:
+                res.append(leaf)
+        return tree_unflatten(res, ospec)
+
+
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor
+    except Exception:  # noqa: BLE001
+        return None

@@ -1,0 +1,179 @@
+"""The explain report: every rewritten module / matched node, its rule, layouts, comm, memory.
+
+Requires: capture, analysis, matches and plan. Produces a :class:`Report` (rows +
+networkx view); :func:`render` formats it as a table; ``report.to_graphml(path)`` /
+``report.to_dot()`` export the annotated graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .analyze import layout_name
+
+__all__ = ["Row", "Report", "build_report", "render"]
+
+
+@dataclass
+class Row:
+    path: str
+    module_cls: str
+    kind: str
+    rule: str
+    action: str  # op | fallback | structural (report only) | local
+    in_layouts: str
+    out_layouts: str
+    comm_bytes: Optional[int]
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)
+    n_tokens: int = 0
+    p: int = 1
+    capture_seconds: float = 0.0
+    n_nodes: int = 0
+    blocks: dict = field(default_factory=dict)
+    uncovered: list = field(default_factory=list)
+    shape_rewrites: int = 0
+    comm_nodes: list = field(default_factory=list)
+    view: object = None
+    peak_bytes: Optional[int] = None
+    model: object = None
+    dtype: torch.dtype = torch.float32
+
+    def to_graphml(self, path: str) -> None:
+        self.view.to_graphml(path)
+
+    def to_dot(self) -> str:
+        return self.view.to_dot()
+
+    @property
+    def networkx(self):
+        return self.view.g
+
+    def by_kind(self, kind: str) -> list:
+        return [r for r in self.rows if r.kind == kind]
+
+
+def _channels(module) -> int:
+    for prm in module.parameters():
+        if prm.dim() >= 1:
+            return int(prm.shape[0])
+    return 0
+
+
+def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
+    rep = Report(n_tokens=n, p=mesh.p, capture_seconds=cap.seconds, n_nodes=cap.n_nodes,
+                 blocks={g: len(b.paths) for g, b in cap.blocks.items()},
+                 shape_rewrites=len(an.shape_rewrites), view=mr.view, model=model)
+    itemsize = 4
+    for t in tensors:
+        if t.dtype.is_floating_point:
+            itemsize = t.element_size()
+            rep.dtype = t.dtype
+            break
+    matched_paths = {}
+    for m in mr.matches:
+        matched_paths.setdefault(m.path, m)
+
+    def sort_key(path):
+        return [int(x) if x.isdigit() else x for x in path.split(".")]
+
+    for path in sorted(plan.actions, key=sort_key):
+        act = plan.actions[path]
+        mod = model.get_submodule(path)
+        from ..registry import lookup_module
+
+        rule = lookup_module(mod)
+        comm = None
+        if act.action == "op" and rule is not None and rule.comm_bytes is not None:
+            try:
+                comm = int(rule.comm_bytes(n, mesh.p, _channels(mod), itemsize))
+            except Exception:  # noqa: BLE001
+                comm = None
+        elif act.action == "fallback":
+            comm = act.full_bytes
+        rep.rows.append(Row(
+            path=path, module_cls=act.module_cls, kind=act.kind or "module",
+            rule=act.why if act.action == "op" else f"fallback ({act.why})", action=act.action,
+            in_layouts=", ".join(layout_name(t) for t in act.in_tags),
+            out_layouts=", ".join(layout_name(t) for t in act.out_tags),
+            comm_bytes=comm, note=act.op_name,
+        ))
+    # structural matches (also those inside fallback modules: what a 2D op would replace)
+    for m in mr.matches:
+        if not m.rule.startswith("structural:"):
+            continue
+        blk = next((b for b in cap.blocks.values() if b.rep == m.graph), None) if m.graph else None
+        paths = [p + m.path[len(blk.rep):] for p in blk.paths] if blk is not None and m.path.startswith(blk.rep) else [m.path]
+        for p in paths:
+            act = plan.actions.get(p)
+            rep.rows.append(Row(
+                path=p, module_cls=m.module_cls, kind=m.kind, rule=m.rule,
+                action=("fallback" if act is not None and act.action == "fallback" else "structural"),
+                in_layouts=", ".join(m.in_layouts), out_layouts=", ".join(m.out_layouts),
+                comm_bytes=None, note=f"{m.detail}; nodes {','.join(m.nodes[:3])}",
+            ))
+    rep.uncovered = [(pre, nd.name, path, reason) for pre, nd, path, reason in mr.uncovered]
+    rep.comm_nodes = [(pre, nd.name, nd.meta.get("autocp.comm")) for pre, nd in an.comm]
+    return rep
+
+
+def _fmt_bytes(b) -> str:
+    if b is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(b) < 1024 or unit == "TiB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return str(b)
+
+
+def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
+    """A readable table of the report; ``memory=True`` adds the estimated per-rank peak."""
+    if rep is None:
+        return "(no report)"
+    head = (f"autocp plan: N={rep.n_tokens} on a {rep.p}x{rep.p} mesh; captured {rep.n_nodes} ATen nodes in "
+            f"{rep.capture_seconds:.2f}s; repeated blocks captured once: "
+            f"{', '.join(f'{g}' for g in rep.blocks) or 'none'}; {rep.shape_rewrites} token-axis shape constants "
+            f"recomputed on tiles")
+    cols = ["module", "class", "op kind", "matched by", "action", "in layouts", "out layouts", "comm/call"]
+    data = [[r.path, r.module_cls, r.kind, r.rule, r.action, r.in_layouts, r.out_layouts, _fmt_bytes(r.comm_bytes)]
+            for r in rep.rows]
+    widths = [max(len(c), *(len(d[i]) for d in data)) if data else len(c) for i, c in enumerate(cols)]
+    widths = [min(w, 48) for w in widths]
+
+    def line(vals):
+        return "  ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths))
+
+    out = [head, line(cols), line(["-" * w for w in widths])]
+    out += [line(d) for d in data]
+    n_op = sum(1 for r in rep.rows if r.action == "op")
+    n_fb = sum(1 for r in rep.rows if r.action == "fallback")
+    out.append(f"{n_op} modules run as 2D ops, {n_fb} gathered (fallback), "
+               f"{sum(1 for r in rep.rows if r.action == 'structural')} structural matches")
+    per_layer = {}
+    for r in rep.rows:
+        if r.action == "op" and r.comm_bytes:
+            key = ".".join(r.path.split(".")[:2])
+            per_layer[key] = per_layer.get(key, 0) + r.comm_bytes
+    if per_layer:
+        first = next(iter(per_layer))
+        out.append(f"comm per layer (analytic, per rank, one forward): {first}: {_fmt_bytes(per_layer[first])}"
+                   + (f" (x{len(per_layer)} layers, total {_fmt_bytes(sum(per_layer.values()))})" if len(per_layer) > 1 else ""))
+    if rep.comm_nodes:
+        out.append("layout conversions in the glue: " + "; ".join(f"{n}: {c}" for _, n, c in rep.comm_nodes[:6]))
+    if rep.uncovered:
+        out.append("uncovered pair ops: " + "; ".join(f"{p}:{n} ({r})" for _, n, p, r in rep.uncovered[:6]))
+    if memory and rep.model is not None:
+        from .estimate import estimate
+
+        est = estimate(rep.model, n_tokens=rep.n_tokens, mesh_shape=mesh_shape or (rep.p, rep.p), dtype=rep.dtype)
+        rep.peak_bytes = est.peak_bytes
+        out.append(f"estimated per-rank peak memory (forward, {rep.dtype}): {_fmt_bytes(est.peak_bytes)}")
+    return "\n".join(out)

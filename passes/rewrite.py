@@ -1,0 +1,244 @@
+"""Pass 4 -- rewrite: decide, per module, what runs on the tiles.
+
+Requires: capture + analysis + match (``autocp.match``, uncovered nodes).
+
+Guarantees: a :class:`RewritePlan` mapping module paths to actions, every live node that
+needs a full tensor covered by exactly one action:
+
+* ``"op"`` -- a registered module replaced by its 2D op (``rule.build(module, mesh)``),
+  called with the module's own arguments on local tiles;
+* ``"fallback"`` -- a module (registered without an available op, or containing pair
+  ops no rule covers) replaced by :class:`GatherFallback`: gather its inputs to full
+  tensors, run the original module, re-shard its outputs. Exact (forward and backward)
+  but it costs full ``O(N^2)`` memory on every rank: a warning says how much, and
+  ``strict=True`` raises instead, naming the node and how to register the module.
+
+Everything else -- the model's own python glue, LayerNorms, Linears, transitions,
+residuals, dropout masks -- runs unchanged on the tiles: those ops are tile-local, and
+shape constants on token axes (``rand([1, N, 1, 1])``, ``new_ones(x.shape[:-1])``) come
+out at the tile size because the python recomputes them from local shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .. import comm
+from ..layout import block_size, pad_to
+from ..mesh import COL, ROW
+
+__all__ = ["UnsupportedPairOpError", "Action", "RewritePlan", "plan_rewrite", "GatherFallback",
+           "gather_tags", "shard_tags"]
+
+
+class UnsupportedPairOpError(RuntimeError):
+    """strict=True and a pair op has no distributed implementation."""
+
+
+@dataclass
+class Action:
+    path: str
+    action: str  # "op" | "fallback"
+    why: str
+    kind: str = ""
+    module_cls: str = ""
+    full_bytes: int = 0  # fallback: bytes of the full tensors it materialises per rank
+    in_tags: list = field(default_factory=list)
+    out_tags: list = field(default_factory=list)
+    op_name: str = ""
+
+
+@dataclass
+class RewritePlan:
+    actions: dict = field(default_factory=dict)  # path -> Action
+    fallback_paths: set = field(default_factory=set)  # need an opaque re-capture
+    warnings: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- tag gather/shard
+def _axis_and_index(tag, mesh):
+    # 'r' / 's' blocks are indexed by r and vary along the column group; 'c' by c along the row
+    if tag in ("r", "s"):
+        return COL, mesh.r
+    return ROW, mesh.c
+
+
+def gather_tags(x: torch.Tensor, tags, mesh, n: int, n_seq: Optional[int] = None) -> torch.Tensor:
+    """Local piece -> full tensor (differentiable; backward = reduce-scatter, exact under the
+    partial-gradient convention), trimming padding."""
+    if tags is None:
+        return x
+    for d, t in enumerate(tags):
+        if t in ("r", "c", "s"):
+            axis, _ = _axis_and_index(t, mesh)
+            x = comm.all_gather_axis(x, mesh, axis, d)
+            size = n_seq if t == "s" else n
+            x = x.narrow(d, 0, size)
+    return x
+
+
+def shard_tags(x: torch.Tensor, tags, mesh) -> torch.Tensor:
+    """Full tensor -> this rank's (zero-padded) block."""
+    if tags is None:
+        return x
+    for d, t in enumerate(tags):
+        if t in ("r", "c", "s"):
+            _, idx = _axis_and_index(t, mesh)
+            size = x.shape[d]
+            b = block_size(size, mesh.p)
+            lo, hi = min(idx * b, size), min((idx + 1) * b, size)
+            x = pad_to(x.narrow(d, lo, hi - lo), d, b)
+    return x
+
+
+def _nbytes(shape, dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class GatherFallback(nn.Module):
+    """Runs ``module`` on gathered full tensors and returns this rank's blocks.
+
+    Same parameters and state_dict keys as ``module`` (its children and direct
+    parameters are registered here). ``in_tags`` / ``out_tags``: one tag tuple per tensor
+    leaf of the call's ``(args, kwargs)`` / of the output, in ``tree_flatten`` order.
+    """
+
+    def __init__(self, module: nn.Module, mesh, in_tags, out_tags, path: str = ""):
+        super().__init__()
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        for name, prm in module.named_parameters(recurse=False):
+            self.register_parameter(name, prm)
+        for name, buf in module.named_buffers(recurse=False):
+            self.register_buffer(name, buf)
+        object.__setattr__(self, "inner", module)
+        self.mesh = mesh
+        self.in_tags = list(in_tags)
+        self.out_tags = list(out_tags)
+        self.path = path
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.inner.training = mode
+        return self
+
+    def forward(self, *args, **kwargs):
+        from .context import current
+
+        ctx = current()
+        leaves, spec = tree_flatten((args, kwargs))
+        k = 0
+        full = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                tags = self.in_tags[k] if k < len(self.in_tags) else None
+                k += 1
+                full.append(gather_tags(leaf, tags, self.mesh, ctx.n, ctx.n_seq))
+            else:
+                full.append(leaf)
+        a, kw = tree_unflatten(full, spec)
+        out = self.inner(*a, **kw)
+        oleaves, ospec = tree_flatten(out)
+        k = 0
+        res = []
+        for leaf in oleaves:
+            if isinstance(leaf, torch.Tensor):
+                tags = self.out_tags[k] if k < len(self.out_tags) else None
+                k += 1
+                res.append(shard_tags(leaf, tags, self.mesh))
+            else:
+                res.append(leaf)
+        return tree_unflatten(res, ospec)
+
+
+# ----------------------------------------------------------------------------- planning
+def _canonical_out_tags(meta, n):
+    """Output tags of a fallback module from shapes: token-length dims -> r, c in order."""
+    out = []
+    for shape, _dtype in meta:
+        tags = [None] * len(shape)
+        order = iter(("r", "c"))
+        for d, s in enumerate(shape):
+            if d >= 1 and s == n:
+                tags[d] = next(order, None)
+        out.append(tuple(tags))
+    return out
+
+
+def _tags_list(tags):
+    if tags is None:
+        return []
+    return list(tags) if isinstance(tags, list) else [tags]
+
+
+def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens: int = 0) -> RewritePlan:
+    """Decide the action of every registered module and every uncovered pair op."""
+    plan = RewritePlan()
+    # 1. registered modules -> op, else fallback (exact)
+    for prefix, gm, blk in capture.graphs():
+        for nd in gm.graph.nodes:
+            entry = nd.meta.get("autocp.opaque")
+            if entry is None or entry.kind not in ("module", "fallback"):
+                continue
+            paths = [entry.path]
+            if blk is not None:
+                paths = [p + entry.path[len(blk.rep):] for p in blk.paths]
+            in_tags = nd.meta.get("autocp.in_layouts") or []
+            out_tags = _tags_list(nd.meta.get("autocp.out_layouts"))
+            if entry.kind == "fallback":
+                out_tags = _canonical_out_tags(entry.out_meta or [], n_tokens)
+            full = sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
+                _nbytes(s, d) for s, d in (entry.out_meta or [(entry.in_meta or [((), torch.float32)])[0]]))
+            for path in paths:
+                rule = entry.rule
+                if entry.kind == "module" and rule is not None and rule.op_factory is not None and _op_available(rule, entry.module, mesh):
+                    plan.actions[path] = Action(path, "op", f"registry:{entry.cls_name}", rule.kind, entry.cls_name,
+                                                in_tags=in_tags, out_tags=out_tags,
+                                                op_name=getattr(rule.op_factory, "__qualname__", ""))
+                else:
+                    why = (f"registered {entry.cls_name} has no 2D op in this checkout" if entry.kind == "module"
+                           else f"{entry.cls_name} contains pair ops no rule covers")
+                    plan.actions[path] = Action(path, "fallback", why, rule.kind if rule else "unsupported",
+                                                entry.cls_name, full_bytes=full, in_tags=in_tags, out_tags=out_tags)
+    # 2. uncovered pair ops and structural matches without an op -> the innermost module
+    reasons: dict = {}
+    for prefix, nd, path, reason in match_result.uncovered:
+        reasons.setdefault((prefix, path), []).append((nd, reason))
+    for m in match_result.matches:
+        if m.rule.startswith("structural:"):
+            reasons.setdefault((m.graph, m.path), []).append((None, f"structural match {m.kind} ({m.rule}) "
+                                                                   f"in {m.module_cls or 'glue'} has no 2D op bound"))
+    for (prefix, path), items in reasons.items():
+        blk = next((b for b in capture.blocks.values() if b.rep == prefix), None) if prefix else None
+        inst = [p + path[len(blk.rep):] for p in blk.paths] if blk is not None and path.startswith(blk.rep) else [path]
+        first = items[0]
+        node_name = first[0].name if first[0] is not None else "-"
+        if strict:
+            cls = next((m.module_cls for m in match_result.matches if m.path == path), "") or path or "<top level>"
+            raise UnsupportedPairOpError(
+                f"autocp (strict): node {node_name!r} in module {path or '<top level>'} needs the full pair "
+                f"tensor: {first[1]}. Given: no registered module or structural rule with a 2D op covers it. "
+                f"Required: a distributed implementation. Fix: autocp.register_module({cls.split('.')[-1]}, "
+                f"lambda module, mesh: My2DOp(module, mesh)) (call='pair' for the op(z, mask, n_tokens=N) "
+                f"contract), or run with strict=False to gather -> run -> re-shard that module."
+            )
+        for p in inst:
+            if p in plan.actions:
+                continue
+            plan.fallback_paths.add(p)
+    return plan
+
+
+def _op_available(rule, module, mesh) -> bool:
+    try:
+        return rule.op_factory(module, mesh) is not None
+    except Exception:  # noqa: BLE001 -- an op that refuses the module -> fallback
+        return False
