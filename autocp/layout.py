@@ -111,6 +111,31 @@ class Layout:
     def _full_len(self, x: torch.Tensor, dim: int) -> int:
         return x.shape[dim]
 
+    def _sizes(self, sizes) -> list:
+        if isinstance(sizes, int):
+            return [sizes] * len(self.dims)
+        sizes = [int(n) for n in sizes]
+        if len(sizes) != len(self.dims):
+            raise LayoutError(
+                f"{self.name}: given {len(sizes)} global sizes {sizes} for {len(self.dims)} sharded dims "
+                f"{self.dims}. Fix: pass one global length per sharded dim (or one int for all)."
+            )
+        return sizes
+
+    def _check_local(self, local: torch.Tensor, mesh: SquareMesh, sizes: list) -> None:
+        """The padded local piece must have ``ceil(n / p)`` slots on every sharded dim."""
+        self._check(local, "the local tile")
+        for d, n in zip(self.dims, sizes):
+            mesh.check_tokens(n, f"{self.name}: global size of dim {d}: N")
+            b = block_size(n, mesh.p)
+            if local.shape[d] != b:
+                raise LayoutError(
+                    f"{self.name}: the local tile has shape {tuple(local.shape)}; with global size {n} "
+                    f"on a {mesh.p}x{mesh.p} mesh dim {d} must have b = ceil({n}/{mesh.p}) = {b} slots, "
+                    f"got {local.shape[d]}. Fix: pass the tile made by {self.name}.shard(full, mesh) "
+                    f"and the full tensor's size(s) of the sharded dims {self.dims}."
+                )
+
     # -------------------------------------------------------------- API
     def local_shape(self, full_shape: Sequence[int], mesh: SquareMesh) -> tuple:
         """Shape of the (padded) local piece on every rank."""
@@ -137,9 +162,8 @@ class Layout:
 
         ``sizes``: the global length of each sharded dim (an int when all are equal).
         """
-        self._check(local, "the local tile")
-        if isinstance(sizes, int):
-            sizes = [sizes] * len(self.dims)
+        sizes = self._sizes(sizes)
+        self._check_local(local, mesh, sizes)
         x = local
         for d, a, n in zip(self.dims, self.axes, sizes):
             # shard index 'r' varies along the column group, 'c' along the row group
@@ -148,11 +172,21 @@ class Layout:
             x = x.narrow(d, 0, n)
         return x
 
-    def valid_mask(self, mesh: SquareMesh, sizes, device=None) -> torch.Tensor:
-        """Bool mask broadcastable to the local piece: False on padded slots."""
-        if isinstance(sizes, int):
-            sizes = [sizes] * len(self.dims)
-        ndim = max(self.dims) + 1
+    def valid_mask(self, mesh: SquareMesh, sizes, device=None, ndim: Optional[int] = None) -> torch.Tensor:
+        """Bool mask of the local piece: False on padded slots.
+
+        By default it has ``max(dims) + 1`` dims (e.g. ``[1, b, b]`` for ``Pair2D``: the
+        shape of a pair *mask* tile). Pass ``ndim=x.dim()`` to get trailing singleton dims
+        so it broadcasts against a tile ``x`` with channels (``[1, b, b, 1]`` for
+        ``z[B, b, b, C]``) -- broadcasting aligns from the right, so the default shape
+        does not broadcast correctly against such a tile.
+        """
+        sizes = self._sizes(sizes)
+        need = max(self.dims) + 1
+        if ndim is None:
+            ndim = need
+        elif ndim < need:
+            raise LayoutError(f"{self.name}.valid_mask: ndim={ndim} but the layout shards dims {self.dims}")
         m = None
         for d, a, n in zip(self.dims, self.axes, sizes):
             v = token_valid(n, mesh.p, self._block_index(mesh, a), device=device)
@@ -176,9 +210,12 @@ class Layout:
         from torch.distributed.tensor import DTensor
 
         if mesh.device_mesh is None:
-            raise MeshError("DTensor conversion needs a DeviceMesh-backed SquareMesh (use autocp.init_mesh)")
-        if isinstance(sizes, int):
-            sizes = [sizes] * len(self.dims)
+            raise MeshError(
+                f"{self.name}: DTensor conversion needs a DeviceMesh-backed SquareMesh; given {mesh!r} "
+                f"without a DeviceMesh. Fix: init the process group and use autocp.init_mesh()."
+            )
+        sizes = self._sizes(sizes)
+        self._check_local(local, mesh, sizes)
         x = local
         shape = list(local.shape)
         for d, a, n in zip(self.dims, self.axes, sizes):
@@ -194,7 +231,10 @@ class Layout:
     def from_dtensor(self, dt, mesh: SquareMesh) -> torch.Tensor:
         """Redistribute a DTensor to this layout and return the padded local piece."""
         if mesh.device_mesh is None:
-            raise MeshError("DTensor conversion needs a DeviceMesh-backed SquareMesh (use autocp.init_mesh)")
+            raise MeshError(
+                f"{self.name}: DTensor conversion needs a DeviceMesh-backed SquareMesh; given {mesh!r} "
+                f"without a DeviceMesh. Fix: init the process group and use autocp.init_mesh()."
+            )
         dt = dt.redistribute(mesh.device_mesh, self.placements())
         x = dt.to_local()
         for d in self.dims:
@@ -276,7 +316,7 @@ class Replicated(Layout):
         self.dims = ()
         self.axes = ()
 
-    def valid_mask(self, mesh, sizes, device=None):
+    def valid_mask(self, mesh, sizes=(), device=None, ndim=None):
         return None
 
 

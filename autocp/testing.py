@@ -40,7 +40,11 @@ def _context():
         method = os.environ.get("AUTOCP_MP_START", "forkserver")
         ctx = mp.get_context(method)
         if method == "forkserver":
-            ctx.set_forkserver_preload(["torch", "torch.distributed", "autocp"])
+            # torch._dynamo: DTensor.from_local imports it lazily (~3 s per rank otherwise)
+            ctx.set_forkserver_preload(
+                ["torch", "torch.distributed", "torch.distributed.device_mesh", "torch.distributed.tensor",
+                 "torch._dynamo", "autocp"]
+            )
         _CTX = ctx
     return _CTX
 
