@@ -31,10 +31,13 @@ _REF_PRIORITY = -1000
 for _name in ("tile_attention_fwd", "tile_attention_bwd", "tri_mm"):
     register(_name, "torch-reference", getattr(reference, _name), priority=_REF_PRIORITY)
 
-try:  # Triton implementations register themselves when triton imports
+#: why the Triton implementations are not registered (None when they are)
+TRITON_IMPORT_ERROR = None
+try:  # Triton implementations register themselves when triton imports (see docs/kernels.md)
     from . import triton_impl as _triton_impl  # noqa: F401
-except ImportError:  # triton not installed, or no Triton module yet
+except Exception as _e:  # noqa: BLE001 -- triton missing or broken: the references still work
     _triton_impl = None
+    TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
 
 
 def tile_attention_fwd(q, k, v, bias=None, key_valid=None, scale: float = 1.0):

@@ -364,8 +364,10 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype != torch.float32 or INTERPRET:
+    if INTERPRET:
         return "ieee"
+    if dtype != torch.float32:
+        return "tf32"  # Triton's default; only affects fp32 operands (bf16/fp16 dots are exact-product MMAs)
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 

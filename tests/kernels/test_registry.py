@@ -53,6 +53,7 @@ def test_reference_is_registered_last_with_lowest_priority():
 
 @needs_triton
 def test_triton_registered_above_reference():
+    assert kernels.TRITON_IMPORT_ERROR is None, kernels.TRITON_IMPORT_ERROR
     for op in ("tile_attention_fwd", "tile_attention_bwd", "tri_mm"):
         names = [i.name for i in kernels.implementations(op)]
         assert names == ["triton", "torch-reference"], names
