@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import autocp
+import autocp.testing
 from autocp import comm
 from autocp.layout import LayoutError, Pair2D, block_size
 from autocp.mesh import SquareMesh
@@ -33,6 +34,14 @@ from boltz.model.layers.triangular_attention.attention import (
 )
 
 B, C, H, D = 1, 8, 2, 4
+
+# Importing boltz's primitives pulls in torch._dynamo (~5 s of CPU per process); have the
+# harness's forkserver preload it once instead of every rank importing it. No effect
+# (just slower) when the forkserver already runs; preload ImportErrors are ignored.
+_BOLTZ_ATTN = "boltz.model.layers.triangular_attention.attention"
+_ctx = autocp.testing._context()
+if _ctx.get_start_method() == "forkserver":
+    _ctx.set_forkserver_preload(["torch", "torch.distributed", "autocp", _BOLTZ_ATTN])
 FP32_TOL = 1e-4
 BF16_REL = 3e-2
 
