@@ -311,7 +311,7 @@ def test_saved_tensors_are_tile_local(p):
             assert dist_bytes == single_bytes, (rr["coord"], starting, dist_bytes, single_bytes)
 
 
-@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("p", [1, 2, 3])
 def test_bad_input_clear_errors(p):
     for rr in mesh_results(p):
         bad = rr["bad"]
