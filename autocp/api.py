@@ -102,8 +102,14 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
     from .passes.rewrite import plan_rewrite
     from .passes.trace import capture
 
-    def run(fallback):
+    def run(fallback, boundary=None):
         cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=fallback)
+        if boundary:
+            from .passes.rewrite import fallback_out_tags
+
+            for e in cap.opaque.values():
+                if e.kind == "fallback":
+                    e.out_tags = fallback_out_tags(e.out_meta or [], boundary.get(e.path), n)
         an = analyze(cap, input_tags, n)
         mr = match(cap, an)
         # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
@@ -115,7 +121,7 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
     cap, an, mr = run(frozenset())
     plan = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
     if plan.fallback_paths and "" not in plan.fallback_paths:
-        cap, an, mr = run(frozenset(plan.fallback_paths))
+        cap, an, mr = run(frozenset(plan.fallback_paths), plan.boundary)
         plan2 = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
         plan2.fallback_paths |= set()
         plan = plan2

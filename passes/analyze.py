@@ -596,7 +596,7 @@ def _opaque_rule(node, n, analysis, prefix, capture):
     if entry.kind == "fallback":
         from .rewrite import _canonical_out_tags
 
-        out = _canonical_out_tags(entry.out_meta or [], n)
+        out = entry.out_tags or _canonical_out_tags(entry.out_meta or [], n)
         node.meta["autocp.out_layouts"] = out
         return list(out), None
     # a block instance: analyse its graph once per input layout

@@ -57,6 +57,7 @@ class Action:
 class RewritePlan:
     actions: dict = field(default_factory=dict)  # path -> Action
     fallback_paths: set = field(default_factory=set)  # need an opaque re-capture
+    boundary: dict = field(default_factory=dict)  # fallback path -> [(shape, tags)] of its outputs
     warnings: list = field(default_factory=list)
 
 
@@ -194,7 +195,7 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
             in_tags = nd.meta.get("autocp.in_layouts") or []
             out_tags = _tags_list(nd.meta.get("autocp.out_layouts"))
             if entry.kind == "fallback":
-                out_tags = _canonical_out_tags(entry.out_meta or [], n_tokens)
+                out_tags = entry.out_tags or _canonical_out_tags(entry.out_meta or [], n_tokens)
             full = sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
                 _nbytes(s, d) for s, d in (entry.out_meta or [(entry.in_meta or [((), torch.float32)])[0]]))
             for path in paths:
@@ -230,11 +231,50 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
                 f"lambda module, mesh: My2DOp(module, mesh)) (call='pair' for the op(z, mask, n_tokens=N) "
                 f"contract), or run with strict=False to gather -> run -> re-shard that module."
             )
+        bnd = _boundary(capture, prefix, path)
         for p in inst:
             if p in plan.actions:
                 continue
             plan.fallback_paths.add(p)
+            plan.boundary[p] = bnd
     return plan
+
+
+def _boundary(capture, prefix, path):
+    """[(shape, tags)] of the values a module hands to the rest of the graph (its outputs),
+    from the analysis -- the layouts the surrounding glue expects back from a fallback."""
+    from .match import module_path_of
+
+    gm = next((g for pre, g, _b in capture.graphs() if pre == prefix), None)
+    if gm is None:
+        return []
+
+    def inside(nd):
+        p = module_path_of(nd, prefix)[0]
+        return p == path or p.startswith(path + ".") if path else True
+
+    out = []
+    for nd in gm.graph.nodes:
+        if nd.op != "call_function" or not inside(nd):
+            continue
+        v = nd.meta.get("val")
+        tags = nd.meta.get("autocp.layout")
+        if not isinstance(v, torch.Tensor) or not isinstance(tags, tuple):
+            continue
+        if any(not inside(u) or u.op == "output" for u in nd.users):
+            out.append((tuple(v.shape), tags))
+    return out
+
+
+def fallback_out_tags(meta, boundary, n):
+    """Output tags of a fallback module: the analysed layout of the matching boundary value
+    (same shape), else token-length dims -> r, c in order."""
+    canon = _canonical_out_tags(meta, n)
+    res = []
+    for (shape, _d), c in zip(meta, canon):
+        hit = next((t for s, t in reversed(boundary or []) if tuple(s) == tuple(shape)), None)
+        res.append(tuple(x if x in ("r", "c", "s", None) else None for x in hit) if hit else c)
+    return res
 
 
 def _op_available(rule, module, mesh) -> bool:

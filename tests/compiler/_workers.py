@@ -1,0 +1,88 @@
+"""Rank functions for the compiler's distributed tests (module-level: picklable)."""
+
+import warnings
+
+import torch
+
+
+def build_pairformer(version, blocks=2, cs=16, cz=8, seed=0):
+    if version == 2:
+        from boltz.model.layers.pairformer import PairformerModule
+
+        m = PairformerModule(cs, cz, blocks, num_heads=2, pairwise_head_width=4, pairwise_num_heads=2,
+                             dropout=0.0, v2=True)
+    else:
+        from boltz.model.modules.trunk import PairformerModule
+
+        m = PairformerModule(cs, cz, blocks, num_heads=2, pairwise_head_width=4, pairwise_num_heads=2, dropout=0.0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # AF3 init zeroes output projections: re-draw everything
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def pairformer_inputs(n, cs=16, cz=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(1, n, cs, generator=g)
+    z = torch.randn(1, n, n, cz, generator=g)
+    mask = torch.ones(1, n)
+    mask[0, -2] = 0.0
+    pair_mask = mask[:, :, None] * mask[:, None, :]
+    return s, z, mask, pair_mask
+
+
+def loss_weights(outs, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g) for o in outs]
+
+
+def parity_worker(rank, world, version, n, train, kind="boltz"):
+    import autocp
+    from autocp.ops.common import sync_grads
+
+    mesh = autocp.init_mesh()
+    if kind == "boltz":
+        model = build_pairformer(version)
+        inputs = pairformer_inputs(n)
+    else:
+        from tests.compiler.af3like import Trunk
+
+        model = Trunk()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        s, z, mask, pm_ = pairformer_inputs(n, cs=8, cz=8)
+        inputs = (z, s, mask, pm_)
+    model.train(train)
+    with warnings.catch_warnings(record=True) as wlist:
+        warnings.simplefilter("always")
+        from autocp.api import parallelize
+
+    pm = parallelize(model, mesh, example_inputs=inputs)
+    pm.train(train)
+    ref = model(*inputs)
+    w = loss_weights(ref)
+    loss_ref = sum((o * wi).sum() for o, wi in zip(ref, w))
+    loss_ref.backward()
+    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    outs = pm(*inputs)
+    loss = sum((o * wi).sum() for o, wi in zip(outs, w))
+    loss.backward()
+    sync_grads(pm, mesh)
+    out_err = [float((a.detach() - b.detach()).abs().max()) for a, b in zip(outs, ref)]
+    scale = [float(b.detach().abs().max()) for b in ref]
+    moved = [float((a.detach() - b).abs().max()) for a, b in zip(ref, (inputs[0], inputs[1]) if kind == "boltz" else (inputs[0], inputs[1]))]
+    # relative to max(|ref grad|, 1e-2 * largest grad): a LayerNorm bias feeding a softmax
+    # has an exactly-zero true gradient whose rounding noise has no scale of its own
+    floor = 1e-2 * max(float(g.abs().max()) for g in ref_grads.values())
+    per_param = {k: float((p.grad - ref_grads[k]).abs().max()) / max(float(ref_grads[k].abs().max()), floor)
+                 for k, p in pm.named_parameters() if p.grad is not None}
+    grad_err = max(per_param.values())
+    missing = [k for k, p in pm.named_parameters() if p.grad is None]
+    actions = sorted({a.action for a in pm.plan.actions.values()})
+    return {"out_err": out_err, "scale": scale, "grad_err": grad_err, "missing": missing,
+            "same_keys": sorted(pm.state_dict()) == sorted(model.state_dict()),
+            "actions": actions, "warnings": [str(x.message)[:200] for x in wlist], "moved": moved, "per_param": per_param}
