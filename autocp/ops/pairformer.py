@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..mesh import SquareMesh
 from .common import share_submodules
@@ -51,8 +52,9 @@ class _PairStack2D(nn.Module):
     """The pair half shared by all Pairformer layers: tri-mult out/in, tri-att start/end,
     transition_z, each a residual with (row / column) dropout."""
 
-    def _init_pair(self, layer: nn.Module, mesh: SquareMesh, reproduce_dropout: bool):
+    def _init_pair(self, layer: nn.Module, mesh: SquareMesh, reproduce_dropout: bool, checkpoint_ops: bool = True):
         self.mesh = mesh
+        self.checkpoint_ops = checkpoint_ops
         self.dropout = float(layer.dropout)
         self.reproduce_dropout = reproduce_dropout
         self.tri_mul_out = TriangleMultiplication2D(layer.tri_mul_out, mesh)
@@ -68,11 +70,19 @@ class _PairStack2D(nn.Module):
             return z + update
         return z + d.to(update.dtype) * update
 
+    def _run(self, op, z, pair_mask, n):
+        """Run one triangle op; with ``checkpoint_ops`` only its input tile is kept for
+        backward and its activations (projections, q/k/v, gates) are recomputed there, one
+        op at a time (the ring communication is replayed in the same order on all ranks)."""
+        if self.checkpoint_ops and torch.is_grad_enabled():
+            return checkpoint(lambda x, m: op(x, m, n_tokens=n), z, pair_mask, use_reentrant=False)
+        return op(z, pair_mask, n_tokens=n)
+
     def _pair(self, z, pair_mask, n):
-        z = self._residual(z, self.tri_mul_out(z, pair_mask, n_tokens=n), n)
-        z = self._residual(z, self.tri_mul_in(z, pair_mask, n_tokens=n), n)
-        z = self._residual(z, self.tri_att_start(z, pair_mask, n_tokens=n), n)
-        z = self._residual(z, self.tri_att_end(z, pair_mask, n_tokens=n), n, columnwise=True)
+        z = self._residual(z, self._run(self.tri_mul_out, z, pair_mask, n), n)
+        z = self._residual(z, self._run(self.tri_mul_in, z, pair_mask, n), n)
+        z = self._residual(z, self._run(self.tri_att_start, z, pair_mask, n), n)
+        z = self._residual(z, self._run(self.tri_att_end, z, pair_mask, n), n, columnwise=True)
         return z + self.transition_z(z)
 
 
