@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as _queue
 import tempfile
 import time
 import traceback
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Optional
 
 __all__ = ["run_distributed", "DistributedTestError"]
 
 _CTX = None
+_GRACE_AFTER_FAILURE = 5.0  # seconds the other ranks get to report after one failed
 
 
 class DistributedTestError(RuntimeError):
@@ -49,6 +52,10 @@ def _context():
     return _CTX
 
 
+def _report(q, rank, ok, payload) -> None:
+    q.put((rank, ok, payload))
+
+
 def _worker(fn, rank, world, init_file, backend, q, args, kwargs):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["RANK"] = str(rank)
@@ -61,17 +68,37 @@ def _worker(fn, rank, world, init_file, backend, q, args, kwargs):
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
-        try:
-            res = fn(rank, world, *args, **kwargs)
-        finally:
-            try:
-                dist.barrier()
-            except Exception:  # noqa: BLE001 -- a peer died; the parent reports it
-                pass
-            dist.destroy_process_group()
-        q.put((rank, True, res))
     except BaseException:  # noqa: BLE001
-        q.put((rank, False, traceback.format_exc()))
+        _report(q, rank, False, traceback.format_exc())
+        return
+    try:
+        res = fn(rank, world, *args, **kwargs)
+    except BaseException:  # noqa: BLE001
+        # Report first and leave without a barrier: the peers may be blocked in a
+        # collective this rank never joins, so a barrier here would hang and swallow the
+        # traceback. The parent stops the peers.
+        _report(q, rank, False, traceback.format_exc())
+        return
+    try:
+        # pickle here, so an unpicklable result is an error of this rank, not a silent
+        # drop in the queue's feeder thread (which would look like a hang)
+        payload = ForkingPickler.dumps(res)
+    except BaseException as e:  # noqa: BLE001
+        _report(
+            q, rank, False,
+            f"the return value of {getattr(fn, '__name__', fn)!s} on rank {rank} ({type(res).__name__}) cannot "
+            f"be pickled back to the parent: {type(e).__name__}: {e}. Fix: return plain data "
+            f"(numbers, lists, dicts, CPU tensors).",
+        )
+        return
+    # report before the final barrier, so a hang names the rank that hangs, not the
+    # ranks that finished and wait for it
+    _report(q, rank, True, bytes(payload))
+    try:
+        dist.barrier()  # no rank tears down its connections while a peer still needs them
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- a peer died; the parent reports it
+        pass
 
 
 def run_distributed(
@@ -102,28 +129,34 @@ def run_distributed(
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
+        dead_since: dict[int, float] = {}
         while len(results) + len(errors) < world_size:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            if errors:
+                # a failure usually leaves peers blocked in a collective: stop soon
+                deadline = min(deadline, now + _GRACE_AFTER_FAILURE)
+            left = deadline - now
             if left <= 0:
                 break
             try:
-                rank, ok, payload = q.get(timeout=min(left, 1.0))
+                rank, ok, payload = q.get(timeout=min(left, 0.5))
             except _queue.Empty:
-                # a process that died without reporting (segfault, os._exit)
+                # a process that died without reporting (segfault, os._exit, killed)
                 for r, p in enumerate(procs):
-                    if r not in results and r not in errors and p.exitcode not in (None, 0):
-                        # give its queue message a moment to arrive
-                        try:
-                            rank, ok, payload = q.get(timeout=0.5)
-                            (results if ok else errors)[rank] = payload
-                        except _queue.Empty:
-                            errors[r] = f"process exited with code {p.exitcode} without a result"
+                    if r in results or r in errors or p.exitcode is None:
+                        continue
+                    first = dead_since.setdefault(r, now)
+                    if now - first > 1.0:  # its last message had time to arrive
+                        code = p.exitcode
+                        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                        errors[r] = f"process {how} without a result"
                 continue
             (results if ok else errors)[rank] = payload
-            if errors:
-                # a failure usually makes peers hang in a collective: stop waiting soon
-                deadline = min(deadline, time.monotonic() + 5.0)
     finally:
+        if len(results) == world_size:  # all done: let them leave the barrier cleanly
+            end = time.monotonic() + 2.0
+            for p in procs:
+                p.join(timeout=max(0.0, end - time.monotonic()))
         for p in procs:
             if p.is_alive():
                 p.kill()
@@ -134,10 +167,15 @@ def run_distributed(
             os.unlink(init_file)
     hung = [r for r in range(world_size) if r not in results and r not in errors]
     if errors or hung:
-        msg = [f"{len(errors)} rank(s) failed, {len(hung)} hung (world size {world_size}, timeout {timeout}s)"]
+        name = getattr(fn, "__qualname__", str(fn))
+        msg = [f"{name}: {len(errors)} rank(s) failed, {len(hung)} did not finish "
+               f"(world size {world_size}, timeout {timeout}s)"]
         for r in sorted(errors):
             msg.append(f"--- rank {r} ---\n{errors[r]}")
-        if hung:
-            msg.append(f"--- ranks {hung} did not finish within {timeout}s (or were stopped after a failure)")
+        if hung and errors:
+            msg.append(f"--- ranks {hung} were stopped {_GRACE_AFTER_FAILURE}s after the failure above "
+                       f"(usually blocked in a collective the failed rank never joined)")
+        elif hung:
+            msg.append(f"--- ranks {hung} did not finish within {timeout}s (hang or deadlock); stopped")
         raise DistributedTestError("\n".join(msg))
-    return [results[r] for r in range(world_size)]
+    return [pickle.loads(results[r]) for r in range(world_size)]
