@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -45,7 +44,7 @@ if not CUDA and "triton" not in sys.modules:  # interpreter for the CPU correctn
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("AUTOCP_TRITON_INTERPRET", "1")
 
-from autocp import kernels  # noqa: E402
+from autocp import kernels  # noqa: E402,F401  (registers the implementations)
 from autocp.kernels import reference as R  # noqa: E402
 
 try:

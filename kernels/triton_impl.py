@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import triton
