@@ -80,6 +80,8 @@ class MemoryTracker(TorchDispatchMode):
             return self
         super().__enter__()
         self.track(*self._initial)
+        # keep no strong reference: a tracked tensor freed inside the block must count as freed
+        self._initial = []
         return self
 
     def __exit__(self, *exc):
