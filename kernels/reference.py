@@ -61,8 +61,15 @@ def tile_attention_bwd(q, k, v, bias, key_valid, scale, lse, dout, delta):
 
 
 def tri_mm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    prod = torch.matmul(a.float(), b.float().transpose(-1, -2))
+    a, bt = a.float(), b.float().transpose(-1, -2)
     if out is None:
-        return prod
-    out.add_(prod)
+        return torch.matmul(a, bt)
+    if (
+        out.dtype == torch.float32 and out.is_contiguous() and out.dim() >= 3
+        and a.shape[:-2] == bt.shape[:-2] == out.shape[:-2]
+    ):  # accumulate in place (baddbmm, beta=1): no temporary product tile
+        o3 = out.view(-1, *out.shape[-2:])
+        o3.baddbmm_(a.reshape(-1, *a.shape[-2:]), bt.reshape(-1, *bt.shape[-2:]))
+        return out
+    out.add_(torch.matmul(a, bt))
     return out
