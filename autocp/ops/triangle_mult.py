@@ -20,7 +20,7 @@ Cannon schedule (:func:`_cannon`), for ``out(r,c) = sum_t X(r,t) . Y(t,c)`` wher
 travels along the mesh row and ``Y`` along the mesh column and either operand may be the
 grid transpose of a held tensor (``X(u,v)`` = the tile held by ``(v,u)``):
 
-1. one *skew* exchange per operand, which also performs the grid transpose when needed
+1. one *skew* exchange per operand of the raw tile, which also performs the grid transpose when needed
    (rank ``(r,c)`` receives ``X(r, r+c)`` and ``Y(r+c, c)`` directly from their holders,
    so a transposed operand costs no extra message);
 2. ``p`` multiply-accumulate steps with ``t = (r + c + s) mod p``; before computing step
@@ -58,7 +58,9 @@ and 0 on a 1x1 mesh. Per rank this is ``~2pS`` forward and ``~4pS`` backward, i.
 
 Memory per rank: the saved ``a``, ``b`` tiles plus, while the ring runs, two receive
 buffers per operand (double buffering) and the fp32 accumulator -- all ``O(b^2 C)``,
-i.e. ``O(N^2 C / P)``.
+i.e. ``O(N^2 C / P)``. The ring moves the ``B*C`` channel tiles in ``ring_chunks``
+groups (default 2), so the four ring buffers together hold ``4 / ring_chunks`` tiles;
+the tile products accumulate in place (no temporary product tile).
 """
 
 from __future__ import annotations
@@ -105,91 +107,124 @@ def _skew_peers(mesh: SquareMesh, operand: str, transposed: bool) -> tuple[int, 
     return ro(r - c, c), ro(r + c, c)
 
 
-def _cannon(x: torch.Tensor, y: torch.Tensor, mesh: SquareMesh, x_t: bool, y_t: bool) -> torch.Tensor:
+def _cannon(
+    x: torch.Tensor, y: torch.Tensor, mesh: SquareMesh, x_t: bool, y_t: bool, chunks: int = 1
+) -> torch.Tensor:
     """``out(r,c) = sum_t X(r,t) . Y(t,c)`` on tiles ``[..., b, b]`` (fp32 result).
 
-    ``x``/``y`` are this rank's raw tiles. With ``x_t`` the operand is the grid transpose
-    (``X(u,v)`` = the tile held by ``(v,u)``) and the local product uses that tile
-    transposed; without ``y_t`` the product uses ``y`` transposed -- so that every step is
-    one ``tri_mm(xbuf, ybuf)`` (``xbuf @ ybuf^T``). Each sender pre-transposes its own tile
-    once, so the buffers that travel are already in product orientation.
+    ``x``/``y`` are this rank's raw tiles; raw tiles travel. With ``x_t`` the operand is
+    the grid transpose (``X(u,v)`` = the tile held by ``(v,u)``) and the tile product uses
+    the received tile transposed; without ``y_t`` the product uses ``y`` transposed -- so
+    every step is one ``tri_mm`` (``tri_mm(a, b) = a @ b^T``) on transposed *views* (no
+    copies: the GEMM takes strided operands).
+
+    ``chunks``: the leading (batch x channel) dims are split into this many groups that
+    go round the ring one after the other, so the ring buffers hold ``1/chunks`` of a tile
+    each. The next group's skew is posted during the current group's last step (when no
+    shift is in flight), so the pipeline never drains and the buffer peak stays at four
+    chunk-sized buffers. Bytes sent do not depend on ``chunks``.
     """
-    xb = x.transpose(-1, -2).contiguous() if x_t else x.contiguous()
-    yb = y.contiguous() if y_t else y.transpose(-1, -2).contiguous()
+
+    def step(xs, ys, out):
+        return tri_mm(xs.transpose(-1, -2) if x_t else xs, ys if y_t else ys.transpose(-1, -2), out)
+
+    x = x.contiguous()
+    y = y.contiguous()
     p = mesh.p
     if p == 1:
-        return tri_mm(xb, yb)
+        return step(x, y, None)
+    lead, bb = x.shape[:-2], x.shape[-2:]
+    x3, y3 = x.view(-1, *bb), y.view(-1, *bb)
+    m = x3.shape[0]
+    chunks = max(1, min(int(chunks), m))
+    edges = [m * i // chunks for i in range(chunks + 1)]
+    out = torch.zeros((m, *bb), dtype=torch.float32, device=x.device)
     dx, sx = _skew_peers(mesh, "x", x_t)
     dy, sy = _skew_peers(mesh, "y", y_t)
-    xs, hx = comm.start_exchange(xb, dx, sx, name=COMM_NAME)
-    ys, hy = comm.start_exchange(yb, dy, sy, name=COMM_NAME)
-    del xb, yb
-    hx.wait()
-    hy.wait()
     row_dst, row_src = mesh.neighbor(ROW, -1), mesh.neighbor(ROW, 1)
     col_dst, col_src = mesh.neighbor(COL, -1), mesh.neighbor(COL, 1)
-    out = None
-    for s in range(p):
-        last = s == p - 1
-        if not last:  # post step s+1's transfers before computing step s
-            xn, hx = comm.start_exchange(xs, row_dst, row_src, name=COMM_NAME)
-            yn, hy = comm.start_exchange(ys, col_dst, col_src, name=COMM_NAME)
-        out = tri_mm(xs, ys, out)
-        if not last:
-            hx.wait()
-            hy.wait()
-            xs, ys = xn, yn
-    return out
+
+    def post_skew(i):
+        lo, hi = edges[i], edges[i + 1]
+        xs_, hx_ = comm.start_exchange(x3[lo:hi], dx, sx, name=COMM_NAME)
+        ys_, hy_ = comm.start_exchange(y3[lo:hi], dy, sy, name=COMM_NAME)
+        return xs_, ys_, hx_, hy_
+
+    pending = post_skew(0)
+    for i in range(chunks):
+        xs, ys, hx, hy = pending
+        pending = None
+        hx.wait()
+        hy.wait()
+        acc = out[edges[i]:edges[i + 1]]
+        for s in range(p):
+            shift = s < p - 1
+            if shift:  # post step s+1's transfers before computing step s (double buffer)
+                xn, hx = comm.start_exchange(xs, row_dst, row_src, name=COMM_NAME)
+                yn, hy = comm.start_exchange(ys, col_dst, col_src, name=COMM_NAME)
+            elif i + 1 < chunks:  # last step: prefetch the next group's skew instead
+                pending = post_skew(i + 1)
+            step(xs, ys, acc)
+            if shift:
+                hx.wait()
+                hy.wait()
+                xs, ys = xn, yn
+                del xn, yn
+        del xs, ys
+    return out.view(*lead, *bb)
 
 
 class _TriMulContract(torch.autograd.Function):
     """Distributed contraction; ``a``, ``b``, output: channel-first tiles ``[B, C, b, b]``."""
 
     @staticmethod
-    def forward(ctx, a, b, mesh, direction):
-        ctx.mesh, ctx.direction = mesh, direction
+    def forward(ctx, a, b, mesh, direction, chunks):
+        ctx.mesh, ctx.direction, ctx.chunks = mesh, direction, chunks
         ctx.save_for_backward(a, b)
         xt, yt = _PLAN[direction]["fwd"]
         with torch.autocast(a.device.type, enabled=False):
-            return _cannon(a, b, mesh, xt, yt)
+            return _cannon(a, b, mesh, xt, yt, chunks)
 
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
-        mesh, plan = ctx.mesh, _PLAN[ctx.direction]
+        mesh, plan, k = ctx.mesh, _PLAN[ctx.direction], ctx.chunks
         g = g.contiguous()
         da = db = None
         with torch.autocast(g.device.type, enabled=False):
             if ctx.direction == "outgoing":
                 if ctx.needs_input_grad[0]:
-                    da = _cannon(g, b, mesh, *plan["da"])  # dA = G B
+                    da = _cannon(g, b, mesh, *plan["da"], chunks=k)  # dA = G B
                 if ctx.needs_input_grad[1]:
-                    db = _cannon(g, a, mesh, *plan["db"])  # dB = G^T A
+                    db = _cannon(g, a, mesh, *plan["db"], chunks=k)  # dB = G^T A
             else:
                 if ctx.needs_input_grad[0]:
-                    da = _cannon(b, g, mesh, *plan["da"])  # dA = B G^T
+                    da = _cannon(b, g, mesh, *plan["da"], chunks=k)  # dA = B G^T
                 if ctx.needs_input_grad[1]:
-                    db = _cannon(a, g, mesh, *plan["db"])  # dB = A G
+                    db = _cannon(a, g, mesh, *plan["db"], chunks=k)  # dB = A G
         if da is not None:
             da = da.to(a.dtype)
         if db is not None:
             db = db.to(b.dtype)
-        return da, db, None, None
+        return da, db, None, None, None
 
 
-def trimul_contract(a: torch.Tensor, b: torch.Tensor, mesh: SquareMesh, direction: str) -> torch.Tensor:
+def trimul_contract(
+    a: torch.Tensor, b: torch.Tensor, mesh: SquareMesh, direction: str, chunks: int = 2
+) -> torch.Tensor:
     """The distributed triangle contraction on channel-first tiles.
 
     ``a``, ``b``: rank ``(r,c)``'s tiles ``a[:, :, T_r, T_c]``, ``b[:, :, T_r, T_c]`` of shape
     ``[B, C, b, b]`` (padding must be zero). Returns ``out[:, :, T_r, T_c]`` ``[B, C, b, b]``
     (fp32) with ``out[i,j] = sum_k a[i,k] b[j,k]`` (outgoing) or ``sum_k a[k,i] b[k,j]``
-    (incoming), summed over all ``N`` tokens ``k`` of the mesh.
+    (incoming), summed over all ``N`` tokens ``k`` of the mesh. ``chunks``: ring the
+    ``B*C`` tiles in that many groups (see :func:`_cannon`; memory vs message count).
     """
     if direction not in _DIRECTIONS:
         raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
     if a.shape != b.shape or a.dim() < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"trimul_contract: a {tuple(a.shape)} and b {tuple(b.shape)} must be equal [..., b, b] tiles")
-    return _TriMulContract.apply(a, b, mesh, direction)
+    return _TriMulContract.apply(a, b, mesh, direction, chunks)
 
 
 def trimul_comm_bytes(
@@ -253,9 +288,13 @@ class TriangleMultiplication2D(nn.Module):
     ``[B, b, b, C]``, equal to the Boltz module's output (``use_kernels=False``) on the
     tile; padded slots are 0. Parameter gradients are per-rank partials (sum over the
     mesh with :func:`autocp.ops.common.sync_grads`).
+
+    ``ring_chunks`` (default 2): the ``B*C`` channel tiles go round the Cannon ring in
+    this many groups, so the four ring buffers hold half a tile each (1 = fewest
+    messages, more = less memory; the bytes sent are the same).
     """
 
-    def __init__(self, module: nn.Module, mesh=None, direction: Optional[str] = None):
+    def __init__(self, module: nn.Module, mesh=None, direction: Optional[str] = None, ring_chunks: int = 2):
         super().__init__()
         found = _detect_direction(module)
         if direction is None:
@@ -276,13 +315,16 @@ class TriangleMultiplication2D(nn.Module):
                 f"TriangleMultiplication2D: {type(module).__name__} lacks submodules {missing}; "
                 f"expected Boltz's {list(_SUBMODULES)}."
             )
+        if int(ring_chunks) < 1:
+            raise ValueError(f"TriangleMultiplication2D: ring_chunks must be >= 1, got {ring_chunks}")
         self.direction = direction
+        self.ring_chunks = int(ring_chunks)
         self.mesh = SquareMesh.from_any(mesh)
         share_submodules(self, module, _SUBMODULES)
         self.dim = self.p_in.in_features
 
     def extra_repr(self) -> str:
-        return f"direction={self.direction!r}, dim={self.dim}, p={self.mesh.p}"
+        return f"direction={self.direction!r}, dim={self.dim}, p={self.mesh.p}, ring_chunks={self.ring_chunks}"
 
     def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, n_tokens: Optional[int] = None):
         p = self.mesh.p
@@ -302,7 +344,7 @@ class TriangleMultiplication2D(nn.Module):
         # channel-first [B, C, b, b]: the contraction is a plain batched GEMM per channel
         a = a.permute(0, 3, 1, 2).contiguous()
         b = b.permute(0, 3, 1, 2).contiguous()
-        x = trimul_contract(a, b, self.mesh, self.direction)
+        x = trimul_contract(a, b, self.mesh, self.direction, self.ring_chunks)
         del a, b
         x = x.permute(0, 2, 3, 1)
         x = self.p_out(self.norm_out(x)) * self.g_out(x_in).sigmoid()

@@ -154,6 +154,18 @@ def parity_worker(rank, world, cases):
         case["bwd_bytes"] = dict(cb.bytes)
         m.zero_grad(set_to_none=True)
 
+        # --- ring_chunks (1 = whole tiles, 3 = uneven groups) give the same numbers
+        if direction == "incoming" and n % mesh.p:
+            for chunks in (1, 3):
+                opk = TriangleMultiplication2D(m, mesh, direction=direction, ring_chunks=chunks)
+                zk = zt.clone().requires_grad_(True)
+                with count_comm() as ck:
+                    outk = opk(zk, mt, n_tokens=n)
+                    (outk * wt).sum().backward()
+                m.zero_grad(set_to_none=True)
+                case[f"chunks{chunks}_err"] = max(_max_err(outk, out), _max_err(zk.grad, zg.grad))
+                case[f"chunks{chunks}_bytes"] = dict(ck.bytes)
+
         # --- eval, fp32, no_grad
         op.eval()
         with torch.no_grad(), count_comm() as ce:
@@ -271,6 +283,18 @@ def test_fp32_forward_and_grads(p):
 
 
 @pytest.mark.parametrize("p", MESHES)
+def test_ring_chunks_same_result(p):
+    seen = 0
+    for rank_res in results(p):
+        for case in rank_res["cases"]:
+            for chunks in (1, 3):
+                if f"chunks{chunks}_err" in case:
+                    seen += 1
+                    assert case[f"chunks{chunks}_err"] <= 1e-5 * max(case["scale"], case["gz_scale"])
+    assert seen == (0 if p == 1 else 2 * p * p)
+
+
+@pytest.mark.parametrize("p", MESHES)
 def test_eval_mode_no_grad(p):
     for rank_res in results(p):
         for case in rank_res["cases"]:
@@ -302,6 +326,8 @@ def test_comm_bytes_match_formula(p):
             assert case["fwd_bytes"] == {COMM_NAME: fwd}, (p, r, c, case["direction"])
             assert case["bwd_bytes"] == {COMM_NAME: bwd}, (p, r, c, case["direction"])
             assert case["eval_bytes"] == {COMM_NAME: fwd}
+            if "chunks3_bytes" in case:  # grouping the ring changes messages, not bytes
+                assert case["chunks1_bytes"] == case["chunks3_bytes"] == {COMM_NAME: fwd + bwd}
     # the formula itself: ~2p tiles forward, ~4p backward, per rank
     tile = B * C * 4 * 4 * 4
     assert trimul_comm_bytes(p, 0, 0, B, 4, C, "outgoing", "forward") == tile * 2 * (p - 1)
