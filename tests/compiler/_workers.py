@@ -86,3 +86,26 @@ def parity_worker(rank, world, version, n, train, kind="boltz"):
     return {"out_err": out_err, "scale": scale, "grad_err": grad_err, "missing": missing,
             "same_keys": sorted(pm.state_dict()) == sorted(model.state_dict()),
             "actions": actions, "warnings": [str(x.message)[:200] for x in wlist], "moved": moved, "per_param": per_param}
+
+
+def memory_worker(rank, world, n, version=2, cs=16, cz=16):
+    """Measured per-rank peak (params + local inputs + live tensors) of a no-grad forward."""
+    import autocp
+    from autocp.api import parallelize
+    from autocp.layout import Pair2D, RowToken
+    from autocp.memory import MemoryTracker
+
+    mesh = autocp.init_mesh()
+    model = build_pairformer(version, blocks=2, cs=cs, cz=cz).eval()
+    small = pairformer_inputs(max(2 * mesh.p, 6), cs=cs, cz=cz)
+    pm = parallelize(model, mesh, example_inputs=small)
+    s, z, mask, pair_mask = pairformer_inputs(n, cs=cs, cz=cz)
+    loc = [RowToken().shard(s, mesh).clone(), Pair2D().shard(z, mesh).clone(),
+           RowToken().shard(mask, mesh).clone(), Pair2D().shard(pair_mask, mesh).clone()]
+    from autocp.passes.context import tile_context
+
+    with torch.no_grad():
+        with MemoryTracker(track=[*model.parameters(), *loc]) as mt:
+            with tile_context(mesh, n):
+                pm._clone(*loc)
+    return mt.peak_bytes

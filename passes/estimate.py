@@ -1,0 +1,321 @@
+"""Per-rank peak memory of a parallelized model, from FakeTensor runs (no devices).
+
+How: the parallel module runs the model's own python on local tiles, so rank ``(0, 0)``
+of a ``p x p`` mesh is simulated by running a structural clone of the model on *fake*
+tiles (``b = ceil(N/p)`` tokens per block) under a live-bytes tracker:
+
+* a registered module with a 2D op runs as the original module on the tile (the same
+  tile-local projections, gates and normalisations the op computes) plus the op's
+  communication buffers, charged while it runs: ``ring_buffers`` extra copies of its
+  largest input tile (Cannon / ring algorithms keep the tile being received next to
+  the one being used);
+* a module that the rewrite gathers (fallback) runs at full N on gathered inputs;
+* the rest of the glue runs as is.
+
+``estimate`` returns an :class:`Estimate` (``peak_bytes``, per-module peaks) and, given
+``device_bytes``, the smallest square mesh whose per-rank peak fits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["Estimate", "estimate", "default_inputs", "RING_BUFFERS"]
+
+# extra input-tile copies an op holds while it runs (receive buffers of its ring/Cannon
+# schedule); see the algorithms in autocp.ops
+RING_BUFFERS = {
+    "triangle_mult_out": 2,
+    "triangle_mult_in": 2,
+    "triangle_attn_start": 2,
+    "triangle_attn_end": 2,
+    "pair_bias_attn": 1,
+    "outer_product_mean": 2,
+    "pair_weighted_averaging": 2,
+}
+
+
+@dataclass
+class Estimate:
+    n_tokens: int
+    mesh_shape: tuple
+    dtype: torch.dtype
+    peak_bytes: int
+    params_bytes: int
+    per_module: dict = field(default_factory=dict)
+    fits: Optional[tuple] = None  # smallest (p, p) that fits device_bytes
+
+    def __str__(self) -> str:
+        s = (f"N={self.n_tokens} on {self.mesh_shape[0]}x{self.mesh_shape[1]}: per-rank peak "
+             f"{self.peak_bytes / 2**20:.2f} MiB ({self.dtype})")
+        if self.fits is not None:
+            s += f"; smallest mesh that fits: {self.fits[0]}x{self.fits[1]}"
+        return s
+
+
+def default_inputs(model: nn.Module, n: int, dtype=torch.float32, batch: int = 1):
+    """``(s, z, mask, pair_mask)`` for a Pairformer-like model (channels from its weights)."""
+    cs = cz = None
+    for name, mod in model.named_modules():
+        if cs is None and name.endswith("pre_norm_s") and isinstance(mod, nn.LayerNorm):
+            cs = mod.normalized_shape[0]
+        if cz is None and name.endswith("tri_mul_out.norm_in") and isinstance(mod, nn.LayerNorm):
+            cz = mod.normalized_shape[0]
+        if cs is None and name.endswith("transition_s.norm") and isinstance(mod, nn.LayerNorm):
+            cs = mod.normalized_shape[0]
+    if cz is None:
+        raise ValueError(
+            f"estimate: cannot tell the input shapes of {type(model).__name__}. Fix: pass "
+            f"make_inputs=lambda n: (s, z, mask, pair_mask) (tensors or meta tensors at token length n)."
+        )
+    cs = cs or cz
+    s = torch.empty(batch, n, cs, dtype=dtype, device="meta")
+    z = torch.empty(batch, n, n, cz, dtype=dtype, device="meta")
+    mask = torch.empty(batch, n, dtype=dtype, device="meta")
+    pm = torch.empty(batch, n, n, dtype=dtype, device="meta")
+    return (s, z, mask, pm)
+
+
+class _Tracker:
+    """Live bytes of fake tensors (by storage), with the peak."""
+
+    def __init__(self):
+        import weakref
+
+        self._weakref = weakref
+        self.live = 0
+        self.peak = 0
+        self.extra = 0
+        self.seen = {}
+
+    def add(self, t):
+        try:
+            st = t.untyped_storage()
+        except Exception:  # noqa: BLE001
+            return
+        key = id(st)
+        if key in self.seen:
+            return
+        nbytes = st.nbytes()
+        self.seen[key] = self._weakref.finalize(st, self._free, key, nbytes)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live + self.extra)
+
+    def _free(self, key, nbytes):
+        self.seen.pop(key, None)
+        self.live -= nbytes
+
+    def charge(self, nbytes):
+        self.extra += nbytes
+        self.peak = max(self.peak, self.live + self.extra)
+
+
+def _mode(tracker):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    tracker.add(t)
+            return out
+
+    return Mode()
+
+
+class _SimOp(nn.Module):
+    """The original module on tiles + its ring buffers (charged while it runs)."""
+
+    def __init__(self, module, kind, tracker, p, b):
+        super().__init__()
+        object.__setattr__(self, "inner", module)
+        self.kind = kind
+        self.p, self.b = p, b
+        object.__setattr__(self, "tracker", tracker)
+
+    def forward(self, *a, **kw):
+        ts = [t for t in tree_flatten((a, kw))[0] if isinstance(t, torch.Tensor)]
+        big = max((t.numel() * t.element_size() for t in ts), default=0)
+        extra = RING_BUFFERS.get(self.kind, 1) * big if self.p > 1 else 0
+        self.tracker.charge(extra)
+        from ..mesh import SquareMesh
+        from .context import tile_context
+
+        try:
+            # the op's own tile computation (1x1 mesh at N = b: all of it, no comm)
+            with tile_context(SquareMesh.single(), self.b):
+                return self.inner(*a, **kw)
+        finally:
+            self.tracker.charge(-extra)
+
+
+class _SimGather(nn.Module):
+    """A fallback module: gathered (full) inputs, original module, local outputs."""
+
+    def __init__(self, module, in_tags, out_tags, n, b):
+        super().__init__()
+        object.__setattr__(self, "inner", module)
+        self.in_tags, self.out_tags, self.n, self.b = in_tags, out_tags, n, b
+
+    def forward(self, *a, **kw):
+        leaves, spec = tree_flatten((a, kw))
+        k = 0
+        full = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                tags = self.in_tags[k] if k < len(self.in_tags) else None
+                k += 1
+                if tags:
+                    shape = [self.n if t in ("r", "c") else s for s, t in zip(leaf.shape, tags)]
+                    leaf = leaf.new_empty(shape)
+            full.append(leaf)
+        a2, kw2 = tree_unflatten(full, spec)
+        out = self.inner(*a2, **kw2)
+        oleaves, ospec = tree_flatten(out)
+        res, k = [], 0
+        for leaf in oleaves:
+            if isinstance(leaf, torch.Tensor):
+                tags = self.out_tags[k] if k < len(self.out_tags) else None
+                k += 1
+                if tags:
+                    for d, t in enumerate(tags):
+                        if t in ("r", "c"):
+                            leaf = leaf.narrow(d, 0, self.b)
+                    leaf = leaf.clone()
+            res.append(leaf)
+        return tree_unflatten(res, ospec)
+
+
+def _tile_inputs(inputs, tags, p, n):
+    b = -(-n // p)
+    out = []
+    k = 0
+    leaves, spec = tree_flatten(inputs)
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            tg = tags[k] if k < len(tags) else None
+            k += 1
+            shape = list(leaf.shape)
+            if tg:
+                for d, t in enumerate(tg):
+                    if t in ("r", "c"):
+                        shape[d] = b
+                    elif t == "s":
+                        shape[d] = -(-shape[d] // p)
+            out.append(torch.empty(shape, dtype=leaf.dtype, device="meta"))
+        else:
+            out.append(leaf)
+    return tree_unflatten(out, spec)
+
+
+def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, include_params=True):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .trace import structural_clone
+
+    tracker = _Tracker()
+    b = -(-n // p)
+    repl = {}
+    for path, act in plan_actions.items():
+        mod = model.get_submodule(path)
+        if act.action == "op":
+            from ..mesh import SquareMesh
+            from ..registry import lookup_module
+
+            op = lookup_module(mod).build(mod, SquareMesh.single())
+            repl[path] = _SimOp(op, act.kind, tracker, p, b)
+        else:
+            repl[path] = _SimGather(mod, act.in_tags, act.out_tags, n, b)
+    clone = structural_clone(model, repl)
+    clone.train(training)
+    for m in repl.values():
+        if hasattr(m, "inner"):
+            m.inner.train(training)
+    params_bytes = sum(q.numel() * torch.empty((), dtype=dtype).element_size() for q in model.parameters())
+    local = _tile_inputs(inputs, input_tags, p, n)
+    with FakeTensorMode(allow_non_fake_inputs=True) as fm:
+        fl = tree_flatten(local)[0]
+        fake_in = []
+        for t in fl:
+            if isinstance(t, torch.Tensor):
+                fake_in.append(torch.empty(t.shape, dtype=t.dtype) if t.dtype.is_floating_point
+                               else torch.ones(t.shape, dtype=t.dtype))
+            else:
+                fake_in.append(t)
+        a, kw = tree_unflatten(fake_in, tree_flatten(local)[1]) if isinstance(local, tuple) and len(local) == 2 and isinstance(local[1], dict) else (tuple(fake_in), {})
+        for t in fake_in:
+            if isinstance(t, torch.Tensor):
+                tracker.add(t)
+        with _mode(tracker):
+            if training:
+                out = clone(*a, **kw)
+                loss = sum(o.float().sum() for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+                loss.backward()
+            else:
+                with torch.no_grad():
+                    out = clone(*a, **kw)
+    return tracker.peak + (params_bytes if include_params else 0), params_bytes
+
+
+def estimate(
+    model: nn.Module,
+    n_tokens: int,
+    mesh_shape=(1, 1),
+    dtype=torch.float32,
+    *,
+    make_inputs: Optional[Callable] = None,
+    training: bool = False,
+    device_bytes: Optional[int] = None,
+    max_p: int = 64,
+) -> Estimate:
+    """Per-rank peak bytes (parameters + live tensors) of ``parallelize(model)`` at
+    ``n_tokens`` on ``mesh_shape`` (forward; ``training=True``: forward + backward).
+
+    ``make_inputs(n) -> tuple``: example inputs at token length ``n`` (meta tensors are
+    fine); default: ``(s, z, mask, pair_mask)`` from the model's weights. With
+    ``device_bytes``, also the smallest square mesh that fits (``Estimate.fits``).
+    """
+    from ..api import _resolve_input_tags, compile_stages
+    from ..mesh import MeshError, SquareMesh
+
+    if len(mesh_shape) != 2 or mesh_shape[0] != mesh_shape[1]:
+        raise MeshError(
+            f"estimate: given mesh_shape {tuple(mesh_shape)}; required a square (p, p). "
+            f"Fix: mesh_shape=({int(math.isqrt(mesh_shape[0] * mesh_shape[-1]))},) * 2."
+        )
+    p = int(mesh_shape[0])
+    if n_tokens < p:
+        raise MeshError(f"estimate: N={n_tokens} is smaller than the mesh side p={p}. Fix: use p <= N.")
+    make = make_inputs or (lambda n: default_inputs(model, n, dtype))
+    # plan at a small N (the plan does not depend on N); real tensors for the capture
+    n_small = max(2 * p, 6) if n_tokens >= max(2 * p, 6) else n_tokens
+    small = make(n_small)
+    small = tuple(torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t for t in small)
+    small = tuple(torch.randn(t.shape) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dim() >= 3 else
+                  (torch.ones(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t) for t in small)
+    tags, n_chk = _resolve_input_tags(model, small, {}, None)
+    cap, an, mr, plan = compile_stages(model, small, {}, tags, n_chk, SquareMesh.single(), strict=False)
+    was = model.training
+    try:
+        peak, pbytes = _peak_for(model, plan.actions, tags, make(n_tokens), p, n_tokens, dtype, training)
+        per_module = {}
+        fits = None
+        if device_bytes is not None:
+            q = 1
+            while q <= max_p and q <= n_tokens:
+                pk, _ = _peak_for(model, plan.actions, tags, make(n_tokens), q, n_tokens, dtype, training)
+                if pk <= device_bytes:
+                    fits = (q, q)
+                    break
+                q += 1
+    finally:
+        model.train(was)
+    return Estimate(n_tokens=n_tokens, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(peak), params_bytes=int(pbytes),
+                    per_module=per_module, fits=fits)
