@@ -157,7 +157,7 @@ def all_reduce_(x: torch.Tensor, mesh: SquareMesh, axis: str, *, name: str = "al
 
 
 def all_gather(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, name: str = "all_gather") -> torch.Tensor:
-    """Concatenate the ``axis`` group's tensors along ``dim`` in group order (index 0..p-1)."""
+    """Concatenate the ``axis`` group's tensors along ``dim`` in mesh order (index 0..p-1)."""
     _check_axis(axis)
     if mesh.p == 1:
         return x
@@ -165,6 +165,9 @@ def all_gather(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, name: 
     parts = [torch.empty_like(x) for _ in range(mesh.p)]
     STATS.add(name, (mesh.p - 1) * _nbytes(x))
     dist.all_gather(parts, x, group=mesh.group(axis))
+    order = mesh.group_order(axis)  # parts[j] comes from mesh index order[j]
+    if order != list(range(mesh.p)):
+        parts = [parts[order.index(i)] for i in range(mesh.p)]
     return torch.cat(parts, dim=dim)
 
 
@@ -175,9 +178,15 @@ def reduce_scatter(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, na
         return x
     p = mesh.p
     if x.shape[dim] % p:
-        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[dim]} is not divisible by p={p}")
+        raise ValueError(
+            f"reduce_scatter: dim {dim} of shape {tuple(x.shape)} has size {x.shape[dim]}, which is not "
+            f"divisible by the mesh side p={p}. Fix: pad that dim to a multiple of p (e.g. with "
+            f"autocp.layout.pad_to) or scatter another dim."
+        )
     # all_to_all: chunk j goes to group member j; then sum what we received.
-    chunks = torch.stack(torch.chunk(x, p, dim=dim), 0).contiguous()
+    pieces = torch.chunk(x, p, dim=dim)  # piece i belongs to mesh index i
+    order = mesh.group_order(axis)  # group rank j has mesh index order[j]
+    chunks = torch.stack([pieces[i] for i in order], 0).contiguous()
     out = torch.empty_like(chunks)
     STATS.add(name, (p - 1) * _nbytes(chunks) // p)
     dist.all_to_all_single(out, chunks, group=mesh.group(axis))

@@ -172,6 +172,23 @@ class SquareMesh:
         # the row group varies c, i.e. runs along mesh dim 1
         return self.device_mesh.get_group(1 if axis == ROW else 0)
 
+    def group_order(self, axis: str) -> list[int]:
+        """Mesh index (``c`` for 'row', ``r`` for 'col') of each member of the ``axis``
+        group, in the group's own rank order.
+
+        Collectives return results in group-rank order, which is the global-rank order and
+        not the mesh order when the DeviceMesh lists its ranks permuted (e.g.
+        ``[[3, 2], [1, 0]]``). :mod:`autocp.comm` uses this to put blocks in mesh order.
+        """
+        _check_axis(axis)
+        if self.device_mesh is None or self.p == 1:
+            return list(range(self.p))
+        cache = self.__dict__.setdefault("_group_order", {})
+        if axis not in cache:
+            members = self.group_ranks(axis)
+            cache[axis] = [members.index(g) for g in dist.get_process_group_ranks(self.group(axis))]
+        return list(cache[axis])
+
     @property
     def row_group(self):
         return self.group(ROW)

@@ -163,11 +163,16 @@ def _expected_bytes(prim, mesh, tile_bytes):
     raise KeyError(prim)
 
 
-def _comm_worker(rank, world, n):
+def _comm_worker(rank, world, n, perm=None):
     import autocp
     from autocp import Pair2D
 
-    mesh = autocp.init_mesh()
+    if perm is None:
+        mesh = autocp.init_mesh()
+    else:  # a DeviceMesh whose ranks are not in row-major order
+        from torch.distributed.device_mesh import DeviceMesh
+
+        mesh = autocp.SquareMesh(DeviceMesh("cpu", torch.tensor(perm)))
     p, r, c = mesh.p, mesh.r, mesh.c
     checks = 0
     for dtype in (torch.float32, torch.bfloat16):
@@ -224,6 +229,13 @@ def test_comm_primitives_match_reference(world):
     p = {1: 1, 4: 2, 9: 3}[world]
     checks = run_distributed(_comm_worker, world, _n_for(p), timeout=120)
     assert checks == [2 * len(PRIMS)] * world
+
+
+def test_comm_primitives_on_permuted_mesh():
+    """Collectives answer in group-rank (= global rank) order; results must be in mesh order."""
+    perm = [[7, 0, 5], [2, 4, 6], [3, 8, 1]]
+    checks = run_distributed(_comm_worker, 9, 7, perm=perm, timeout=120)
+    assert checks == [2 * len(PRIMS)] * 9
 
 
 def test_reference_is_not_trivial():
