@@ -344,6 +344,7 @@ def capture(
     recorded by a fake run)."""
     kwargs = dict(kwargs or {})
     fallback = frozenset(fallback)
+    _registry._ensure_defaults()
     key = (_sig_of(args, kwargs), model.training, _registry.registry_version(), reuse_blocks, fallback)
     if cache:
         hit = _CACHE.get(model, {}).get(key)

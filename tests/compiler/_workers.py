@@ -27,7 +27,8 @@ def pairformer_inputs(n, cs=16, cz=8, seed=1):
     s = torch.randn(1, n, cs, generator=g)
     z = torch.randn(1, n, n, cz, generator=g)
     mask = torch.ones(1, n)
-    mask[0, -2] = 0.0
+    if n >= 3:
+        mask[0, -2] = 0.0
     pair_mask = mask[:, :, None] * mask[:, None, :]
     return s, z, mask, pair_mask
 
@@ -109,3 +110,45 @@ def memory_worker(rank, world, n, version=2, cs=16, cz=16):
             with tile_context(mesh, n):
                 pm._clone(*loc)
     return mt.peak_bytes
+
+
+def combined_parity_worker(rank, world):
+    """Boltz-2 (train) and Boltz-1 (eval) PairformerModule, N=7 (not divisible by 2 or 3),
+    masks; plus the original is not mutated, parameters are shared, and N < p is refused."""
+    import autocp
+    from autocp.api import parallelize
+    from autocp.mesh import MeshError
+
+    out = {}
+    out["v2_train"] = parity_worker(rank, world, 2, 7, True)
+    out["v1_eval"] = parity_worker(rank, world, 1, 7, False)
+    mesh = autocp.init_mesh()
+    model = build_pairformer(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types_before = [type(m) for m in model.modules()]
+    pm = parallelize(model, mesh, example_inputs=pairformer_inputs(7))
+    out["shared"] = all(a is b for a, b in zip(pm.parameters(), model.parameters()))
+    out["not_mutated"] = (types_before == [type(m) for m in model.modules()]
+                          and all(torch.equal(before[k], v) for k, v in model.state_dict().items()))
+    try:
+        parallelize(model, mesh, example_inputs=pairformer_inputs(mesh.p - 1 if mesh.p > 1 else 0))
+        out["small_n_error"] = "no error"
+    except MeshError as e:
+        out["small_n_error"] = str(e)
+    except Exception as e:  # noqa: BLE001
+        out["small_n_error"] = f"wrong error {type(e).__name__}: {e}"
+    return out
+
+
+def nonsquare_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from autocp.api import parallelize
+    from autocp.mesh import MeshError
+
+    dm = init_device_mesh("cpu", (1, world))
+    try:
+        parallelize(build_pairformer(2), dm, example_inputs=pairformer_inputs(5))
+    except MeshError as e:
+        return str(e)
+    return "no error"

@@ -1,0 +1,184 @@
+"""Single-process tests of the compiler passes: trace, analyze, match, explain, errors."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from autocp.api import estimate, explain, parallelize
+from autocp.passes.analyze import analyze, infer_input_layouts, layout_name
+from autocp.passes.match import match
+from autocp.passes.rewrite import UnsupportedPairOpError
+from autocp.passes.trace import OPAQUE_OP, CaptureError, capture
+from tests.compiler._workers import build_pairformer, pairformer_inputs
+
+
+def _opaque_paths(gm):
+    return [n.meta["autocp.opaque"].path for n in gm.graph.nodes if n.op == "call_function" and n.target is OPAQUE_OP]
+
+
+def test_trace_blocks_captured_once_and_registered_modules_opaque():
+    m = build_pairformer(2, blocks=3).eval()  # eval: Boltz's chunked triangle attention
+    inputs = pairformer_inputs(6)
+    cap = capture(m, inputs)
+    assert list(cap.blocks) == ["layers.0[x3]"]
+    blk = cap.blocks["layers.0[x3]"]
+    assert blk.paths == ["layers.0", "layers.1", "layers.2"]
+    # the top graph: one opaque node per block instance
+    assert _opaque_paths(cap.top) == ["layers.0", "layers.1", "layers.2"]
+    # the block graph: each registered module is ONE node carrying its path
+    assert sorted(_opaque_paths(blk.gm)) == sorted(
+        f"layers.0.{x}" for x in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end", "attention"))
+    # nothing of the registered modules' insides was captured
+    stacks = [str(n.meta.get("nn_module_stack", "")) for n in blk.gm.graph.nodes]
+    assert not any("mha" in s or "p_in" in s for s in stacks)
+    assert capture(m, inputs) is cap  # cached by input signature
+    assert capture(m, pairformer_inputs(7)) is not cap
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, z):
+        if z.sum() > 0:
+            return self.lin(z)
+        return z
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = DataDependent()
+
+    def forward(self, z):
+        return self.inner(z)
+
+
+def test_untraceable_model_error_names_module_construct_and_fix():
+    with pytest.raises(CaptureError) as ei:
+        capture(Outer(), (torch.randn(1, 5, 5, 4),))
+    msg = str(ei.value)
+    assert "inner (DataDependent)" in msg
+    assert "if z.sum() > 0:" in msg
+    assert "Fix" in msg and "torch.where" in msg
+
+
+def test_analyze_layouts_of_boltz_block():
+    m = build_pairformer(2, blocks=2).train()
+    inputs = pairformer_inputs(7)
+    cap = capture(m, inputs)
+    tags, n = infer_input_layouts(list(inputs))
+    assert n == 7 and [layout_name(t) for t in tags] == ["RowToken", "Pair2D", "RowToken", "Pair2D"]
+    an = analyze(cap, tags, n)
+    assert [layout_name(t) for t in an.output_tags] == ["RowToken", "Pair2D"]
+    assert an.needs_full == []  # everything outside the registered modules is tile-local
+    blk = next(iter(cap.blocks.values()))
+    by_path = {n.meta["autocp.opaque"].path: n for n in blk.gm.graph.nodes if n.target is OPAQUE_OP}
+    att = by_path["layers.0.attention"]
+    assert [layout_name(t) for t in att.meta["autocp.in_layouts"]] == ["RowToken", "Pair2D", "RowToken", "RowToken"]
+    # the dropout masks rand([1, N, 1, 1]) are token-axis shape constants recomputed on tiles
+    assert len(an.shape_rewrites) >= 4
+
+
+def _af3like():
+    from tests.compiler.af3like import Trunk
+
+    torch.manual_seed(0)
+    m = Trunk()
+    n = 7
+    z, s = torch.randn(1, n, n, 8), torch.randn(1, n, 8)
+    mask = torch.ones(1, n)
+    return m, (z, s, mask, mask[:, :, None] * mask[:, None, :])
+
+
+def test_structural_matches_on_foreign_spelling():
+    m, inputs = _af3like()
+    cap = capture(m, inputs)
+    tags, n = infer_input_layouts(list(inputs))
+    analyze(cap, tags, n)
+    match(cap)
+    analyze(cap, tags, n)
+    res = match(cap)
+    got = sorted((x.path, x.kind, x.rule) for x in res.matches)
+    assert got == sorted([
+        ("blocks.0.mul_o", "triangle_mult_out", "structural:triangle_mult"),
+        ("blocks.0.mul_i", "triangle_mult_in", "structural:triangle_mult"),
+        ("blocks.0.att_row", "triangle_attn_start", "structural:attention"),
+        ("blocks.0.att_col", "triangle_attn_end", "structural:attention"),
+        ("blocks.0.single", "pair_bias_attn", "structural:attention"),
+    ])
+    assert res.uncovered == []  # every pair op that needs the full tensor is inside a match
+    mo = next(x for x in res.matches if x.kind == "triangle_mult_out")
+    assert mo.out_layouts == ["Pair2D"]
+
+
+def test_strict_raises_on_unsupported_pair_op_and_default_warns():
+    m, inputs = _af3like()
+    with pytest.raises(UnsupportedPairOpError) as ei:
+        parallelize(m, None, example_inputs=inputs, strict=True)
+    msg = str(ei.value)
+    assert "node" in msg and "register_module" in msg and "blocks.0." in msg
+    with pytest.warns(UserWarning, match=r"runs gathered .* MiB"):
+        pm = parallelize(m, None, example_inputs=inputs)
+    ref = m(*inputs)
+    out = pm(*inputs)
+    for a, b in zip(out, ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_explain_lists_every_triangle_op_of_4_block_pairformer(tmp_path):
+    m = build_pairformer(2, blocks=4)
+    inputs = pairformer_inputs(7)
+    pm = parallelize(m, None, example_inputs=inputs)
+    text = explain(pm)
+    rep = pm.report
+    for i in range(4):
+        for name, kind, cls in (("tri_mul_out", "triangle_mult_out", "TriangleMultiplicationOutgoing"),
+                                ("tri_mul_in", "triangle_mult_in", "TriangleMultiplicationIncoming"),
+                                ("tri_att_start", "triangle_attn_start", "TriangleAttention"),
+                                ("tri_att_end", "triangle_attn_end", "TriangleAttentionEndingNode")):
+            path = f"layers.{i}.{name}"
+            row = next(r for r in rep.rows if r.path == path)
+            assert row.kind == kind and row.rule == f"registry:{cls}" and row.action == "op"
+            assert row.in_layouts == "Pair2D, Pair2D" and row.out_layouts == "Pair2D"
+            line = next(l for l in text.splitlines() if l.startswith(path + " "))
+            assert kind in line and f"registry:{cls}" in line and "Pair2D" in line
+    assert len(rep.by_kind("pair_bias_attn")) == 4
+    assert "repeated blocks captured once: layers.0[x4]" in text
+    rep.to_graphml(str(tmp_path / "g.graphml"))
+    assert (tmp_path / "g.graphml").stat().st_size > 1000
+    assert "digraph" in rep.to_dot()
+    mem = pm.explain(memory=True)
+    assert "estimated per-rank peak memory" in mem
+
+
+def test_state_dict_and_sharing_one_process():
+    m = build_pairformer(1, blocks=2)
+    inputs = pairformer_inputs(6)
+    pm = parallelize(m, None, example_inputs=inputs)
+    assert list(pm.state_dict()) == list(m.state_dict())
+    assert all(a is b for a, b in zip(pm.parameters(), m.parameters()))
+    pm.load_state_dict(m.state_dict())
+    ref = m(*inputs)
+    out = pm(*inputs)
+    for a, b in zip(out, ref):
+        assert (a - b).abs().max() < 1e-5
+    assert (ref[1] - inputs[1]).abs().max() > 1e-1  # the layers really do something
+
+
+def test_estimate_bad_mesh_and_fit():
+    m = build_pairformer(2, blocks=1)
+    from autocp.mesh import MeshError
+
+    with pytest.raises(MeshError):
+        estimate(m, n_tokens=16, mesh_shape=(2, 3))
+    with pytest.raises(MeshError):
+        estimate(m, n_tokens=2, mesh_shape=(3, 3))
+    e1 = estimate(m, n_tokens=24, mesh_shape=(1, 1))
+    e4 = estimate(m, n_tokens=24, mesh_shape=(2, 2))
+    assert e4.peak_bytes < e1.peak_bytes
+    fit = estimate(m, n_tokens=24, mesh_shape=(1, 1), device_bytes=(e1.peak_bytes + e4.peak_bytes) // 2)
+    assert fit.fits == (2, 2)
