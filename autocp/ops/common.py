@@ -87,12 +87,21 @@ def check_pair_tile(
 def merge_lse(out_a, lse_a, out_b, lse_b):
     """Merge two softmax-normalised partial attentions by their log-sum-exps.
 
-    ``out_* [..., Q, D]``, ``lse_* [..., Q]`` (``-inf`` = no keys). Exact, fp32.
+    ``out_* [..., Q, D]``, ``lse_* [..., Q]`` (``-inf`` = no keys). Exact, fp32. A row
+    with no keys on either side gets ``out = 0``, ``lse = -inf`` and finite (zero)
+    gradients.
     """
-    lse = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    wa = torch.exp(lse_a - safe).unsqueeze(-1)
-    wb = torch.exp(lse_b - safe).unsqueeze(-1)
+    # rows where both sides have no keys (lse -inf on both): logaddexp's gradient there is
+    # NaN, and NaN * 0 would poison every gradient it touches. Compute those rows on safe
+    # finite stand-ins and select the true result (-inf, weight 0) with torch.where.
+    dead = ~(torch.isfinite(lse_a) | torch.isfinite(lse_b))
+    zero = torch.zeros_like(lse_a)
+    a = torch.where(dead, zero, lse_a)
+    b = torch.where(dead, zero, lse_b)
+    lse_live = torch.logaddexp(a, b)
+    wa = torch.where(dead, zero, torch.exp(a - lse_live)).unsqueeze(-1)
+    wb = torch.where(dead, zero, torch.exp(b - lse_live)).unsqueeze(-1)
+    lse = torch.where(dead, torch.full_like(lse_live, float("-inf")), lse_live)
     return out_a * wa + out_b * wb, lse
 
 

@@ -81,3 +81,31 @@ def test_reference_ops_on_cpu():
     # the reference is always registered as the lowest-priority fallback
     for op in ("tile_attention_fwd", "tile_attention_bwd", "tri_mm"):
         assert kernels.implementations(op)[-1].name == "torch-reference"
+
+
+def test_merge_lse_of_key_blocks_equals_full_attention():
+    """Two key blocks attended separately (reference kernel) and merged by LSE = attention
+    over all keys; rows with no valid key anywhere stay 0 / -inf with finite gradients."""
+    from autocp.ops.common import merge_lse
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 6, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    bias[1, 2, :] = float("-inf")  # query (1, 2) has no key at all
+    with kernels.force_reference():
+        oa, la = kernels.tile_attention_fwd(q, k[:, :3], v[:, :3], bias[..., :3], None, 0.3)
+        ob, lb = kernels.tile_attention_fwd(q, k[:, 3:], v[:, 3:], bias[..., 3:], None, 0.3)
+    # gradients through merge_lse itself (the kernels have their own explicit backward)
+    oa, la, ob, lb = (t.detach().requires_grad_(True) for t in (oa, la, ob, lb))
+    out, lse = merge_lse(oa, la, ob, lb)
+    s = q @ k.transpose(-1, -2) * 0.3 + bias
+    want = torch.nan_to_num(torch.softmax(s, -1)) @ v
+    torch.testing.assert_close(out, want.float() if out.dtype == torch.float32 else want)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).to(lse.dtype))
+    assert out[1, 2].abs().max() == 0 and lse[1, 2] == float("-inf")
+    (out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum()).backward()
+    for t in (oa, la, ob, lb):
+        assert torch.isfinite(t.grad).all(), "NaN gradient from a row with no keys"
+    assert (la.grad[1, 2], lb.grad[1, 2]) == (0, 0)
