@@ -119,11 +119,25 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
         return cap, an, mr
 
     cap, an, mr = run(frozenset())
+    first_capture = [cap]
     plan = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
     if plan.fallback_paths and "" not in plan.fallback_paths:
+        first = mr
         cap, an, mr = run(frozenset(plan.fallback_paths), plan.boundary)
-        plan2 = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
-        plan2.fallback_paths |= set()
+        plan2 = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n, reasons=plan.reasons)
+        # the structural matches inside the (now opaque) fallback modules, for the report
+        import dataclasses
+
+        first_cap = first_capture[0]
+        for m in first.matches:
+            if not m.rule.startswith("structural:"):
+                continue
+            blk = next((b for b in first_cap.blocks.values() if b.rep == m.graph), None) if m.graph else None
+            if blk is not None and m.path.startswith(blk.rep):
+                for inst in blk.paths:
+                    mr.matches.append(dataclasses.replace(m, path=inst + m.path[len(blk.rep):], graph=""))
+            else:
+                mr.matches.append(dataclasses.replace(m, graph=""))
         plan = plan2
     return cap, an, mr, plan
 

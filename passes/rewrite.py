@@ -58,6 +58,7 @@ class RewritePlan:
     actions: dict = field(default_factory=dict)  # path -> Action
     fallback_paths: set = field(default_factory=set)  # need an opaque re-capture
     boundary: dict = field(default_factory=dict)  # fallback path -> [(shape, tags)] of its outputs
+    reasons: dict = field(default_factory=dict)  # fallback path -> why (first pair op / structural match)
     warnings: list = field(default_factory=list)
 
 
@@ -180,7 +181,8 @@ def _tags_list(tags):
     return list(tags) if isinstance(tags, list) else [tags]
 
 
-def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens: int = 0) -> RewritePlan:
+def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens: int = 0,
+                 reasons: Optional[dict] = None) -> RewritePlan:
     """Decide the action of every registered module and every uncovered pair op."""
     plan = RewritePlan()
     # 1. registered modules -> op, else fallback (exact)
@@ -206,7 +208,7 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
                                                 op_name=getattr(rule.op_factory, "__qualname__", ""))
                 else:
                     why = (f"registered {entry.cls_name} has no 2D op in this checkout" if entry.kind == "module"
-                           else f"{entry.cls_name} contains pair ops no rule covers")
+                           else (reasons or {}).get(path) or f"{entry.cls_name} contains pair ops no rule covers")
                     plan.actions[path] = Action(path, "fallback", why, rule.kind if rule else "unsupported",
                                                 entry.cls_name, full_bytes=full, in_tags=in_tags, out_tags=out_tags)
     # 2. uncovered pair ops and structural matches without an op -> the innermost module
@@ -237,6 +239,7 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
                 continue
             plan.fallback_paths.add(p)
             plan.boundary[p] = bnd
+            plan.reasons[p] = "; ".join(sorted({r for _n, r in items}))
     return plan
 
 

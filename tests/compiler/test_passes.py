@@ -182,3 +182,27 @@ def test_estimate_bad_mesh_and_fit():
     assert e4.peak_bytes < e1.peak_bytes
     fit = estimate(m, n_tokens=24, mesh_shape=(1, 1), device_bytes=(e1.peak_bytes + e4.peak_bytes) // 2)
     assert fit.fits == (2, 2)
+
+
+def test_register_module_binds_custom_class_to_2d_op():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "02_port_new_architecture.py")
+    spec = importlib.util.spec_from_file_location("ex02", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    model, inputs = ex.make()
+    with pytest.warns(UserWarning, match="structural match triangle_mult_out"):
+        pm = parallelize(model, None, example_inputs=inputs)
+    kinds = sorted((r.path, r.kind) for r in pm.report.rows if r.rule.startswith("structural:"))
+    assert kinds == [("ins.0", "triangle_mult_in"), ("ins.1", "triangle_mult_in"),
+                     ("outs.0", "triangle_mult_out"), ("outs.1", "triangle_mult_out")]
+    ex.register()
+    pm = parallelize(model, None, example_inputs=inputs, strict=True)
+    acts = {p: a.action for p, a in pm.plan.actions.items()}
+    assert acts == {"outs.0": "op", "outs.1": "op", "ins.0": "op", "ins.1": "op"}
+    from autocp.ops.triangle_mult import TriangleMultiplication2D
+
+    assert isinstance(pm._clone.outs[0].op, TriangleMultiplication2D)
+    assert (pm(*inputs) - model(*inputs)).abs().max() < 1e-5
