@@ -20,9 +20,10 @@ Cannon schedule (:func:`_cannon`), for ``out(r,c) = sum_t X(r,t) . Y(t,c)`` wher
 travels along the mesh row and ``Y`` along the mesh column and either operand may be the
 grid transpose of a held tensor (``X(u,v)`` = the tile held by ``(v,u)``):
 
-1. one *skew* exchange per operand of the raw tile, which also performs the grid transpose when needed
-   (rank ``(r,c)`` receives ``X(r, r+c)`` and ``Y(r+c, c)`` directly from their holders,
-   so a transposed operand costs no extra message);
+1. one *skew* exchange per operand (raw tiles travel), which also performs the grid
+   transpose when needed (rank ``(r,c)`` receives ``X(r, r+c)`` and ``Y(r+c, c)``
+   directly from their holders, so a transposed operand costs no extra message and the
+   diagonal ranks need no special case);
 2. ``p`` multiply-accumulate steps with ``t = (r + c + s) mod p``; before computing step
    ``s`` the shifts for step ``s+1`` are posted (``X`` one step along the row, ``Y`` one
    step along the column: double-buffered), and waited for after the tile product.
@@ -52,9 +53,9 @@ fp32 as in Boltz), ``[cond]`` = 1 if true else 0, and ``o = [(r, c) != (0, 0)]``
     incoming  forward   = S * (2(p-1) + o + [c!=0])
               backward  = S * (4(p-1) + 2[r!=0] + [c!=0] + o)
 
-and 0 on a 1x1 mesh. Per rank this is ``~2pS`` forward and ``~4pS`` backward, i.e.
-``2 N^2 C * 4 / p`` bytes forward: the whole operand pair crosses each rank once per
-``sqrt(P)``. :func:`trimul_comm_bytes` evaluates it.
+and 0 on a 1x1 mesh. Per rank this is ``~2pS = 2 B N^2 C * 4 / p`` bytes forward and
+twice that backward (each rank sees one block row of ``a`` and one block column of
+``b``). :func:`trimul_comm_bytes` evaluates it.
 
 Memory per rank: the saved ``a``, ``b`` tiles plus, while the ring runs, two receive
 buffers per operand (double buffering) and the fp32 accumulator -- all ``O(b^2 C)``,
@@ -73,6 +74,7 @@ from torch import nn
 
 from .. import comm
 from ..kernels import tri_mm
+from ..layout import LayoutError
 from ..mesh import COL, ROW, SquareMesh
 from .common import TileCtx, check_pair_tile, share_submodules
 
@@ -284,7 +286,7 @@ class TriangleMultiplication2D(nn.Module):
 
     ``forward(z_tile, mask_tile=None, n_tokens=None)`` on rank ``(r, c)``: ``z_tile``
     ``[B, b, b, C]`` = ``z[:, T_r, T_c]``, ``mask_tile`` ``[B, b, b]`` or ``None``,
-    ``n_tokens`` = global ``N`` (default ``p * b``: no padding). Returns the output tile
+    ``n_tokens`` = global ``N`` (required unless the mesh is 1x1). Returns the output tile
     ``[B, b, b, C]``, equal to the Boltz module's output (``use_kernels=False``) on the
     tile; padded slots are 0. Parameter gradients are per-rank partials (sum over the
     mesh with :func:`autocp.ops.common.sync_grads`).
@@ -329,7 +331,13 @@ class TriangleMultiplication2D(nn.Module):
     def forward(self, z: torch.Tensor, mask: Optional[torch.Tensor] = None, n_tokens: Optional[int] = None):
         p = self.mesh.p
         if n_tokens is None:
-            n_tokens = z.shape[1] * p if z.dim() == 4 else p
+            if p != 1:
+                raise LayoutError(
+                    f"TriangleMultiplication2D: n_tokens (the global N) is required on a {p}x{p} mesh: "
+                    f"it says which slots of the [B, b, b, C] tile are padding. "
+                    f"Fix: call op(z_tile, mask_tile, n_tokens=N)."
+                )
+            n_tokens = z.shape[1] if z.dim() == 4 else 0
         ctx = TileCtx(self.mesh, int(n_tokens))
         name = f"TriangleMultiplication2D({self.direction})"
         mask = check_pair_tile(z, mask, ctx, channels=self.dim, op=name)

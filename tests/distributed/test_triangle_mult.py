@@ -198,6 +198,7 @@ def parity_worker(rank, world, cases):
         "wrong_n": lambda: op(zt, mt, n_tokens=n + 3 * p),
         "mask_shape": lambda: op(zt, mt[:, :, :-1], n_tokens=n),
         "channels": lambda: op(torch.randn(*zt.shape[:3], C + 1), mt, n_tokens=n),
+        "no_n": lambda: op(zt, mt),  # N is required on a p > 1 mesh (padding)
     }
     for key, fn in bad.items():
         try:
@@ -343,6 +344,10 @@ def test_bad_inputs_raise_clear_errors(p):
         assert bad["wrong_n"] is not None and "b = ceil(N/p)" in bad["wrong_n"]
         assert bad["mask_shape"] is not None and "mask tile has shape" in bad["mask_shape"]
         assert bad["channels"] is not None and "the module's weights expect" in bad["channels"]
+        if p > 1:
+            assert bad["no_n"] is not None and "n_tokens (the global N) is required" in bad["no_n"]
+        else:
+            assert bad["no_n"] is None  # 1x1: N is the tile size
 
 
 def test_direction_detection_and_ported_modules():
