@@ -3,4 +3,4 @@
 Each pass documents what it requires and guarantees in ``node.meta["autocp.*"]``.
 """
 
-__all__: list[str] = []
+__all__ = ["trace", "analyze", "match", "rewrite", "emit", "explain", "estimate", "context"]

@@ -119,8 +119,7 @@ class ParallelModule(nn.Module):
         mesh = self.mesh
         leaves, spec = tree_flatten((args, kwargs))
         dt_cls = _dtensor_cls()
-        full_leaves = [l.full_tensor() if (dt_cls and isinstance(l, dt_cls) and False) else l for l in leaves]
-        # global sizes: from full tensors directly, from DTensors by their global shape
+        full_leaves = leaves  # DTensors report their global shape, so N is read the same way
         n, n_seq = self._sizes(full_leaves)
         local = []
         k = 0
