@@ -9,6 +9,8 @@ from . import comm, layout
 from .layout import ColToken, Layout, LayoutError, MsaTiles, Pair2D, Replicated, RowToken
 from .memory import MemoryTracker
 from .mesh import MeshError, SquareMesh, init_mesh
+from .api import estimate, explain, parallelize
+from .registry import register_module, register_pattern
 
 __version__ = "0.1.0"
 
@@ -24,6 +26,11 @@ __all__ = [
     "Replicated",
     "MsaTiles",
     "MemoryTracker",
+    "parallelize",
+    "explain",
+    "estimate",
+    "register_module",
+    "register_pattern",
     "comm",
     "layout",
 ]

@@ -43,10 +43,13 @@ def _context():
         method = os.environ.get("AUTOCP_MP_START", "forkserver")
         ctx = mp.get_context(method)
         if method == "forkserver":
-            # torch._dynamo: DTensor.from_local imports it lazily (~3 s per rank otherwise)
+            # torch._dynamo: DTensor.from_local imports it lazily (~3 s per rank otherwise);
+            # boltz: importing it costs ~5 s per rank (it imports torch._dynamo too)
             ctx.set_forkserver_preload(
                 ["torch", "torch.distributed", "torch.distributed.device_mesh", "torch.distributed.tensor",
-                 "torch._dynamo", "autocp"]
+                 "torch._dynamo", "autocp",
+                 # the reference model, when installed (a missing module is skipped)
+                 "boltz.model.layers.pairformer", "boltz.model.modules.trunkv2"]
             )
         _CTX = ctx
     return _CTX
