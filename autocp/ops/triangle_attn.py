@@ -83,7 +83,7 @@ from ..layout import LayoutError, token_valid
 from ..mesh import SquareMesh
 from .common import TileCtx, check_pair_tile, merge_lse, share_submodules
 
-__all__ = ["TriangleAttention2D", "comm_bytes", "NAME"]
+__all__ = ["TriangleAttention2D", "comm_bytes", "row_chunk_for", "SCORE_CHUNK_ELEMS", "NAME"]
 
 NAME = "triattn"
 
@@ -149,26 +149,52 @@ def _post(x: torch.Tensor, peers, what: str):
 
 
 # ----------------------------------------------------------------------------- ring core
+#: default budget of one score chunk ``[B, rows, H, b, b]`` (elements; 2**19 fp32 = 2 MiB):
+#: the ring step processes the tile's query rows ``i`` (independent rows of the triangle)
+#: in chunks of ``row_chunk_for(...)`` rows so at most a few such arrays live at a time.
+SCORE_CHUNK_ELEMS = 1 << 19
+
+
+def row_chunk_for(batch: int, b_rows: int, heads: int, b_q: int, b_k: int,
+                  budget_elems: Optional[int] = None) -> int:
+    """Rows ``i`` per chunk so one score chunk ``[B, rows, H, b_q, b_k]`` has at most
+    ``budget_elems`` (default :data:`SCORE_CHUNK_ELEMS`) elements (at least 1 row)."""
+    budget = SCORE_CHUNK_ELEMS if budget_elems is None else int(budget_elems)
+    per_row = max(1, batch * heads * b_q * b_k)
+    return max(1, min(b_rows, budget // per_row))
+
+
+def _k_v(kv: torch.Tensor):
+    """Views ``k, v [B, b_i, H, b_k, D]`` of a packed ``kv [B, b_i, b_k, 2, H, D]``."""
+    return kv[:, :, :, 0].transpose(2, 3), kv[:, :, :, 1].transpose(2, 3)
+
+
 class _TriAttnRing(torch.autograd.Function):
     """Ring attention of the local queries over the whole row, explicit backward.
 
-    Inputs on (virtual) rank ``(r, c)``: ``q, k, v [B, b, H, b, D]`` (``q`` already
-    scaled; rows ``T_r``, queries / keys ``T_c``), ``tri [B, H, b, b]`` (this rank's
-    ``linear(x)`` tile: query block ``T_r``, key block ``T_c``), ``mask [B, b, b]`` uint8
-    (key mask of rows ``T_r``, keys ``T_c``; padding already 0). Output: fp32
-    ``[B, b, H, b, D]``.
+    Inputs on (virtual) rank ``(r, c)``: ``q [B, b, H, b, D]`` (already scaled; rows
+    ``T_r``, queries ``T_c``; any strides), ``kv [B, b, b, 2, H, D]`` contiguous (k and v
+    packed in the projection's own layout: rows ``T_r``, keys ``T_c``; this is the
+    buffer that travels on the K/V ring), ``tri [B, H, b, b]`` (this rank's ``linear(x)``
+    tile: query block ``T_r``, key block ``T_c``), ``mask [B, b, b]`` uint8 (key mask of
+    rows ``T_r``, keys ``T_c``; padding already 0), ``row_chunk`` rows ``i`` per kernel
+    call. Output: fp32 ``[B, b, H, b, D]`` (a transposed view of a ``[B, b, b, H, D]``
+    buffer, so the caller's ``transpose(-2, -3)`` is contiguous).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, tri, mask, view: _MeshView, n: int):
+    def forward(ctx, q, kv, tri, mask, view: _MeshView, n: int, row_chunk: int):
         p = view.p
         dev = q.device
-        kv_t, h_kv = _post(torch.stack([k, v]), view.kv_skew(), "kv")
+        B, bi, H, bj, D = q.shape
+        rc = max(1, int(row_chunk))
+        kv_t, h_kv = _post(kv, view.kv_skew(), "kv")
         m_t, h_m = _post(mask, view.kv_skew(), "mask")
         b_t, h_b = _post(tri, view.bias_skew(), "bias")
-        out = lse = None
-        vsum = None
-        nvalid = None
+        out = torch.zeros(B, bi, bj, H, D, dtype=torch.float32, device=dev).transpose(2, 3)
+        lse = torch.empty(B, bi, H, bj, dtype=torch.float32, device=dev)
+        vsum = torch.zeros(B, bi, H, D, dtype=torch.float32, device=dev)
+        nvalid = torch.zeros(B, bi, dtype=torch.long, device=dev)
         for s in range(p):
             t = (view.r + view.c + s) % p
             h_kv.wait()
@@ -180,50 +206,53 @@ class _TriAttnRing(torch.autograd.Function):
                 m_t, h_m = _post(cur_m, view.row_next(), "mask")
                 b_t, h_b = _post(cur_b, view.col_next(), "bias")
             real = token_valid(n, p, t, device=dev)
+            realf = real[:, None].float()
             valid = cur_m.bool() & real  # [B, b_i, b_k]
-            o_s, l_s = kernels.tile_attention_fwd(
-                q, cur_kv[0], cur_kv[1], cur_b.unsqueeze(1), valid.unsqueeze(2), 1.0
-            )
-            vs = (cur_kv[1].float() * real[:, None].float()).sum(-2)  # [B, b_i, H, D]
-            nv = valid.sum(-1)
-            if out is None:
-                out, lse, vsum, nvalid = o_s, l_s, vs, nv
-            else:
-                out, lse = merge_lse(out, lse, o_s, l_s)
-                vsum = vsum + vs
-                nvalid = nvalid + nv
+            kk, vv = _k_v(cur_kv)
+            bias = cur_b.unsqueeze(1)
+            for i0 in range(0, bi, rc):  # rows i are independent: chunk them
+                sl = slice(i0, min(i0 + rc, bi))
+                o_c, l_c = kernels.tile_attention_fwd(q[:, sl], kk[:, sl], vv[:, sl], bias,
+                                                      valid[:, sl].unsqueeze(2), 1.0)
+                if s > 0:
+                    o_c, l_c = merge_lse(out[:, sl], lse[:, sl], o_c, l_c)
+                out[:, sl] = o_c
+                lse[:, sl] = l_c
+                del o_c, l_c
+                vsum[:, sl] += (vv[:, sl].float() * realf).sum(-2)  # [B, rows, H, D]
+            nvalid += valid.sum(-1)
+            del cur_kv, cur_m, cur_b, kk, vv, bias, valid
         # rows with no valid key at all: Boltz's uniform average over the N real keys
         masked = nvalid == 0  # [B, b_i]
-        uniform = (vsum / n).unsqueeze(-2)  # [B, b_i, H, 1, D]
-        out = torch.where(masked[:, :, None, None, None], uniform, out)
-        ctx.save_for_backward(q, k, v, tri, mask, out, lse, masked)
-        ctx.view, ctx.n = view, n
+        if bool(masked.any()):
+            out[masked] = (vsum[masked] / n).unsqueeze(-2).to(out.dtype)  # [m, H, 1, D] -> [m, H, b_j, D]
+        del vsum
+        ctx.save_for_backward(q, kv, tri, mask, out, lse, masked)
+        ctx.view, ctx.n, ctx.row_chunk = view, n, rc
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, tri, mask, out, lse, masked = ctx.saved_tensors
-        view, n = ctx.view, ctx.n
+        q, kv, tri, mask, out, lse, masked = ctx.saved_tensors
+        view, n, rc = ctx.view, ctx.n, ctx.row_chunk
         p = view.p
         dev = q.device
         B, bi, H, bj, D = q.shape
-        dout = dout.float().contiguous()
-        delta = (dout * out).sum(-1)  # [B, b_i, H, b_j]
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=dev)
+        f32 = torch.float32
+        dout = dout.float()
+        delta = torch.empty(B, bi, H, bj, dtype=f32, device=dev)
+        for i0 in range(0, bi, rc):
+            sl = slice(i0, min(i0 + rc, bi))
+            delta[:, sl] = (dout[:, sl] * out[:, sl]).sum(-1)
+        dq = torch.zeros(B, bi, bj, H, D, dtype=f32, device=dev).transpose(2, 3)
 
-        # rows on the uniform (fully masked) path, flattened over (B, b_i)
+        # rows on the uniform (fully masked) path, flattened over (B, b_i), in chunks
         R = B * bi
-        idx = masked.reshape(-1).nonzero().squeeze(1)
-        has_m = idx.numel() > 0
-        if has_m:
-            q_m = q.reshape(R, H, bj, D)[idx].float()
-            q0 = torch.zeros_like(q_m)
-            dout_m = dout.reshape(R, H, bj, D)[idx]
-            delta_m = delta.reshape(R, H, bj)[idx]
-            lse_m = torch.full_like(delta_m, math.log(n))
-            batch_of = torch.div(idx, bi, rounding_mode="floor")
+        idx_all = masked.reshape(-1).nonzero().squeeze(1)
+        m_chunks = list(torch.split(idx_all, max(1, B * rc))) if idx_all.numel() else []
+        q_r, dout_r, delta_r, dq_r = (x.flatten(0, 1) for x in (q, dout, delta, dq))  # views
 
-        kv_t, h_kv = _post(torch.stack([k, v]), view.kv_skew(), "kv")
+        kv_t, h_kv = _post(kv, view.kv_skew(), "kv")
         m_t, h_m = _post(mask, view.kv_skew(), "mask")
         b_t, h_b = _post(tri, view.bias_skew(), "bias")
         acc_kv = acc_b = h_acc_kv = h_acc_b = None
@@ -239,30 +268,46 @@ class _TriAttnRing(torch.autograd.Function):
                 b_t, h_b = _post(cur_b, view.col_next(), "bias")
             real = token_valid(n, p, t, device=dev)
             valid = cur_m.bool() & real
-            kk, vv = cur_kv[0], cur_kv[1]
-            dq_s, dk_s, dv_s, ds = kernels.tile_attention_bwd(
-                q, kk, vv, cur_b.unsqueeze(1), valid.unsqueeze(2), 1.0, lse, dout, delta
-            )
-            dq += dq_s
-            dkv = torch.stack([dk_s, dv_s]).float()  # [2, B, b_i, H, b_k, D]
-            dbias = ds.float().sum(1)  # [B, H, b_j, b_k]
-            if has_m:
-                bk = kk.shape[-2]
-                k_m = kk.reshape(R, H, bk, D)[idx]
-                v_m = vv.reshape(R, H, bk, D)[idx]
-                dq_m, _, dv_m, ds_m = kernels.tile_attention_bwd(
-                    q0, k_m, v_m, None, real, 1.0, lse_m, dout_m, delta_m
+            kk, vv = _k_v(cur_kv)
+            bk = kk.shape[-2]
+            bias = cur_b.unsqueeze(1)
+            dkv = torch.zeros(cur_kv.shape, dtype=f32, device=dev)  # [B, b_i, b_k, 2, H, D]
+            dk_all, dv_all = _k_v(dkv)
+            dbias = torch.zeros(B, H, bj, bk, dtype=f32, device=dev)
+            for i0 in range(0, bi, rc):  # rows i are independent: chunk them
+                sl = slice(i0, min(i0 + rc, bi))
+                dq_c, dk_c, dv_c, ds_c = kernels.tile_attention_bwd(
+                    q[:, sl], kk[:, sl], vv[:, sl], bias, valid[:, sl].unsqueeze(2), 1.0,
+                    lse[:, sl], dout[:, sl], delta[:, sl]
                 )
-                dk_m = torch.matmul(ds_m.transpose(-1, -2), q_m)  # the q-term the zero query dropped
-                dq.view(R, H, bj, D).index_add_(0, idx, dq_m.float())
-                dkv[0].view(R, H, bk, D).index_add_(0, idx, dk_m.float())
-                dkv[1].view(R, H, bk, D).index_add_(0, idx, dv_m.float())
-                dbias.index_add_(0, batch_of, ds_m.float())
-            if s > 0:  # add what the previous holders of this block accumulated
+                dq[:, sl] += dq_c
+                dk_all[:, sl] = dk_c
+                dv_all[:, sl] = dv_c
+                dbias += ds_c.float().sum(1)
+                del dq_c, dk_c, dv_c, ds_c
+            if m_chunks:
+                kk_r, vv_r = kk.flatten(0, 1), vv.flatten(0, 1)
+                dk_r, dv_r = dk_all.flatten(0, 1), dv_all.flatten(0, 1)
+                for idx in m_chunks:
+                    q_m = q_r[idx].float()
+                    delta_m = delta_r[idx]
+                    lse_m = torch.full_like(delta_m, math.log(n))
+                    dq_m, _, dv_m, ds_m = kernels.tile_attention_bwd(
+                        torch.zeros_like(q_m), kk_r[idx], vv_r[idx], None, real, 1.0, lse_m, dout_r[idx], delta_m
+                    )
+                    dk_m = torch.matmul(ds_m.transpose(-1, -2), q_m)  # the q-term the zero query dropped
+                    dq_r.index_add_(0, idx, dq_m.float())
+                    dk_r.index_add_(0, idx, dk_m.float())
+                    dv_r.index_add_(0, idx, dv_m.float())
+                    dbias.index_add_(0, torch.div(idx, bi, rounding_mode="floor"), ds_m.float())
+                    del q_m, delta_m, lse_m, dq_m, dv_m, ds_m, dk_m
+            del cur_kv, cur_m, cur_b, kk, vv, bias, valid, dk_all, dv_all
+            if s > 0:  # add what the previous holders of this block accumulated (in place)
                 h_acc_kv.wait()
                 h_acc_b.wait()
-                dkv = dkv + acc_kv
-                dbias = dbias + acc_b
+                dkv += acc_kv
+                dbias += acc_b
+                acc_kv = acc_b = None
             if s + 1 < p:
                 acc_kv, h_acc_kv = _post(dkv, view.row_next(), "dkv")
                 acc_b, h_acc_b = _post(dbias, view.col_next(), "dbias")
@@ -271,11 +316,12 @@ class _TriAttnRing(torch.autograd.Function):
                 db_home, h2 = _post(dbias, view.bias_home(), "dbias")
                 h1.wait()
                 h2.wait()
+            del dkv, dbias
         return (
             dq.to(q.dtype),
-            dkv_home[0].to(k.dtype),
-            dkv_home[1].to(v.dtype),
+            dkv_home.to(kv.dtype),
             db_home.to(tri.dtype),
+            None,
             None,
             None,
             None,
@@ -295,7 +341,8 @@ class TriangleAttention2D(nn.Module):
     Algorithm, communication and memory: see the module docstring.
     """
 
-    def __init__(self, module: nn.Module, mesh=None):
+    def __init__(self, module: nn.Module, mesh=None, row_chunk: Optional[int] = None,
+                 score_chunk_elems: Optional[int] = None):
         super().__init__()
         missing = [a for a in ("layer_norm", "linear", "mha", "starting") if not hasattr(module, a)]
         if missing:
@@ -310,6 +357,8 @@ class TriangleAttention2D(nn.Module):
         self.c_hidden = module.mha.c_hidden
         self.c_in = module.layer_norm.weight.shape[0]
         self.mesh = SquareMesh.from_any(mesh)
+        self.row_chunk = row_chunk
+        self.score_chunk_elems = score_chunk_elems
 
     def extra_repr(self) -> str:
         node = "starting" if self.starting else "ending"
@@ -345,16 +394,21 @@ class TriangleAttention2D(nn.Module):
         mha = self.mha
         x = self.layer_norm(z)
         tri = self.linear(x).permute(0, 3, 1, 2)  # [B, H, b_j, b_k]
+        B, bi, bj = x.shape[:3]
 
         def heads(t):  # [B, b_i, b_j, H*D] -> [B, b_i, H, b_j, D]
             return t.view(t.shape[:-1] + (H, -1)).transpose(-2, -3)
 
         q = heads(mha.linear_q(x)) / math.sqrt(self.c_hidden)
-        k = heads(mha.linear_k(x))
-        v = heads(mha.linear_v(x))
+        # k and v packed [B, b_i, b_k, 2, H, D] in the projections' own layout: this is the
+        # K/V ring buffer itself (k, v die right away; no second stacked copy during the ring)
+        kv = torch.stack([mha.linear_k(x), mha.linear_v(x)], dim=3)
+        kv = kv.view(B, bi, bj, 2, H, -1)
         key_mask = (mask > 0.5).to(torch.uint8).contiguous()
+        rc = self.row_chunk or row_chunk_for(B, bi, H, bj, bj, self.score_chunk_elems)
 
-        o = _TriAttnRing.apply(q, k, v, tri, key_mask, view, ctx.n)
+        o = _TriAttnRing.apply(q, kv, tri, key_mask, view, ctx.n, rc)
+        del q, kv, tri  # (autograd keeps what backward needs; under checkpoint nothing)
         o = o.to(x.dtype).transpose(-2, -3)  # [B, b_i, b_j, H, D]
         if mha.linear_g is not None:
             g = mha.sigmoid(mha.linear_g(x))
