@@ -169,6 +169,59 @@ def _k_v(kv: torch.Tensor):
     return kv[:, :, :, 0].transpose(2, 3), kv[:, :, :, 1].transpose(2, 3)
 
 
+def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int):
+    """Forward ring of :class:`_TriAttnRing` -> ``(out, lse, masked)`` (see there).
+
+    ``kv_box = [kv]``: the list is emptied, so when the caller keeps no other reference
+    (no-grad inference) the local K/V block is freed as soon as its skew send is done.
+    """
+    p = view.p
+    dev = q.device
+    B, bi, H, bj, D = q.shape
+    kv = kv_box.pop()
+    kv_t, h_kv = _post(kv, view.kv_skew(), "kv")
+    m_t, h_m = _post(mask, view.kv_skew(), "mask")
+    b_t, h_b = _post(tri, view.bias_skew(), "bias")
+    out = torch.zeros(B, bi, bj, H, D, dtype=torch.float32, device=dev).transpose(2, 3)
+    lse = torch.empty(B, bi, H, bj, dtype=torch.float32, device=dev)
+    vsum = torch.zeros(B, bi, H, D, dtype=torch.float32, device=dev)
+    nvalid = torch.zeros(B, bi, dtype=torch.long, device=dev)
+    for s in range(p):
+        t = (view.r + view.c + s) % p
+        h_kv.wait()
+        h_m.wait()
+        h_b.wait()
+        kv = None  # the caller's K/V block is sent: our reference goes (see kv_box)
+        cur_kv, cur_m, cur_b = kv_t, m_t, b_t
+        if s + 1 < p:  # double buffering: post the next block before computing
+            kv_t, h_kv = _post(cur_kv, view.row_next(), "kv")
+            m_t, h_m = _post(cur_m, view.row_next(), "mask")
+            b_t, h_b = _post(cur_b, view.col_next(), "bias")
+        real = token_valid(n, p, t, device=dev)
+        realf = real[:, None].float()
+        valid = cur_m.bool() & real  # [B, b_i, b_k]
+        kk, vv = _k_v(cur_kv)
+        bias = cur_b.unsqueeze(1)
+        for i0 in range(0, bi, rc):  # rows i are independent: chunk them
+            sl = slice(i0, min(i0 + rc, bi))
+            o_c, l_c = kernels.tile_attention_fwd(q[:, sl], kk[:, sl], vv[:, sl], bias,
+                                                  valid[:, sl].unsqueeze(2), 1.0)
+            if s > 0:
+                o_c, l_c = merge_lse(out[:, sl], lse[:, sl], o_c, l_c)
+            out[:, sl] = o_c
+            lse[:, sl] = l_c
+            del o_c, l_c
+            vsum[:, sl] += (vv[:, sl].float() * realf).sum(-2)  # [B, rows, H, D]
+        nvalid += valid.sum(-1)
+        del cur_kv, cur_m, cur_b, kk, vv, bias, valid
+    # rows with no valid key at all: Boltz's uniform average over the N real keys
+    masked = nvalid == 0  # [B, b_i]
+    if bool(masked.any()):
+        out[masked] = (vsum[masked] / n).unsqueeze(-2).to(out.dtype)  # [m, H, 1, D] -> [m, H, b_j, D]
+    del vsum
+    return out, lse, masked
+
+
 class _TriAttnRing(torch.autograd.Function):
     """Ring attention of the local queries over the whole row, explicit backward.
 
@@ -184,49 +237,8 @@ class _TriAttnRing(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, kv, tri, mask, view: _MeshView, n: int, row_chunk: int):
-        p = view.p
-        dev = q.device
-        B, bi, H, bj, D = q.shape
         rc = max(1, int(row_chunk))
-        kv_t, h_kv = _post(kv, view.kv_skew(), "kv")
-        m_t, h_m = _post(mask, view.kv_skew(), "mask")
-        b_t, h_b = _post(tri, view.bias_skew(), "bias")
-        out = torch.zeros(B, bi, bj, H, D, dtype=torch.float32, device=dev).transpose(2, 3)
-        lse = torch.empty(B, bi, H, bj, dtype=torch.float32, device=dev)
-        vsum = torch.zeros(B, bi, H, D, dtype=torch.float32, device=dev)
-        nvalid = torch.zeros(B, bi, dtype=torch.long, device=dev)
-        for s in range(p):
-            t = (view.r + view.c + s) % p
-            h_kv.wait()
-            h_m.wait()
-            h_b.wait()
-            cur_kv, cur_m, cur_b = kv_t, m_t, b_t
-            if s + 1 < p:  # double buffering: post the next block before computing
-                kv_t, h_kv = _post(cur_kv, view.row_next(), "kv")
-                m_t, h_m = _post(cur_m, view.row_next(), "mask")
-                b_t, h_b = _post(cur_b, view.col_next(), "bias")
-            real = token_valid(n, p, t, device=dev)
-            realf = real[:, None].float()
-            valid = cur_m.bool() & real  # [B, b_i, b_k]
-            kk, vv = _k_v(cur_kv)
-            bias = cur_b.unsqueeze(1)
-            for i0 in range(0, bi, rc):  # rows i are independent: chunk them
-                sl = slice(i0, min(i0 + rc, bi))
-                o_c, l_c = kernels.tile_attention_fwd(q[:, sl], kk[:, sl], vv[:, sl], bias,
-                                                      valid[:, sl].unsqueeze(2), 1.0)
-                if s > 0:
-                    o_c, l_c = merge_lse(out[:, sl], lse[:, sl], o_c, l_c)
-                out[:, sl] = o_c
-                lse[:, sl] = l_c
-                del o_c, l_c
-                vsum[:, sl] += (vv[:, sl].float() * realf).sum(-2)  # [B, rows, H, D]
-            nvalid += valid.sum(-1)
-            del cur_kv, cur_m, cur_b, kk, vv, bias, valid
-        # rows with no valid key at all: Boltz's uniform average over the N real keys
-        masked = nvalid == 0  # [B, b_i]
-        if bool(masked.any()):
-            out[masked] = (vsum[masked] / n).unsqueeze(-2).to(out.dtype)  # [m, H, 1, D] -> [m, H, b_j, D]
-        del vsum
+        out, lse, masked = _ring_forward(q, [kv], tri, mask, view, n, rc)
         ctx.save_for_backward(q, kv, tri, mask, out, lse, masked)
         ctx.view, ctx.n, ctx.row_chunk = view, n, rc
         return out
@@ -407,8 +419,13 @@ class TriangleAttention2D(nn.Module):
         key_mask = (mask > 0.5).to(torch.uint8).contiguous()
         rc = self.row_chunk or row_chunk_for(B, bi, H, bj, bj, self.score_chunk_elems)
 
-        o = _TriAttnRing.apply(q, kv, tri, key_mask, view, ctx.n, rc)
-        del q, kv, tri  # (autograd keeps what backward needs; under checkpoint nothing)
+        if torch.is_grad_enabled():
+            o = _TriAttnRing.apply(q, kv, tri, key_mask, view, ctx.n, rc)
+        else:  # no_grad / inference_mode: no autograd Function, nothing saved; the local
+            box = [kv]  # K/V block is freed once sent (the box holds the only reference)
+            del kv
+            o = _ring_forward(q, box, tri, key_mask, view, ctx.n, rc)[0]
+        del q, tri  # (autograd keeps what backward needs; under checkpoint nothing)
         o = o.to(x.dtype).transpose(-2, -3)  # [B, b_i, b_j, H, D]
         if mha.linear_g is not None:
             g = mha.sigmoid(mha.linear_g(x))
