@@ -62,11 +62,17 @@ width ``D``, ``[x]`` = 1 if x else 0). See :func:`comm_bytes`.
   ``triattn.dbias = (p - 1 + [(r', c') != (1 mod p, 1 mod p)]) S_db``.
 * ``p = 1``: nothing.
 
-Memory per rank: saved for backward are only local tensors -- ``q, k, v``
-``[B, b, H, b, D]``, the bias tile ``[B, H, b, b]``, the key mask ``[B, b, b]``, the fp32
-output ``[B, b, H, b, D]`` and LSE ``[B, b, H, b]`` -- i.e. ``O(B b^2 (4 H D + H + 1))``
-= ``O(N^2 / P)``; received blocks are dropped after use (at most two K/V/bias blocks
-live at a time, plus the two travelling gradient accumulators in backward).
+Memory per rank: saved for backward are only local tensors -- ``q [B, b, H, b, D]``,
+the packed ``kv [B, b, b, 2, H, D]`` (which is itself the K/V ring buffer), the bias tile
+``[B, H, b, b]``, the key mask ``[B, b, b]``, the fp32 output ``[B, b, H, b, D]`` and LSE
+``[B, b, H, b]`` -- i.e. ``O(B b^2 (4 H D + H + 1))`` = ``O(N^2 / P)``; received blocks are
+dropped after use (at most two received K/V/bias blocks live at a time, plus the two
+travelling gradient accumulators in backward). Each ring step processes the query rows
+``i`` (independent rows of the triangle) in chunks of ``row_chunk`` rows (default: a
+score chunk ``[B, rows, H, b, b]`` of at most :data:`SCORE_CHUNK_ELEMS` elements), so the
+reference kernel never materialises the whole ``[B, b, H, b, b]`` score block; chunking
+changes neither the results nor the communication. Without autograd (``no_grad`` /
+``inference_mode``) nothing is saved and the local K/V block is freed once sent.
 """
 
 from __future__ import annotations
