@@ -173,6 +173,9 @@ def parallelize(
     sq.check_tokens(n, "N (token length of example_inputs)")
     tensors = [l for l in tree_flatten((args, kwargs))[0] if isinstance(l, torch.Tensor)]
     n_seq = _n_seq(tensors, input_tags)
+    root = _root_op(model, sq, input_tags, n, tensors)
+    if root is not None:
+        return root
     cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=strict,
                                        reuse_blocks=reuse_blocks)
     out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
@@ -183,7 +186,7 @@ def parallelize(
         if act.action == "op":
             from .registry import lookup_module
 
-            replacements[path] = lookup_module(mod).build(mod, sq)
+            replacements[path] = act.builder(mod, sq) if act.builder is not None else lookup_module(mod).build(mod, sq)
         else:
             replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
     for path, act in plan.actions.items():
@@ -208,6 +211,31 @@ def parallelize(
     pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
                         report=report, plan=plan, root_fallback=root_fallback)
     return pm
+
+
+def _root_op(model, sq, input_tags, n, tensors):
+    """The model itself is a registered module with a 2D op (e.g. Boltz-2 ``MSAModule``):
+    the op replaces it whole, called with the model's own arguments on tiles; no capture.
+    Output layouts: ``rule.out_layouts(in_tags)`` or the first tensor input's."""
+    from .passes.emit import ParallelModule
+    from .passes.explain import build_root_report
+    from .passes.rewrite import Action, RewritePlan
+    from .registry import lookup_module
+
+    rule = lookup_module(model)
+    if rule is None or rule.op_factory is None:
+        return None
+    op = rule.build(model, sq)
+    if op is None:
+        return None
+    out_tags = rule.out_layouts(input_tags) if rule.out_layouts is not None else [input_tags[0]]
+    cls_name = type(model).__name__
+    plan = RewritePlan()
+    plan.actions[""] = Action("", "op", f"registry:{cls_name}", rule.kind, cls_name, in_tags=list(input_tags),
+                              out_tags=list(out_tags), op_name=getattr(rule.op_factory, "__qualname__", ""))
+    report = build_root_report(model, rule, plan, sq, n, tensors)
+    return ParallelModule(model, op, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n,
+                          n_seq=_n_seq(tensors, input_tags), report=report, plan=plan)
 
 
 def explain(pm, **kw) -> str:

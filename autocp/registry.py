@@ -38,6 +38,8 @@ __all__ = [
     "registry_version",
     "register_boltz_defaults",
     "PairOpAdapter",
+    "MSAModule2D",
+    "call_comm_formula",
 ]
 
 
@@ -226,29 +228,54 @@ class PairOpAdapter(nn.Module):
 
 
 # ----------------------------------------------------------------------------- comm formulas
-def _tri_mult_comm(n, p, c, itemsize):
-    """Cannon: transpose b once (b^2 C) + skew (2 b^2 C) + 2(p-1) shifts of b^2 C."""
+# A rule's ``comm_bytes(module, *, p, r, c, n, batch, itemsize) -> int`` gives the bytes
+# *sent* by rank ``(r, c)`` in one forward call of the 2D op that replaces ``module`` (the
+# quantity :func:`autocp.comm.count_comm` counts), from the module's real widths / head
+# counts, the global token count ``n``, the batch and the element size of the pair
+# tensor's dtype. The Boltz rules below evaluate the ops' own formulas.
+def _tri_mult_comm(module, *, p, r, c, n, batch, itemsize):
+    """:func:`autocp.ops.triangle_mult.trimul_comm_bytes` (Cannon; runs in fp32)."""
+    from .ops.triangle_mult import _detect_direction, trimul_comm_bytes
+
+    dim = module.p_in.in_features
+    return trimul_comm_bytes(p, r, c, batch, -(-n // p), dim, _detect_direction(module), "forward", itemsize=4)
+
+
+def _tri_attn_comm(module, *, p, r, c, n, batch, itemsize):
+    """:func:`autocp.ops.triangle_attn.comm_bytes` (forward: k/v + mask ring, bias ring)."""
+    if p == 1:
+        return 0
+    from .ops.triangle_attn import comm_bytes
+
+    f = comm_bytes(p, r, c, batch=batch, b=-(-n // p), heads=module.mha.no_heads, head_dim=module.mha.c_hidden,
+                   elem=itemsize, starting=bool(module.starting))
+    return sum(f["fwd"].values())
+
+
+def _pair_bias_comm(module, *, p, r, c, n, batch, itemsize):
+    """:class:`autocp.ops.pair_bias_attn.AttentionPairBias2D` forward: k/v of block T_c by
+    transpose exchange (``2 B b H D E``) and the fp32 key mask (``4 B b``), both only off the
+    diagonal; the row merge all-gathers the fp32 partial output and LSE
+    (``(p-1) B H b (D + 1) 4``)."""
     if p == 1:
         return 0
     b = -(-n // p)
-    return (1 + 2 + 2 * (p - 1)) * b * b * c * itemsize
+    H, D = module.num_heads, module.head_dim
+    off = int(r % p != c % p)
+    return off * (2 * batch * b * H * D * itemsize + 4 * batch * b) + (p - 1) * batch * H * b * (D + 1) * 4
 
 
-def _tri_attn_comm(n, p, c, itemsize, heads: int = 4, head_dim: int = 32):
-    """Ring of k/v (2 b^2 H d) along the row and bias (b^2 H) along the column, p-1 steps,
-    plus the transpose exchange of the ending node (b^2 C)."""
-    if p == 1:
-        return 0
-    b = -(-n // p)
-    return (p - 1) * b * b * (2 * heads * head_dim + heads) * itemsize + b * b * c * itemsize
+def call_comm_formula(fn, module, *, p, r, c, n, batch, itemsize, channels=0) -> int:
+    """Evaluate a rule's comm formula; also accepts the older ``fn(n, p, channels, itemsize)``."""
+    try:
+        import inspect as _inspect
 
-
-def _pair_bias_comm(n, p, c, itemsize, c_s: int = 384):
-    """Partial attentions merged by LSE along the row: out + lse per step."""
-    if p == 1:
-        return 0
-    b = -(-n // p)
-    return 2 * (p - 1) * b * (c_s + 1) * itemsize
+        params = list(_inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        params = []
+    if params and params[0] == "module":
+        return int(fn(module, p=p, r=r, c=c, n=n, batch=batch, itemsize=itemsize))
+    return int(fn(n, p, channels, itemsize))
 
 
 # ----------------------------------------------------------------------------- Boltz defaults
@@ -315,6 +342,15 @@ def register_boltz_defaults() -> list[ModuleRule]:
     ]
     import importlib
 
+    try:
+        from boltz.model.modules.trunkv2 import MSAModule as _MSAModuleV2
+
+        rules.append(register_module(
+            _MSAModuleV2, _msa_module_factory, kind="msa_module", checker=_msa_module_checker,
+            comm_bytes=None, name="boltz.model.modules.trunkv2.MSAModule"))
+    except Exception:  # noqa: BLE001 -- boltz-2 missing in this install
+        pass
+
     for modpath, clsname, kind, opmod, opcls in optional:
         try:
             cls = getattr(importlib.import_module(modpath), clsname)
@@ -369,3 +405,81 @@ class NativeOpAdapter(nn.Module):
         if "n_seq" in params:
             call["n_seq"] = ctx.n_seq
         return self.op(**call)
+
+
+# ----------------------------------------------------------------------------- Boltz-2 MSAModule
+def _msa_module_checker(module):
+    if getattr(module, "subsample_msa", False):
+        return ("subsample_msa=True draws a random subset of MSA rows (torch.randperm) on every call, "
+                "which the 2D MSA tiles cannot reproduce; set subsample_msa=False (subsample the "
+                "features before the call)")
+    return True
+
+
+def _msa_module_factory(module, mesh):
+    try:
+        from .ops.msa import MSALayer2D  # noqa: F401
+    except ImportError:
+        return None
+    return MSAModule2D(module, mesh)
+
+
+class MSAModule2D(nn.Module):
+    """Boltz-2 ``MSAModule`` on 2D tiles, called exactly like the original
+    ``forward(z, emb, feats, use_kernels=False)`` inside a parallel module's forward.
+
+    Tiles on rank ``(r, c)`` (the default input layouts by shape): ``z`` Pair2D
+    ``[B,b,b,C_z]``; ``emb`` RowToken ``[B,b,C_s]`` (block ``T_r``); the MSA features
+    ``msa/has_deletion/deletion_value/msa_paired/msa_mask`` MsaTiles ``[B,S_b,b]``
+    (rows ``S_r``, tokens ``T_c``); ``token_pad_mask`` RowToken ``[B,b]``.
+
+    The embedding is tile-local once ``emb`` and ``token_pad_mask`` are in the column
+    block ``T_c`` (one transpose exchange each, differentiable): ``m = msa_proj(features)
+    + s_proj(emb[T_c])`` and the pair mask ``tok[T_r] x tok[T_c]``; then each ``MSALayer``
+    runs as :class:`autocp.ops.msa.MSALayer2D` (pair-weighted averaging and outer product
+    mean by ring, pair stack 2D). Parameters are the original's (state_dict keys equal).
+    ``activation_checkpointing`` in training checkpoints each layer (non-reentrant).
+    """
+
+    def __init__(self, module, mesh):
+        super().__init__()
+        from .mesh import SquareMesh
+        from .ops.msa import MSALayer2D
+
+        self.mesh = SquareMesh.from_any(mesh)
+        self.s_proj = module.s_proj
+        self.msa_proj = module.msa_proj
+        self.layers = nn.ModuleList([MSALayer2D(layer, self.mesh) for layer in module.layers])
+        self.use_paired_feature = module.use_paired_feature
+        self.activation_checkpointing = module.activation_checkpointing
+        self.train(module.training)
+
+    def forward(self, z, emb, feats, use_kernels: bool = False):
+        from boltz.data import const
+
+        from .comm import transpose_exchange
+        from .passes.context import current
+
+        ctx = current()
+        n, n_seq = ctx.n, ctx.n_seq
+        if n_seq is None:
+            n_seq = int(feats["msa"].shape[1]) * self.mesh.p  # only used for padding masks
+        msa = torch.nn.functional.one_hot(feats["msa"].long(), num_classes=const.num_tokens)
+        parts = [msa, feats["has_deletion"].unsqueeze(-1), feats["deletion_value"].unsqueeze(-1)]
+        if self.use_paired_feature:
+            parts.append(feats["msa_paired"].unsqueeze(-1))
+        m = self.msa_proj(torch.cat(parts, dim=-1))
+        emb_c = transpose_exchange(emb, self.mesh)  # RowToken T_r -> ColToken T_c
+        m = m + self.s_proj(emb_c).unsqueeze(1)
+        tok_r = feats["token_pad_mask"].float()
+        tok_c = transpose_exchange(tok_r, self.mesh)
+        token_mask = tok_r[:, :, None] * tok_c[:, None, :]
+        msa_mask = feats["msa_mask"]
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                import torch.utils.checkpoint as ckpt
+
+                z, m = ckpt.checkpoint(layer, z, m, token_mask, msa_mask, n, n_seq, use_reentrant=False)
+            else:
+                z, m = layer(z, m, token_mask, msa_mask, n_tokens=n, n_seq=n_seq)
+        return z

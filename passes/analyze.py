@@ -82,7 +82,7 @@ def kind_of(tags) -> str:
 
 def infer_input_layouts(inputs: list, n_tokens: Optional[int] = None):
     """Guess tag tuples for the flattened tensor inputs: ``[B,N,N,...]`` -> Pair2D,
-    ``[B,S,N,...]`` (with N known) -> MsaTiles, ``[B,N,...]`` -> RowToken, else Replicated.
+    ``[B,S,N,...]`` / ``[B,S,N]`` (S != N) -> MsaTiles, ``[B,N,...]`` -> RowToken, else Replicated.
     N is the first square pair tensor's length when not given."""
     if n_tokens is None:
         for t in inputs:
@@ -102,7 +102,7 @@ def infer_input_layouts(inputs: list, n_tokens: Optional[int] = None):
         tags = [None] * t.dim()
         if t.dim() >= 3 and t.shape[1] == n_tokens and t.shape[2] == n_tokens:
             tags[1], tags[2] = "r", "c"
-        elif t.dim() >= 4 and t.shape[2] == n_tokens and t.shape[1] != n_tokens:
+        elif t.dim() >= 3 and t.shape[2] == n_tokens and t.shape[1] != n_tokens:  # [B,S,N(,C)]
             tags[1], tags[2] = "s", "c"
         elif t.dim() >= 2 and t.shape[1] == n_tokens:
             tags[1] = "r"

@@ -116,11 +116,21 @@ class _Tracker:
         self.peak = max(self.peak, self.live + self.extra)
 
 
+_SCALAR_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+
+
 def _mode(tracker):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in _SCALAR_OPS:
+                # data-dependent python branch on fake tiles (e.g. ``if bool(masked.any()):
+                # out[masked] = ...`` for fully-masked rows): no data, so take the common
+                # path -- False (a data-dependent boolean index cannot run on fake tensors,
+                # and those fix-ups touch a few rows), 1 for counts, 0.0 for floats
+                x = args[0]
+                return False if x.dtype == torch.bool else (1 if not x.dtype.is_floating_point else 0.0)
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):

@@ -14,7 +14,7 @@ import torch
 
 from .analyze import layout_name
 
-__all__ = ["Row", "Report", "build_report", "render"]
+__all__ = ["Row", "Report", "build_report", "build_root_report", "render", "comm_per_rank", "layer_comm"]
 
 
 @dataclass
@@ -26,8 +26,9 @@ class Row:
     action: str  # op | fallback | structural (report only) | local
     in_layouts: str
     out_layouts: str
-    comm_bytes: Optional[int]
+    comm_bytes: Optional[int]  # op: max over ranks of the bytes sent in one forward call
     note: str = ""
+    comm_per_rank: dict = field(default_factory=dict)  # (r, c) -> bytes sent in one forward call
 
 
 @dataclass
@@ -67,6 +68,20 @@ def _channels(module) -> int:
     return 0
 
 
+def comm_per_rank(rule, module, p, n, batch, itemsize) -> dict:
+    """``{(r, c): bytes sent by that rank in one forward call}`` from the rule's formula
+    (the op's own analytic volume, evaluated with the module's real widths/heads, the
+    global N, the batch and the pair dtype's element size); ``{}`` when it fails."""
+    from ..registry import call_comm_formula
+
+    try:
+        return {(r, c): call_comm_formula(rule.comm_bytes, module, p=p, r=r, c=c, n=n, batch=batch,
+                                          itemsize=itemsize, channels=_channels(module))
+                for r in range(p) for c in range(p)}
+    except Exception:  # noqa: BLE001 -- a formula that cannot be evaluated: no number
+        return {}
+
+
 def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
     rep = Report(n_tokens=n, p=mesh.p, capture_seconds=cap.seconds, n_nodes=cap.n_nodes,
                  blocks={g: len(b.paths) for g, b in cap.blocks.items()},
@@ -77,6 +92,7 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
             itemsize = t.element_size()
             rep.dtype = t.dtype
             break
+    batch = next((int(t.shape[0]) for t in tensors if t.dim() >= 3 and t.shape[1] == n and t.shape[2] == n), 1)
     matched_paths = {}
     for m in mr.matches:
         matched_paths.setdefault(m.path, m)
@@ -91,11 +107,10 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
 
         rule = lookup_module(mod)
         comm = None
+        per_rank = {}
         if act.action == "op" and rule is not None and rule.comm_bytes is not None:
-            try:
-                comm = int(rule.comm_bytes(n, mesh.p, _channels(mod), itemsize))
-            except Exception:  # noqa: BLE001
-                comm = None
+            per_rank = comm_per_rank(rule, mod, mesh.p, n, batch, itemsize)
+            comm = max(per_rank.values()) if per_rank else None
         elif act.action == "fallback":
             comm = act.full_bytes
         rep.rows.append(Row(
@@ -103,7 +118,7 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
             rule=act.why if act.action == "op" else f"fallback ({act.why})", action=act.action,
             in_layouts=", ".join(layout_name(t) for t in act.in_tags),
             out_layouts=", ".join(layout_name(t) for t in act.out_tags),
-            comm_bytes=comm, note=act.op_name,
+            comm_bytes=comm, note=act.op_name, comm_per_rank=per_rank,
         ))
     # structural matches (also those inside fallback modules: what a 2D op would replace)
     for m in mr.matches:
@@ -121,6 +136,21 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
             ))
     rep.uncovered = [(pre, nd.name, path, reason) for pre, nd, path, reason in mr.uncovered]
     rep.comm_nodes = [(pre, nd.name, nd.meta.get("autocp.comm")) for pre, nd in an.comm]
+    return rep
+
+
+def build_root_report(model, rule, plan, mesh, n, tensors=()) -> Report:
+    """Report of a model that is itself one registered module (no capture)."""
+    rep = Report(n_tokens=n, p=mesh.p, model=model)
+    for t in tensors:
+        if t.dtype.is_floating_point:
+            rep.dtype = t.dtype
+            break
+    act = plan.actions[""]
+    rep.rows.append(Row(path="<root>", module_cls=act.module_cls, kind=act.kind or "module", rule=act.why,
+                        action="op", in_layouts=", ".join(layout_name(t) for t in act.in_tags),
+                        out_layouts=", ".join(layout_name(t) for t in act.out_tags), comm_bytes=None,
+                        note=act.op_name))
     return rep
 
 
@@ -143,6 +173,8 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
             f"{', '.join(f'{g}' for g in rep.blocks) or 'none'}; {rep.shape_rewrites} token-axis shape constants "
             f"recomputed on tiles")
     cols = ["module", "class", "op kind", "matched by", "action", "in layouts", "out layouts", "comm/call"]
+    # comm/call: op rows = max over ranks of the bytes one rank sends in one forward call
+    # (exact: the op's own formula); fallback rows = bytes of the full tensors it gathers
     data = [[r.path, r.module_cls, r.kind, r.rule, r.action, r.in_layouts, r.out_layouts, _fmt_bytes(r.comm_bytes)]
             for r in rep.rows]
     widths = [max(len(c), *(len(d[i]) for d in data)) if data else len(c) for i, c in enumerate(cols)]
@@ -157,14 +189,11 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
     n_fb = sum(1 for r in rep.rows if r.action == "fallback")
     out.append(f"{n_op} modules run as 2D ops, {n_fb} gathered (fallback), "
                f"{sum(1 for r in rep.rows if r.action == 'structural')} structural matches")
-    per_layer = {}
-    for r in rep.rows:
-        if r.action == "op" and r.comm_bytes:
-            key = ".".join(r.path.split(".")[:2])
-            per_layer[key] = per_layer.get(key, 0) + r.comm_bytes
+    per_layer = {k: max(v.values()) for k, v in layer_comm(rep).items() if v and max(v.values())}
     if per_layer:
         first = next(iter(per_layer))
-        out.append(f"comm per layer (analytic, per rank, one forward): {first}: {_fmt_bytes(per_layer[first])}"
+        out.append(f"comm per layer (exact, bytes sent by the busiest rank, one forward): {first}: "
+                   f"{_fmt_bytes(per_layer[first])}"
                    + (f" (x{len(per_layer)} layers, total {_fmt_bytes(sum(per_layer.values()))})" if len(per_layer) > 1 else ""))
     if rep.comm_nodes:
         out.append("layout conversions in the glue: " + "; ".join(f"{n}: {c}" for _, n, c in rep.comm_nodes[:6]))
@@ -177,3 +206,18 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
         rep.peak_bytes = est.peak_bytes
         out.append(f"estimated per-rank peak memory (forward, {rep.dtype}): {_fmt_bytes(est.peak_bytes)}")
     return "\n".join(out)
+
+
+def layer_comm(rep: Report, depth: int = 2) -> dict:
+    """``{layer: {(r, c): bytes}}``: bytes each rank sends in one forward of each layer
+    (the op rows under the first ``depth`` components of their path, e.g. ``layers.0``),
+    summed per rank. The report's per-layer line prints the max over ranks."""
+    out = {}
+    for r in rep.rows:
+        if r.action != "op" or not r.comm_per_rank:
+            continue
+        key = ".".join(r.path.split(".")[:depth])
+        acc = out.setdefault(key, {})
+        for rk, v in r.comm_per_rank.items():
+            acc[rk] = acc.get(rk, 0) + v
+    return out
