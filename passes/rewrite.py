@@ -22,7 +22,7 @@ out at the tile size because the python recomputes them from local shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ class Action:
     in_tags: list = field(default_factory=list)
     out_tags: list = field(default_factory=list)
     op_name: str = ""
+    builder: Optional[Callable] = None  # (module, mesh) -> replacement; None = the registry's op
 
 
 @dataclass
@@ -200,8 +201,28 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
                 out_tags = entry.out_tags or _canonical_out_tags(entry.out_meta or [], n_tokens)
             full = sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
                 _nbytes(s, d) for s, d in (entry.out_meta or [(entry.in_meta or [((), torch.float32)])[0]]))
+            structural, s_err = None, None
+            if entry.kind == "fallback":
+                structural, s_err = _try_structural(entry, in_tags, out_tags, mesh, n_tokens)
             for path in paths:
                 rule = entry.rule
+                if structural is not None:
+                    kinds, detail = structural
+                    plan.actions[path] = Action(path, "op", "structural:triangle_mult", kinds, entry.cls_name,
+                                                in_tags=in_tags, out_tags=out_tags,
+                                                op_name=f"StructuralOp ({detail})",
+                                                builder=_structural_builder(entry, in_tags, out_tags, n_tokens))
+                    continue
+                if entry.kind == "fallback" and strict:
+                    why = (reasons or {}).get(path) or f"{entry.cls_name} contains pair ops no rule covers"
+                    raise UnsupportedPairOpError(
+                        f"autocp (strict): module {path} ({entry.cls_name}) needs the full pair tensor: {why}. "
+                        f"Given: no registered module covers it, and the structural rewrite (which ports "
+                        f"triangle multiplications without registration) failed: {s_err}. Required: a distributed "
+                        f"implementation of every pair op in it. Fix: autocp.register_module({entry.cls_name}, "
+                        f"lambda module, mesh: My2DOp(module, mesh)) (call='pair' for the op(z, mask, n_tokens=N) "
+                        f"contract), or run with strict=False to gather -> run -> re-shard that module."
+                    )
                 if entry.kind == "module" and rule is not None and rule.op_factory is not None and _op_available(rule, entry.module, mesh):
                     plan.actions[path] = Action(path, "op", f"registry:{entry.cls_name}", rule.kind, entry.cls_name,
                                                 in_tags=in_tags, out_tags=out_tags,
@@ -209,6 +230,8 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
                 else:
                     why = (f"registered {entry.cls_name} has no 2D op in this checkout" if entry.kind == "module"
                            else (reasons or {}).get(path) or f"{entry.cls_name} contains pair ops no rule covers")
+                    if s_err:
+                        why += f" (structural rewrite: {s_err})"
                     plan.actions[path] = Action(path, "fallback", why, rule.kind if rule else "unsupported",
                                                 entry.cls_name, full_bytes=full, in_tags=in_tags, out_tags=out_tags)
     # 2. uncovered pair ops and structural matches without an op -> the innermost module
@@ -224,7 +247,10 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
         inst = [p + path[len(blk.rep):] for p in blk.paths] if blk is not None and path.startswith(blk.rep) else [path]
         first = items[0]
         node_name = first[0].name if first[0] is not None else "-"
-        if strict:
+        # only structural matches (no uncovered node) and a module to capture: the second round
+        # tries the structural rewrite first (strict raises there if it fails)
+        deferred = path != "" and all(nd is None for nd, _r in items)
+        if strict and not deferred:
             cls = next((m.module_cls for m in match_result.matches if m.path == path), "") or path or "<top level>"
             raise UnsupportedPairOpError(
                 f"autocp (strict): node {node_name!r} in module {path or '<top level>'} needs the full pair "
@@ -278,6 +304,33 @@ def fallback_out_tags(meta, boundary, n):
         hit = next((t for s, t in reversed(boundary or []) if tuple(s) == tuple(shape)), None)
         res.append(tuple(x if x in ("r", "c", "s", None) else None for x in hit) if hit else c)
     return res
+
+
+def _try_structural(entry, in_tags, out_tags, mesh, n_tokens):
+    """((kind, detail), None) if the fallback module's graph can be rewritten to run on tiles
+    (:mod:`autocp.passes.structural`), else (None, why not)."""
+    from .structural import StructuralRewriteError, get_program
+
+    try:
+        prog = get_program(entry.module, entry.last_call, entry.in_meta or [], in_tags, n_tokens, mesh.p,
+                           out_tags, share_key=entry.key)
+    except StructuralRewriteError as exc:
+        return None, str(exc)
+    dirs = sorted({d for _n, d, _x in prog.contractions})
+    kind = "triangle_mult_out" if dirs == ["outgoing"] else ("triangle_mult_in" if dirs == ["incoming"]
+                                                             else "triangle_mult")
+    detail = "; ".join(f"{nm} -> Cannon {d}" for nm, d, _x in prog.contractions)
+    return (kind, detail), None
+
+
+def _structural_builder(entry, in_tags, out_tags, n_tokens):
+    from .structural import StructuralOp
+
+    def build(module, mesh):
+        return StructuralOp(module, mesh, entry.last_call, entry.in_meta or [], in_tags, n_tokens,
+                            path=entry.path, out_tags=out_tags, share_key=entry.key)
+
+    return build
 
 
 def _op_available(rule, module, mesh) -> bool:

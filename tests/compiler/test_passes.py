@@ -193,11 +193,14 @@ def test_register_module_binds_custom_class_to_2d_op():
     ex = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ex)
     model, inputs = ex.make()
-    with pytest.warns(UserWarning, match="structural match triangle_mult_out"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unregistered: ported by the structural rewrite, not gathered
         pm = parallelize(model, None, example_inputs=inputs)
-    kinds = sorted((r.path, r.kind) for r in pm.report.rows if r.rule.startswith("structural:"))
+    kinds = sorted({(r.path, r.kind) for r in pm.report.rows if r.rule.startswith("structural:")})
     assert kinds == [("ins.0", "triangle_mult_in"), ("ins.1", "triangle_mult_in"),
                      ("outs.0", "triangle_mult_out"), ("outs.1", "triangle_mult_out")]
+    assert {p: (a.action, a.why) for p, a in pm.plan.actions.items()} == {
+        p: ("op", "structural:triangle_mult") for p in ("outs.0", "outs.1", "ins.0", "ins.1")}
     ex.register()
     pm = parallelize(model, None, example_inputs=inputs, strict=True)
     acts = {p: a.action for p, a in pm.plan.actions.items()}
