@@ -140,7 +140,7 @@ def cases_for(p: int, k: int):
         for n in (p * k, p * k + 1):
             # padded N: query rows in uneven chunks of 3 inside each ring step (b = k + 1 = 4
             # or 6); the default chunk covers these tiny tiles whole
-            cs.append({"starting": starting, "n": n, "kind": "train", "row_chunk": 3 if n % p else None})
+            cs.append({"starting": starting, "n": n, "kind": "train", "row_chunk": 3 if n == p * k + 1 else None})
         cs.append({"starting": starting, "n": p * k + 1, "kind": "eval", "row_chunk": 1})
         cs.append({"starting": starting, "n": p * k + 1, "kind": "bf16"})
     return cs
