@@ -239,7 +239,8 @@ def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, in
             from ..mesh import SquareMesh
             from ..registry import lookup_module
 
-            op = lookup_module(mod).build(mod, SquareMesh.single())
+            op = (act.builder(mod, SquareMesh.single()) if getattr(act, "builder", None) is not None
+                  else lookup_module(mod).build(mod, SquareMesh.single()))  # builder: structural rewrite
             repl[path] = _SimOp(op, act.kind, tracker, p, b)
         else:
             repl[path] = _SimGather(mod, act.in_tags, act.out_tags, n, b)
