@@ -265,7 +265,6 @@ class _TriAttnRing(torch.autograd.Function):
         dq = torch.zeros(B, bi, bj, H, D, dtype=f32, device=dev).transpose(2, 3)
 
         # rows on the uniform (fully masked) path, flattened over (B, b_i), in chunks
-        R = B * bi
         idx_all = masked.reshape(-1).nonzero().squeeze(1)
         m_chunks = list(torch.split(idx_all, max(1, B * rc))) if idx_all.numel() else []
         q_r, dout_r, delta_r, dq_r = (x.flatten(0, 1) for x in (q, dout, delta, dq))  # views

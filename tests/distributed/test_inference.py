@@ -79,7 +79,8 @@ def _case(mesh, train: bool) -> dict:
     (so_r.sum() + zo_r.sum()).backward()
     ts, tz = args[0].clone().requires_grad_(), args[1].clone().requires_grad_()
     so, zo = op(ts, tz, args[2], args[3], n_tokens=N)
-    ((so * RowToken().valid_mask(mesh, N, ndim=3)).sum() / mesh.p + (zo * Pair2D().valid_mask(mesh, N, ndim=4)).sum()).backward()
+    s_seed = (so * RowToken().valid_mask(mesh, N, ndim=3)).sum() / mesh.p  # RowToken: 1/p per rank
+    (s_seed + (zo * Pair2D().valid_mask(mesh, N, ndim=4)).sum()).backward()
     res["after.z"] = tile_err(Pair2D(), zo, zo_r, mesh, N)
     res["after.dz"] = tile_err(Pair2D(), tz.grad, rz.grad, mesh, N)
     return res
