@@ -5,7 +5,9 @@ Two ways, both shown here on a small trunk whose classes autocp has never seen:
 1. **Structural matching, no registration**: ``autocp.parallelize`` finds the triangle
    multiplications / attentions by what they compute on the ATen graph (a contraction over
    a token axis between pair tensors, a softmax over a token axis of q.k + pair bias),
-   whatever the spelling; ``explain()`` lists them. Modules without a 2D op bound run
+   whatever the spelling; ``explain()`` lists them. Triangle multiplications are then
+   *rewritten* on tiles (the module's own graph, its contraction replaced by the Cannon
+   ring: ``passes/structural.py``); other matches without a 2D op bound (attentions) run
    gathered (exact, O(N^2) memory) with a warning -- ``strict=True`` makes that an error.
 2. **register_module**: bind your class to a 2D op. Here ``MyTriMul`` has Boltz's
    submodules (norm_in, p_in, g_in, norm_out, p_out, g_out), so autocp's
@@ -102,7 +104,7 @@ def run(rank, world):
     mesh = autocp.init_mesh()
     model, inputs = make()
     ref = model(*inputs)
-    # 1. structural: found without registration (runs gathered until an op is bound)
+    # 1. structural: found without registration and rewritten on tiles (no gather)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = parallelize(model, mesh, example_inputs=inputs)
@@ -114,7 +116,7 @@ def run(rank, world):
     out.sum().backward()
     sync_grads(pm, mesh)
     return {
-        "structural": [(r.path, r.kind) for r in structural],
+        "structural": sorted({(r.path, r.kind) for r in structural}),
         "explain": pm.explain(),
         "max_err": float((out - ref).abs().max()),
     }

@@ -5,7 +5,7 @@ not gathered.
 Two foreign spellings (their own class names, einsum vs bmm + reshape, argument order
 (mask, z) vs (z, mask), no masking of autocp's padding) in a 2-block trunk, plus the
 AF3-like trunk of af3like.py (its triangle multiplications rewritten, its attentions still
-gathered). 2x2 and 3x3 gloo meshes, N=7 (not divisible by 2 or 3), a pair mask with a
+gathered; 2x2 only). 2x2 and 3x3 gloo meshes, N=7 (not divisible by 2 or 3), a pair mask with a
 masked token, all parameters re-drawn; forward, input gradient and every parameter
 gradient (after sync_grads) against the single-device model. The rewritten modules must
 not take the gather fallback: the plan says "op" and the measured per-rank peak of a
@@ -158,8 +158,8 @@ def _parity(model, inputs, mesh, grad_inputs=(0,)):
     missing = [k for k, p in pm.named_parameters() if p.grad is None]
     model.zero_grad()
     return {
-        "out_err": [float((a - b).abs().max()) for a, b in zip(out, ref)],
-        "scale": [float(b.abs().max()) for b in ref],
+        "out_err": [float((a.detach() - b.detach()).abs().max()) for a, b in zip(out, ref)],
+        "scale": [float(b.detach().abs().max()) for b in ref],
         "in_err": in_err,
         "grad_err": max(rel.values()),
         "missing": missing,
@@ -167,7 +167,7 @@ def _parity(model, inputs, mesh, grad_inputs=(0,)):
     }
 
 
-def structural_worker(rank, world):
+def structural_worker(rank, world, full=True):
     import autocp
     from autocp.api import parallelize
     from autocp.memory import MemoryTracker
@@ -180,13 +180,16 @@ def structural_worker(rank, world):
     model = _redraw(ForeignTrunk()).train()
     z, pm_, _ = _pair_inputs(7)
     res["foreign"] = _parity(model, (z, pm_), mesh, grad_inputs=(0,))
-    # 2. the AF3-like trunk of af3like.py (other argument order (z, s, mask, pair_mask))
-    from tests.compiler.af3like import Trunk
+    if not full:
+        # 2. the AF3-like trunk of af3like.py (other argument order (z, s, mask, pair_mask));
+        # its gathered attentions are slow on 9 CPU ranks: 2x2 only
+        from tests.compiler.af3like import Trunk
 
-    af = _redraw(Trunk()).train()
-    z8, pm8, mask = _pair_inputs(7)
-    s = torch.randn(1, 7, 8, generator=torch.Generator().manual_seed(3))
-    res["af3like"] = _parity(af, (z8, s, mask, pm8), mesh, grad_inputs=(0, 1))
+        af = _redraw(Trunk()).train()
+        z8, pm8, mask = _pair_inputs(7)
+        s = torch.randn(1, 7, 8, generator=torch.Generator().manual_seed(3))
+        res["af3like"] = _parity(af, (z8, s, mask, pm8), mesh, grad_inputs=(0, 1))
+        return res
     # 3. memory: per-rank peak of a no-grad forward, N=13, vs the single-device model
     big = _redraw(ForeignTrunk(c=16)).eval()
     zb, pmb, _ = _pair_inputs(13, c=16)
@@ -203,36 +206,49 @@ def structural_worker(rank, world):
     return res
 
 
-def _check(res, world):
+def _check(res, world, full=True):
     for rank, r in enumerate(res):
         f = r["foreign"]
+        if rank == 0:
+            print(f"\n{world} ranks: " + "; ".join(
+                f"{k}: out {max(e / sc for e, sc in zip(r[k]['out_err'], r[k]['scale'])):.1e} rel, input grad "
+                f"{r[k]['in_err']:.1e} rel, param grads {r[k]['grad_err']:.1e} rel" for k in ("foreign", "af3like")
+                if k in r) + (f"; peak/rank {r['peak'][0]} B vs single-device {r['peak'][1]} B" if full else ""))
         assert sorted(f["actions"]) == sorted(TRIMUL_PATHS), f["actions"]
         for path, (action, why, kind) in f["actions"].items():
             assert action == "op" and why == "structural:triangle_mult", (path, action, why)
             assert kind == ("triangle_mult_out" if path.endswith("_out") else "triangle_mult_in"), (path, kind)
-        a = r["af3like"]
-        for i in range(2):
-            for name, kind in (("mul_o", "triangle_mult_out"), ("mul_i", "triangle_mult_in")):
-                act = a["actions"][f"blocks.{i}.{name}"]
-                assert act == ("op", "structural:triangle_mult", kind), act
-            assert a["actions"][f"blocks.{i}.att_row"][0] == "fallback"  # attention: not rewritten yet
-        for case in (f, a):
-            assert case["missing"] == [], case["missing"]
-            for err, scale in zip(case["out_err"], case["scale"]):
-                assert err <= 1e-5 * scale, (world, rank, case["out_err"], case["scale"])
-            assert case["in_err"] < 1e-4, (world, rank, case["in_err"])
-            assert case["grad_err"] < 1e-4, (world, rank, case["grad_err"])
+        _check_case(f, world, rank)
+        if not full:
+            a = r["af3like"]
+            for i in range(2):
+                for name, kind in (("mul_o", "triangle_mult_out"), ("mul_i", "triangle_mult_in")):
+                    act = a["actions"][f"blocks.{i}.{name}"]
+                    assert act == ("op", "structural:triangle_mult", kind), act
+                assert a["actions"][f"blocks.{i}.att_row"][0] == "fallback"  # attention: not rewritten yet
+            _check_case(a, world, rank)
+            continue
         peak, single, full_z = r["peak"]
         assert r["peak_actions"] == ["op"]
         # gathered execution would hold at least the single-device working set per rank
         assert peak < 0.5 * single, (world, rank, peak, single, full_z)
 
 
+def _check_case(case, world, rank):
+    assert case["missing"] == [], case["missing"]
+    for err, scale in zip(case["out_err"], case["scale"]):
+        assert err <= 1e-5 * scale, (world, rank, case["out_err"], case["scale"])
+    assert case["in_err"] < 1e-4, (world, rank, case["in_err"])
+    assert case["grad_err"] < 1e-4, (world, rank, case["grad_err"])
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [4, 9])
 def test_structural_trimul_parity_and_no_gather(world):
-    res = run_distributed(structural_worker, world, timeout=400)
-    _check(res, world)
+    # 3x3: the foreign trunk + memory; 2x2: both trunks (keeps the file near ~90 s on 2 CPU cores)
+    full = world == 9
+    res = run_distributed(structural_worker, world, full, timeout=400)
+    _check(res, world, full)
 
 
 def test_one_process_plan_and_strict():
