@@ -50,10 +50,11 @@ class Estimate:
     params_bytes: int
     per_module: dict = field(default_factory=dict)
     fits: Optional[tuple] = None  # smallest (p, p) that fits device_bytes
+    backward: bool = False  # forward + backward (one training step) rather than forward only
 
     def __str__(self) -> str:
         s = (f"N={self.n_tokens} on {self.mesh_shape[0]}x{self.mesh_shape[1]}: per-rank peak "
-             f"{self.peak_bytes / 2**20:.2f} MiB ({self.dtype})")
+             f"{self.peak_bytes / 2**20:.2f} MiB ({self.dtype}, {'forward+backward' if self.backward else 'forward'})")
         if self.fits is not None:
             s += f"; smallest mesh that fits: {self.fits[0]}x{self.fits[1]}"
         return s
@@ -95,6 +96,10 @@ class _Tracker:
         self.seen = {}
 
     def add(self, t):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if not isinstance(t, FakeTensor):
+            return  # a real tensor here is a parameter/buffer (or a view of one): counted in params_bytes
         try:
             st = t.untyped_storage()
         except Exception:  # noqa: BLE001
@@ -110,6 +115,11 @@ class _Tracker:
     def _free(self, key, nbytes):
         self.seen.pop(key, None)
         self.live -= nbytes
+
+    def ignore(self, t):
+        """Mark ``t``'s storage as already counted (a fake parameter: in params_bytes)."""
+        st = t.untyped_storage()
+        self.seen[id(st)] = st  # strong ref keeps the id valid
 
     def charge(self, nbytes):
         self.extra += nbytes
@@ -131,6 +141,10 @@ def _mode(tracker):
                 # and those fix-ups touch a few rows), 1 for counts, 0.0 for floats
                 x = args[0]
                 return False if x.dtype == torch.bool else (1 if not x.dtype.is_floating_point else 0.0)
+            if func is torch.ops.aten.nonzero.default:
+                # data-dependent output shape: consistent with the False above, nothing is set
+                x = args[0]
+                return torch.empty((0, x.dim()), dtype=torch.long, device=x.device)
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
@@ -264,11 +278,19 @@ def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, in
         for t in fake_in:
             if isinstance(t, torch.Tensor):
                 tracker.add(t)
+        for q in [*model.parameters(), *model.buffers()]:
+            tracker.ignore(fm.from_tensor(q))  # memoised: the fake the ops will see
         with _mode(tracker):
             if training:
-                out = clone(*a, **kw)
-                loss = sum(o.float().sum() for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
-                loss.backward()
+                saved = [(q, q.grad) for q in model.parameters()]
+                try:
+                    out = clone(*a, **kw)
+                    loss = sum(o.float().sum() for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+                    del out
+                    loss.backward()
+                finally:  # fake gradients never stay on the real parameters
+                    for q, g in saved:
+                        q.grad = g
             else:
                 with torch.no_grad():
                     out = clone(*a, **kw)
@@ -283,16 +305,21 @@ def estimate(
     *,
     make_inputs: Optional[Callable] = None,
     training: bool = False,
+    backward: Optional[bool] = None,
     device_bytes: Optional[int] = None,
     max_p: int = 64,
 ) -> Estimate:
     """Per-rank peak bytes (parameters + live tensors) of ``parallelize(model)`` at
-    ``n_tokens`` on ``mesh_shape`` (forward; ``training=True``: forward + backward).
+    ``n_tokens`` on ``mesh_shape`` (forward, no grad; ``training=True`` or ``backward=True``:
+    one training step -- forward in train mode, backward of the summed outputs, parameter
+    gradients included; data-dependent branches take the no-masked-rows path).
 
     ``make_inputs(n) -> tuple``: example inputs at token length ``n`` (meta tensors are
     fine); default: ``(s, z, mask, pair_mask)`` from the model's weights. With
     ``device_bytes``, also the smallest square mesh that fits (``Estimate.fits``).
     """
+    if backward is not None:
+        training = bool(backward)
     from ..api import _resolve_input_tags, compile_stages
     from ..mesh import MeshError, SquareMesh
 
@@ -329,4 +356,4 @@ def estimate(
     finally:
         model.train(was)
     return Estimate(n_tokens=n_tokens, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(peak), params_bytes=int(pbytes),
-                    per_module=per_module, fits=fits)
+                    per_module=per_module, fits=fits, backward=bool(training))

@@ -76,3 +76,64 @@ def test_explain_comm_equals_counted_bytes(world, n):
         assert res[0]["column"][p] == max(r["measured"][p] for r in res), p
     assert "comm per layer (exact, bytes sent by the busiest rank" in res[0]["text"]
     print({p: [r["measured"][p] for r in res] for p in paths[:5]})
+
+
+def train_memory_worker(rank, world, n, cs=16, cz=16):
+    """Measured per-rank peak (params + local inputs + live tensors incl. parameter grads)
+    of one training step: forward on local tiles, sum of the outputs, backward."""
+    import autocp
+    from autocp.api import parallelize
+    from autocp.layout import Pair2D, RowToken
+    from autocp.memory import MemoryTracker
+    from autocp.passes.context import tile_context
+
+    mesh = autocp.init_mesh()
+    model = build_pairformer(2, blocks=2, cs=cs, cz=cz).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = parallelize(model, mesh, example_inputs=pairformer_inputs(max(2 * mesh.p, 6), cs=cs, cz=cz))
+    pm.train()
+    s, z, mask, pair_mask = pairformer_inputs(n, cs=cs, cz=cz)
+    loc = [RowToken().shard(s, mesh).clone(), Pair2D().shard(z, mesh).clone(),
+           RowToken().shard(mask, mesh).clone(), Pair2D().shard(pair_mask, mesh).clone()]
+    with MemoryTracker(track=[*model.parameters(), *loc]) as mt:
+        with tile_context(mesh, n):
+            out = pm._clone(*loc)
+            loss = sum(o.float().sum() for o in out)
+            del out
+            loss.backward()
+    return mt.peak_bytes
+
+
+TRAIN_POINTS = [(20, 1), (20, 4), (21, 9)]
+
+
+def test_estimate_training_within_15_percent_of_measured():
+    from autocp.api import estimate
+
+    ratios = {}
+    for n, world in TRAIN_POINTS:
+        p = int(world ** 0.5)
+        model = build_pairformer(2, blocks=2, cs=16, cz=16).train()
+        est = estimate(model, n_tokens=n, mesh_shape=(p, p), backward=True)
+        assert est.backward and all(q.grad is None for q in model.parameters())  # no fake grads left behind
+        measured = max(run_distributed(train_memory_worker, world, n, timeout=300))
+        ratios[(n, world)] = est.peak_bytes / measured
+        print(f"train N={n} P={world}: estimate {est.peak_bytes} B, measured {measured} B, "
+              f"ratio {ratios[(n, world)]:.3f}")
+    for k, r in ratios.items():
+        assert 0.85 <= r <= 1.15, (k, r, ratios)
+
+
+def test_smallest_mesh_that_fits_training():
+    from autocp.api import estimate
+
+    model = build_pairformer(2, blocks=2, cs=16, cz=16).train()
+    peaks = {p: estimate(model, n_tokens=30, mesh_shape=(p, p), backward=True).peak_bytes for p in (1, 2, 3)}
+    assert peaks[1] > peaks[2] > peaks[3], peaks  # more ranks, less per rank
+    for want in (1, 2, 3):
+        est = estimate(model, n_tokens=30, mesh_shape=(1, 1), backward=True, device_bytes=peaks[want])
+        assert est.fits == (want, want), (want, est.fits, peaks)
+    assert "smallest mesh that fits: 2x2" in str(estimate(model, n_tokens=30, backward=True, device_bytes=peaks[2]))
+    none = estimate(model, n_tokens=30, backward=True, device_bytes=1, max_p=3)
+    assert none.fits is None
