@@ -6,7 +6,10 @@ Guarantees: a :class:`RewritePlan` mapping module paths to actions, every live n
 needs a full tensor covered by exactly one action:
 
 * ``"op"`` -- a registered module replaced by its 2D op (``rule.build(module, mesh)``),
-  called with the module's own arguments on local tiles;
+  called with the module's own arguments on local tiles; or an unregistered module whose
+  only full-tensor ops are structurally matched triangle multiplications / triangle
+  attentions, replaced by :class:`autocp.passes.structural.StructuralOp` (its own graph on
+  tiles; ``why`` = ``structural:triangle_mult`` / ``structural:triangle_attn``);
 * ``"fallback"`` -- a module (registered without an available op, or containing pair
   ops no rule covers) replaced by :class:`GatherFallback`: gather its inputs to full
   tensors, run the original module, re-shard its outputs. Exact (forward and backward)
@@ -207,8 +210,8 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
             for path in paths:
                 rule = entry.rule
                 if structural is not None:
-                    kinds, detail = structural
-                    plan.actions[path] = Action(path, "op", "structural:triangle_mult", kinds, entry.cls_name,
+                    kinds, detail, s_rule = structural
+                    plan.actions[path] = Action(path, "op", s_rule, kinds, entry.cls_name,
                                                 in_tags=in_tags, out_tags=out_tags,
                                                 op_name=f"StructuralOp ({detail})",
                                                 builder=_structural_builder(entry, in_tags, out_tags, n_tokens))
@@ -218,8 +221,9 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
                     raise UnsupportedPairOpError(
                         f"autocp (strict): module {path} ({entry.cls_name}) needs the full pair tensor: {why}. "
                         f"Given: no registered module covers it, and the structural rewrite (which ports "
-                        f"triangle multiplications without registration) failed: {s_err}. Required: a distributed "
-                        f"implementation of every pair op in it. Fix: autocp.register_module({entry.cls_name}, "
+                        f"triangle multiplications and triangle attentions without registration) failed: "
+                        f"{s_err}. Required: a distributed implementation of every pair op in it. Fix: "
+                        f"autocp.register_module({entry.cls_name}, "
                         f"lambda module, mesh: My2DOp(module, mesh)) (call='pair' for the op(z, mask, n_tokens=N) "
                         f"contract), or run with strict=False to gather -> run -> re-shard that module."
                     )
@@ -320,7 +324,14 @@ def _try_structural(entry, in_tags, out_tags, mesh, n_tokens):
     kind = "triangle_mult_out" if dirs == ["outgoing"] else ("triangle_mult_in" if dirs == ["incoming"]
                                                              else "triangle_mult")
     detail = "; ".join(f"{nm} -> Cannon {d}" for nm, d, _x in prog.contractions)
-    return (kind, detail), None
+    rules = ["structural:triangle_mult"] if prog.contractions else []
+    if prog.attentions:  # triangle attention -> the ring attention of autocp.ops.triangle_attn
+        akinds = sorted({k for _n, k, _x in prog.attentions})
+        akind = akinds[0] if len(akinds) == 1 else "triangle_attn"
+        kind = akind if not prog.contractions else f"{kind}+{akind}"
+        detail = "; ".join([detail] * bool(detail) + [f"{nm} -> ring attention ({x})" for nm, _k, x in prog.attentions])
+        rules.append("structural:triangle_attn")
+    return (kind, detail, "+".join(rules)), None
 
 
 def _structural_builder(entry, in_tags, out_tags, n_tokens):

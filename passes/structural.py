@@ -44,7 +44,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract"]
+__all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract",
+           "tile_attention"]
 
 
 class StructuralRewriteError(RuntimeError):
@@ -80,6 +81,7 @@ class TileProgram:
     p: int
     contractions: list = field(default_factory=list)  # [(node name, direction, detail)]
     shape_rewrites: list = field(default_factory=list)  # [node name]
+    attentions: list = field(default_factory=list)  # [(softmax node name, kind, detail)]
 
 
 # ----------------------------------------------------------------------------- the runtime primitive
@@ -115,6 +117,346 @@ def tile_contract(a: torch.Tensor, b: torch.Tensor, x_operand: int, perm_x, perm
         y = y * valid
     out = trimul_contract(x.contiguous(), y.contiguous(), mesh, direction)
     return out.permute(perm_out).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- triangle attention
+#: an additive mask term / masked_fill value must be at most this (a "huge negative"): masked
+#: keys then get exactly zero weight in fp32, as in the ring's key mask
+MASK_NEG = -1e4
+_ATTN_SPECS: dict = {}
+_CASTS = {"to", "_to_copy", "clone", "alias", "contiguous", "type_as", "float"}
+
+
+@dataclass
+class _AttnSpec:
+    """Letters of one matched triangle attention (see :func:`_attention_spec`)."""
+
+    qk: Any  # the q.k node
+    sm: Any  # the softmax node
+    av: Any  # the attn @ v node
+    covered: list  # nodes replaced (qk .. av)
+    q: Any
+    k: Any
+    v: Any
+    lq: str  # letters of q / k / v operands (v: logits letters + the value letter)
+    lk: str
+    lv: str
+    lout: str  # letters of av's output
+    i: str  # row letter (token axis shared by q and k: independent rows)
+    j: str  # query letter
+    kk: str  # key letter
+    d: str  # q.k contracted letter
+    e: str  # value letter
+    bm: list  # batch letters the mask varies along (ring B)
+    hm: list  # other batch letters (ring H)
+    qk_mult: float
+    biases: list  # [(node, letters aligned with the node's dims ('' = broadcast), mult)]
+    masks: list  # [("add" | "fill", node, letters, mult or fill value)]
+    transposed: bool  # keys along the row-token axis (ending node): transposed mesh view
+    out_dtype: Any
+    detail: str
+
+
+def _scalar(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _align(node, letters: str, shape) -> str:
+    """Letters of ``node``'s dims, right-aligned against ``letters`` / ``shape`` (the logits);
+    '' marks a broadcast (size-1 against a larger) dim."""
+    v = node.meta.get("val")
+    if not isinstance(v, torch.Tensor):
+        raise StructuralRewriteError(f"attention term {node.name} is not a tensor")
+    if v.dim() > len(letters):
+        raise StructuralRewriteError(f"attention term {node.name} has more dims than the scores")
+    off = len(letters) - v.dim()
+    out = []
+    for d, s in enumerate(v.shape):
+        full = shape[off + d]
+        if s == full:
+            out.append(letters[off + d])
+        elif s == 1:
+            out.append("")
+        else:
+            raise StructuralRewriteError(f"attention term {node.name} of shape {tuple(v.shape)} does not broadcast "
+                                         f"to the scores {tuple(shape)}")
+    return "".join(l or "." for l in out)
+
+
+def _reaches_contraction(node, limit=16) -> bool:
+    from .match import _ancestors_until, _is_contraction
+
+    return any(_is_contraction(a) for a in _ancestors_until(node, _is_contraction, limit=limit))
+
+
+def _has_param_ancestor(node, limit=64) -> bool:
+    work, seen = [node], set()
+    while work and len(seen) < 4096:
+        nd = work.pop()
+        if nd in seen:
+            continue
+        seen.add(nd)
+        if nd.op == "placeholder" and nd.meta.get("autocp.param"):
+            return True
+        work.extend(nd.all_input_nodes)
+    return False
+
+
+def _attention_spec(sm) -> _AttnSpec:
+    """Recognise ``softmax(mult * (q . k) + pair bias + mask) @ v`` around softmax node ``sm``
+    (over a token axis) -- the triangle attention the ring of
+    :mod:`autocp.ops.triangle_attn` computes -- or raise saying what does not fit."""
+    from .match import _is_contraction, _pair_derived
+
+    name = _name(sm.target)
+    where = f"node {sm.name!r} (softmax over token axis {sm.meta.get('autocp.softmax_tag')!r})"
+    if name not in ("softmax", "_softmax", "_safe_softmax"):
+        raise StructuralRewriteError(f"{where}: {name} (SDPA / log_softmax) is not rewritten")
+    # 1. walk back from the softmax input to q.k: scalar scales, additive terms, masked_fill
+    mult, terms, fills, chain = 1.0, [], [], []
+    cur = sm.args[0]
+    while True:
+        if cur.op != "call_function":
+            raise StructuralRewriteError(f"{where}: no q.k contraction feeds it")
+        nm = _name(cur.target)
+        if _is_contraction(cur):
+            qk = cur
+            break
+        if len(cur.users) != 1:
+            raise StructuralRewriteError(f"{where}: the scores {cur.name} are used elsewhere (not rewritten)")
+        chain.append(cur)
+        a = cur.args
+        if nm in _CASTS:
+            cur = a[0]
+        elif nm in ("mul", "div") and len(a) == 2 and _scalar(a[1]) and isinstance(a[0], torch.fx.Node):
+            mult = mult * float(a[1]) if nm == "mul" else mult / float(a[1])
+            cur = a[0]
+        elif nm == "mul" and len(a) == 2 and _scalar(a[0]):
+            mult, cur = mult * float(a[0]), a[1]
+        elif nm in ("add", "sub") and len(a) == 2 and all(isinstance(x, torch.fx.Node) for x in a) \
+                and cur.kwargs.get("alpha", 1) == 1:
+            on = [_reaches_contraction(x) for x in a]
+            if on[0] == on[1]:
+                raise StructuralRewriteError(f"{where}: {cur.name} adds {'two score' if on[0] else 'no score'} terms")
+            ci = 0 if on[0] else 1
+            sign = -1.0 if (nm == "sub" and ci == 0) else 1.0
+            if nm == "sub" and ci == 1:
+                raise StructuralRewriteError(f"{where}: {cur.name} subtracts the scores")
+            terms.append((a[1 - ci], mult * sign))
+            cur = a[ci]
+        elif nm == "masked_fill" and isinstance(a[1], torch.fx.Node) and _scalar(a[2]):
+            if terms:  # masked_fill under an additive term: masked scores are no longer constant
+                raise StructuralRewriteError(f"{where}: masked_fill {cur.name} is applied before the additive "
+                                             f"term {terms[-1][0].name} (supported: the mask last)")
+            fills.append((a[1], float(a[2]) * mult))
+            cur = a[0]
+        else:
+            raise StructuralRewriteError(f"{where}: {cur.name} ({nm}) between q.k and the softmax is not supported")
+    sa, sb, so, (q, k) = _contraction_letters(qk)
+    lq_t, lk_t = q.meta.get("autocp.layout"), k.meta.get("autocp.layout")
+    if not (_pair_derived(q) and _pair_derived(k)) or not isinstance(lq_t, tuple) or not isinstance(lk_t, tuple):
+        raise StructuralRewriteError(f"{where}: q/k of {qk.name} are not pair-derived (pair-bias attention over "
+                                     f"token tensors is not rewritten)")
+    tq, tk = dict(zip(sa, lq_t)), dict(zip(sb, lk_t))
+    shape = tuple(qk.meta["val"].shape)
+    contracted = [ch for ch in dict.fromkeys(sa + sb) if ch not in so]
+    if len(contracted) != 1 or tq.get(contracted[0]) is not None or tk.get(contracted[0]) is not None:
+        raise StructuralRewriteError(f"{where}: {qk.name} must contract exactly one channel letter; got {contracted}")
+    d = contracted[0]
+    tokq = [ch for ch in sa if tq[ch] in TOKEN]
+    tokk = [ch for ch in sb if tk[ch] in TOKEN]
+    shared = [ch for ch in tokq if ch in tokk]
+    jq = [ch for ch in tokq if ch not in tokk]
+    kq = [ch for ch in tokk if ch not in tokq]
+    if len(shared) != 1 or len(jq) != 1 or len(kq) != 1:
+        raise StructuralRewriteError(f"{where}: {qk.name} needs one shared row token letter, one query and one key "
+                                     f"token letter; got {shared}, {jq}, {kq}")
+    i, j, kk = shared[0], jq[0], kq[0]
+    if tq[i] != tk[i] or tq[i] == tq[j] or tk[kk] != tq[j]:
+        raise StructuralRewriteError(f"{where}: token layouts i={tq[i]!r} j={tq[j]!r} k={tk[kk]!r} are not a "
+                                     f"triangle attention's (rows on one axis, queries and keys on the other)")
+    batch = [ch for ch in so if ch not in (i, j, kk)]
+    for ch in batch:
+        if ch not in sa or ch not in sb or tq[ch] is not None or tk[ch] is not None:
+            raise StructuralRewriteError(f"{where}: batch letter {ch!r} must be in q and k, unsharded")
+    sdim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
+    if not isinstance(sdim, int) or so[sdim % len(so)] != kk:
+        raise StructuralRewriteError(f"{where}: the softmax is not over the key letter {kk!r} of {qk.name}")
+    rtag, ktag = tq[i], tk[kk]
+    # 2. classify the additive terms: triangle bias [j, k] (the pair tensor's row axis as query
+    # index), key mask [i, k] (broadcast over queries); anything else does not fit
+    biases, masks = [], []
+    for node, m in terms:
+        al = _align(node, so, shape)
+        lt = {ch: t for ch, t in zip(al, node.meta.get("autocp.layout") or ()) if ch != "."}
+        if i not in al and j in al and kk in al and lt.get(j) == rtag and lt.get(kk) == ktag:
+            biases.append((node, al, m))
+        elif j not in al and kk in al and lt.get(kk) == ktag and (i not in al or lt.get(i) == rtag):
+            if _has_param_ancestor(node):
+                raise StructuralRewriteError(
+                    f"{where}: additive term {node.name} over [{i!r}, {kk!r}] depends on parameters: neither a key "
+                    f"mask (0 / huge negative) nor the pair-derived triangle bias [query {j!r}, key {kk!r}]")
+            masks.append(("add", node, al, m))
+        else:
+            raise StructuralRewriteError(
+                f"{where}: additive term {node.name} (dims {al!r}, layouts {lt}) is neither the pair-derived "
+                f"triangle bias [query {j!r} on the {rtag!r} axis, key {kk!r}] nor a key mask [{i!r}, {kk!r}]")
+    for cond, val in fills:
+        al = _align(cond, so, shape)
+        lt = {ch: t for ch, t in zip(al, cond.meta.get("autocp.layout") or ()) if ch != "."}
+        if j in al or kk not in al or lt.get(kk) != ktag or (i in al and lt.get(i) != rtag):
+            raise StructuralRewriteError(f"{where}: masked_fill condition {cond.name} is not a key mask [{i!r}, {kk!r}]")
+        if not val <= MASK_NEG:
+            raise StructuralRewriteError(f"{where}: masked_fill value {val} is not a huge negative (<= {MASK_NEG})")
+        masks.append(("fill", cond, al, val))
+    bm = [ch for ch in batch if any(ch in al for _k, _n, al, _v in masks)]
+    hm = [ch for ch in batch if ch not in bm]
+    # 3. softmax -> (casts) -> attn @ v
+    after, cur = [], sm
+    while True:
+        if len(cur.users) != 1:
+            raise StructuralRewriteError(f"{where}: the attention weights are used {len(cur.users)} times "
+                                         f"(only attn @ v is rewritten)")
+        nxt = next(iter(cur.users))
+        if _is_contraction(nxt):
+            av = nxt
+            break
+        if nxt.op != "call_function" or _name(nxt.target) not in _CASTS:
+            raise StructuralRewriteError(f"{where}: {nxt.name} ({_name(nxt.target) if nxt.op == 'call_function' else nxt.op}) "
+                                         f"on the attention weights is not supported (only attn @ v)")
+        after.append(nxt)
+        cur = nxt
+    ca, cb, co, (x0, x1) = _contraction_letters(av)
+    if x0 is cur:
+        la, lvv, v = ca, cb, x1
+    elif x1 is cur:
+        la, lvv, v = cb, ca, x0
+    else:
+        raise StructuralRewriteError(f"{where}: {av.name} does not take the weights as an operand")
+    if len(la) != len(so):
+        raise StructuralRewriteError(f"{where}: the weights are reshaped before {av.name}")
+    ren = dict(zip(la, so))
+    free = [ch for ch in _LETTERS + "abcdefgh" if ch not in so]
+    vonly = [ch for ch in lvv if ch not in la]
+    if len(vonly) != 1:
+        raise StructuralRewriteError(f"{where}: v of {av.name} must have exactly one value letter; got {vonly}")
+    ren[vonly[0]] = e = free[0]
+    lv = "".join(ren[ch] for ch in lvv)
+    lout = "".join(ren.get(ch, "?") for ch in co)
+    if kk not in lv or kk in lout or sorted(lout) != sorted(batch + [i, j, e]) or sorted(lv) != sorted(batch + [i, kk, e]):
+        raise StructuralRewriteError(f"{where}: {av.name} ({lv!r} -> {lout!r}) is not attn @ v over the key letter")
+    vt = v.meta.get("autocp.layout") or ()
+    tv = dict(zip(lv, vt))
+    if tv.get(i) != rtag or tv.get(kk) != ktag:
+        raise StructuralRewriteError(f"{where}: v of {av.name} is not a pair tile laid out like k")
+    if v.meta["val"].shape[lv.index(e)] != q.meta["val"].shape[sa.index(d)]:
+        raise StructuralRewriteError(f"{where}: value width differs from the q.k width (the ring packs k and v)")
+    covered = [qk, *chain, sm, *after, av]
+    node = "starting" if ktag == "c" else "ending"
+    return _AttnSpec(qk, sm, av, covered, q, k, v, sa, sb, lv, lout, i, j, kk, d, e, bm, hm, mult, biases, masks,
+                     ktag == "r", av.meta["val"].dtype,
+                     f"{_name(qk.target)}/{name}/{_name(av.target)} over the "
+                     f"{'column' if ktag == 'c' else 'row'}-token axis ({node} node), "
+                     f"{len(biases)} triangle bias, {len(masks)} key mask term(s)")
+
+
+def _canon(t: torch.Tensor, letters: str, order: list, sizes: dict) -> torch.Tensor:
+    """``t`` (dims labelled by ``letters``, '.' = size-1 broadcast) -> dims ``order``, expanded."""
+    keep = [ch for ch in letters if ch != "."]
+    t = t.reshape([s for s, ch in zip(t.shape, letters) if ch != "."])
+    t = t.permute([keep.index(ch) for ch in order if ch in keep])
+    t = t.reshape([sizes[ch] if ch in keep else 1 for ch in order])
+    return t.expand([sizes[ch] for ch in order])
+
+
+def tile_attention(q, k, v, biases, masks, key: int):
+    """The distributed replacement of one matched triangle attention, on local tiles.
+
+    ``q`` / ``k`` / ``v``: the q.k and attn @ v operands (this rank's tiles), ``biases``: the
+    triangle bias term(s) (local tile: query block = the tile's row-token block, keys its
+    other block -- exactly the ``tri`` tile :class:`autocp.ops.triangle_attn._TriAttnRing`
+    takes), ``masks``: the key-mask terms. All are permuted to the ring's canonical layout,
+    the keys run on the ring over all N tokens (padding keys get no weight; masked keys --
+    the model's own mask, 0 / huge negative -- none either; fully masked rows the model's
+    uniform average), the output goes back to the attn @ v node's order and dtype.
+    """
+    from ..layout import token_valid
+    from ..ops.common import TileCtx
+    from ..ops.triangle_attn import _MeshView, _ring_forward, _TriAttnRing, row_chunk_for
+    from .context import current
+
+    sp = _ATTN_SPECS[key]
+    info = current()
+    mesh, n = info.mesh, info.n
+    ctx = TileCtx(mesh, n)
+    sizes = dict(zip(sp.lq, q.shape))
+    sizes.update(zip(sp.lk, k.shape))
+    sizes.update(zip(sp.lv, v.shape))
+    if sizes[sp.i] != ctx.b or sizes[sp.j] != ctx.b or sizes[sp.kk] != ctx.b:
+        raise StructuralRewriteError(f"autocp structural attention: token sizes {sizes}; required {ctx.b} (b = "
+                                     f"ceil(N={n} / p={mesh.p})). Fix: register the module.")
+    bm, hm = list(sp.bm), list(sp.hm)
+    bsz = int(torch.Size([sizes[c] for c in bm]).numel())
+    hsz = int(torch.Size([sizes[c] for c in hm]).numel())
+    b = ctx.b
+    dd = sizes[sp.d]
+    qc = _canon(q, sp.lq, bm + [sp.i] + hm + [sp.j, sp.d], sizes).reshape(bsz, b, hsz, b, dd)
+    if sp.qk_mult != 1.0:
+        qc = qc * sp.qk_mult
+    kc = _canon(k, sp.lk, bm + [sp.i, sp.kk] + hm + [sp.d], sizes).reshape(bsz, b, b, hsz, dd)
+    vc = _canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes).reshape(bsz, b, b, hsz, dd)
+    dt = torch.promote_types(qc.dtype, vc.dtype)
+    kv = torch.stack([kc.to(dt), vc.to(dt)], dim=3).contiguous()
+    tri = None
+    for t, al, m in zip(biases, [a for _n, a, _m in sp.biases], [m for _n, _a, m in sp.biases]):
+        tb = _canon(t, al, bm + hm + [sp.j, sp.kk], sizes).reshape(bsz, hsz, b, b) * m
+        tri = tb if tri is None else tri + tb
+    tri = (torch.zeros(bsz, hsz, b, b, dtype=dt, device=q.device) if tri is None else tri.to(dt)).contiguous()
+    valid = torch.ones(bsz, b, b, dtype=torch.bool, device=q.device)
+    for t, (kind, _n, al, val) in zip(masks, sp.masks):
+        mt = _canon(t.detach(), al, bm + [sp.i, sp.kk], sizes).reshape(bsz, b, b)
+        if kind == "add":
+            mt = mt * val
+            if not bool(((mt == 0) | (mt <= MASK_NEG)).all()):
+                raise StructuralRewriteError(
+                    f"autocp structural attention: the additive key term {_n.name} takes values other than 0 and "
+                    f"<= {MASK_NEG} (not a binary mask bias); the ring cannot follow it. Fix: register the module.")
+            valid = valid & (mt == 0)
+        else:
+            valid = valid & ~mt.bool()
+    key_mask = valid.to(torch.uint8).contiguous()
+    view = _MeshView(mesh, transposed=sp.transposed)
+    rc = row_chunk_for(bsz, b, hsz, b, b)
+    if torch.is_grad_enabled():
+        o = _TriAttnRing.apply(qc, kv, tri, key_mask, view, n, rc)
+    else:
+        box = [kv]
+        del kv
+        o = _ring_forward(qc, box, tri, key_mask, view, n, rc)[0]
+    if any(kind == "fill" for kind, _n, _a, _v in sp.masks):
+        # masked_fill: a fully masked row's scores are all the fill value -> the uniform average
+        # of v over the N real keys, and NO gradient into q, k or the bias (the ring's uniform
+        # path follows an additive mask, whose gradient does flow): take those rows from a
+        # separate differentiable mean of v (summed over the keys' mesh axis), so the ring
+        # sees dout = 0 there. Every rank runs the two small all-reduces (no data-dependent
+        # collectives).
+        from .. import comm
+        from ..mesh import COL, ROW
+
+        axis = COL if sp.transposed else ROW  # the ranks holding the other key blocks of these rows
+        real_k = token_valid(n, mesh.p, view.c, device=o.device)
+        cnt = (valid & real_k[None, None, :]).sum(-1).float()
+        comm.all_reduce_(cnt, mesh, axis, name="triattn.rowmask")
+        vsum = comm.all_reduce((vc.float() * real_k[None, None, :, None, None]).sum(2), mesh, axis)
+        dead = (cnt == 0)[:, :, None, None, None]
+        o = torch.where(dead, (vsum / n)[:, :, :, None, :].to(o.dtype), o)
+    # padded query slots (i or j padding) -> 0, like the registered op
+    vi = token_valid(n, mesh.p, view.r, device=o.device)
+    vj = token_valid(n, mesh.p, view.c, device=o.device)
+    o = o * (vi[None, :, None, None, None] & vj[None, None, None, :, None]).to(o.dtype)
+    o = o.reshape([sizes[c] for c in bm] + [b] + [sizes[c] for c in hm] + [b, dd])
+    canon = bm + [sp.i] + hm + [sp.j, sp.e]
+    return o.permute([canon.index(ch) for ch in sp.lout]).to(sp.out_dtype)
 
 
 # ----------------------------------------------------------------------------- build
@@ -228,22 +570,30 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
     an = Analysis(n_tokens=n, input_tags=list(in_tags))
     tags = [tuple(t) if t is not None else None for t in in_tags]
     analyze_graph(gm, tags, n, an)
+    phs = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
+    for nd, s_ in zip(phs, ep.graph_signature.input_specs):  # parameters / buffers / constants
+        nd.meta["autocp.param"] = s_.kind.name != "USER_INPUT"
+    # triangle attentions: every softmax over a token axis must be one (else: why not)
+    attn = [_attention_spec(nd) for nd in gm.graph.nodes
+            if nd.op == "call_function" and nd.meta.get("autocp.softmax_tag") in TOKEN]
+    covered = {x for sp in attn for x in sp.covered}
     matched = []
     for nd in gm.graph.nodes:
-        if nd.op == "call_function" and _rule_triangle_mult(None, nd):
+        if nd.op == "call_function" and nd not in covered and _rule_triangle_mult(None, nd):
             matched.append(nd)
     for round_ in (1, 2):
         if round_ == 2:
             an = Analysis(n_tokens=n, input_tags=list(in_tags))
             out_tags = analyze_graph(gm, tags, n, an)  # matched contractions now output Pair2D tiles
-        bad = [nd for _pre, nd in an.needs_full if nd not in matched]
+        bad = [nd for _pre, nd in an.needs_full if nd not in matched and nd not in covered]
         # name the root cause first (an attention's softmax rather than the ops it disturbs)
         bad.sort(key=lambda nd: 0 if "attention" in str(nd.meta.get("autocp.needs_full")) else 1)
-        if bad and (round_ == 2 or not matched):  # round 1: downstream layouts not final yet
+        if bad and (round_ == 2 or not (matched or attn)):  # round 1: downstream layouts not final yet
             raise StructuralRewriteError(f"node {bad[0].name!r} cannot run on tiles: "
                                          f"{bad[0].meta.get('autocp.needs_full')}")
-        if not matched:
-            raise StructuralRewriteError("no triangle-multiplication contraction found in the module's graph")
+        if not (matched or attn):
+            raise StructuralRewriteError("no triangle multiplication or triangle attention found in the module's "
+                                         "graph")
     if expected_out_tags is not None:
         got = [tuple(t) if isinstance(t, tuple) else None for t in (out_tags or [])]
         exp = [tuple(t) if t is not None else None for t in expected_out_tags]
@@ -255,6 +605,24 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
     prog = TileProgram(gm=gm, input_specs=[(s.kind.name, s.target) for s in ep.graph_signature.input_specs],
                        constants=dict(ep.constants), out_spec=ep.call_spec.out_spec, n=n, p=p)
     g = gm.graph
+    for sp in attn:
+        key = len(_ATTN_SPECS)
+        _ATTN_SPECS[key] = sp
+        with g.inserting_before(sp.av):
+            new = g.call_function(tile_attention, (sp.q, sp.k, sp.v, [x for x, _a, _m in sp.biases],
+                                                   [x for _k, x, _a, _v in sp.masks], key))
+        new.meta = dict(sp.av.meta)
+        sp.av.replace_all_uses_with(new)
+        todo = list(sp.covered)
+        while todo:
+            dead = [x for x in todo if not x.users]
+            if not dead:
+                raise StructuralRewriteError(f"attention nodes {[x.name for x in todo]} are still used elsewhere")
+            for x in dead:
+                g.erase_node(x)
+                todo.remove(x)
+        kind = "triangle_attn_end" if sp.transposed else "triangle_attn_start"
+        prog.attentions.append((sp.sm.name, kind, sp.detail))
     for nd in list(g.nodes):
         if nd.op != "call_function":
             continue

@@ -4,8 +4,8 @@ not gathered.
 
 Two foreign spellings (their own class names, einsum vs bmm + reshape, argument order
 (mask, z) vs (z, mask), no masking of autocp's padding) in a 2-block trunk, plus the
-AF3-like trunk of af3like.py (its triangle multiplications rewritten, its attentions still
-gathered; 2x2 only). 2x2 and 3x3 gloo meshes, N=7 (not divisible by 2 or 3), a pair mask with a
+AF3-like trunk of af3like.py (its triangle multiplications and triangle attentions
+rewritten, its pair-bias attention over token tensors still gathered; 2x2 only). 2x2 and 3x3 gloo meshes, N=7 (not divisible by 2 or 3), a pair mask with a
 masked token, all parameters re-drawn; forward, input gradient and every parameter
 gradient (after sync_grads) against the single-device model. The rewritten modules must
 not take the gather fallback: the plan says "op" and the measured per-rank peak of a
@@ -225,7 +225,11 @@ def _check(res, world, full=True):
                 for name, kind in (("mul_o", "triangle_mult_out"), ("mul_i", "triangle_mult_in")):
                     act = a["actions"][f"blocks.{i}.{name}"]
                     assert act == ("op", "structural:triangle_mult", kind), act
-                assert a["actions"][f"blocks.{i}.att_row"][0] == "fallback"  # attention: not rewritten yet
+                # triangle attentions: rewritten too (tests/compiler/test_structural_attention.py);
+                # the pair-bias attention over token tensors still runs gathered
+                assert a["actions"][f"blocks.{i}.att_row"] == ("op", "structural:triangle_attn", "triangle_attn_start")
+                assert a["actions"][f"blocks.{i}.att_col"] == ("op", "structural:triangle_attn", "triangle_attn_end")
+                assert a["actions"][f"blocks.{i}.single"][0] == "fallback"
             _check_case(a, world, rank)
             continue
         peak, single, full_z = r["peak"]
@@ -270,8 +274,8 @@ def test_one_process_plan_and_strict():
     assert (pm(z9, pm9) - model(z9, pm9)).abs().max() < 1e-5
     text = pm.explain()
     assert "structural:triangle_mult" in text
-    # strict on a pair op the structural rewrite cannot port (triangle attention, softmax
-    # over a token axis) raises, naming the module and why
+    # strict on a pair op the structural rewrite cannot port (pair-bias attention over token
+    # tensors, softmax over a token axis) raises, naming the module and why
     from tests.compiler.af3like import Trunk
 
     af = Trunk()
@@ -280,7 +284,8 @@ def test_one_process_plan_and_strict():
     with pytest.raises(UnsupportedPairOpError) as ei:
         parallelize(af, None, example_inputs=(z8, s, mask, pm8), strict=True)
     msg = str(ei.value)
-    assert "blocks.0.att_row (RowAttention)" in msg and "softmax" in msg and "register_module" in msg
+    assert "blocks.0.single (SingleAttention)" in msg and "softmax" in msg and "register_module" in msg
+    assert "not pair-derived" in msg
     assert "structural rewrite" in msg and "Fix" in msg
 
 
