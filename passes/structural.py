@@ -1,7 +1,8 @@
 """Structural rewrite: run an UNREGISTERED module's own ATen graph on local tiles.
 
 Requires: a module that the first compile round matched structurally (a contraction over
-a token axis between two pair-derived tensors -- :func:`autocp.passes.match._rule_triangle_mult`),
+a token axis between two pair-derived tensors -- :func:`autocp.passes.match._rule_triangle_mult`
+-- or a triangle attention -- :func:`autocp.passes.match._rule_attention`),
 the call it receives (``OpaqueEntry.last_call`` / ``in_meta`` from the fallback capture),
 the layouts of its tensor inputs and the global token count N.
 
@@ -25,8 +26,15 @@ tiles -- or raises :class:`StructuralRewriteError` saying which node cannot run 
   order and dtype;
 * shape/dtype assertion nodes of the capture are dropped.
 
-Any other node that needs a full tensor (softmax over a token axis, token-axis slicing,
-``arange`` over tokens, ...) makes the build fail with that node's name and reason.
+* each triangle attention -- softmax over a token axis of ``mult * (q . k) + triangle bias
+  [j, k] + key mask [i, k]`` (additive or ``masked_fill``), then ``@ v`` -- is replaced by
+  :func:`tile_attention` (q, k, v, bias and mask nodes stay tile-local; the ring attention
+  of :mod:`autocp.ops.triangle_attn` runs the keys over all N tokens); see
+  :func:`_attention_spec` for what fits.
+
+Any other node that needs a full tensor (a softmax that is not such an attention,
+token-axis slicing, ``arange`` over tokens, ...) makes the build fail with that node's
+name and reason.
 
 :class:`StructuralOp` is the drop-in module: same children / parameters / ``state_dict``
 keys as the original (shared objects), reads the global N from
