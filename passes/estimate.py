@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .tags import map_tagged
+
 __all__ = ["Estimate", "estimate", "default_inputs", "RING_BUFFERS"]
 
 # extra input-tile copies an op holds while it runs (receive buffers of its ring/Cannon
@@ -189,54 +191,37 @@ class _SimGather(nn.Module):
         self.in_tags, self.out_tags, self.n, self.b = in_tags, out_tags, n, b
 
     def forward(self, *a, **kw):
-        leaves, spec = tree_flatten((a, kw))
-        k = 0
-        full = []
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                tags = self.in_tags[k] if k < len(self.in_tags) else None
-                k += 1
-                if tags:
-                    shape = [self.n if t in ("r", "c") else s for s, t in zip(leaf.shape, tags)]
-                    leaf = leaf.new_empty(shape)
-            full.append(leaf)
-        a2, kw2 = tree_unflatten(full, spec)
-        out = self.inner(*a2, **kw2)
-        oleaves, ospec = tree_flatten(out)
-        res, k = [], 0
-        for leaf in oleaves:
-            if isinstance(leaf, torch.Tensor):
-                tags = self.out_tags[k] if k < len(self.out_tags) else None
-                k += 1
-                if tags:
-                    for d, t in enumerate(tags):
-                        if t in ("r", "c"):
-                            leaf = leaf.narrow(d, 0, self.b)
-                    leaf = leaf.clone()
-            res.append(leaf)
-        return tree_unflatten(res, ospec)
+        def full(x, tags):
+            if not tags:
+                return x
+            return x.new_empty([self.n if t in ("r", "c") else s for s, t in zip(x.shape, tags)])
+
+        def local(x, tags):
+            if not tags:
+                return x
+            for d, t in enumerate(tags):
+                if t in ("r", "c"):
+                    x = x.narrow(d, 0, self.b)
+            return x.clone()
+
+        a2, kw2 = map_tagged((a, kw), self.in_tags, full)
+        return map_tagged(self.inner(*a2, **kw2), self.out_tags, local)
 
 
 def _tile_inputs(inputs, tags, p, n):
+    """Meta tensors of this rank's tile shapes (token axes -> b, MSA rows -> ceil(S/p))."""
     b = -(-n // p)
-    out = []
-    k = 0
-    leaves, spec = tree_flatten(inputs)
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            tg = tags[k] if k < len(tags) else None
-            k += 1
-            shape = list(leaf.shape)
-            if tg:
-                for d, t in enumerate(tg):
-                    if t in ("r", "c"):
-                        shape[d] = b
-                    elif t == "s":
-                        shape[d] = -(-shape[d] // p)
-            out.append(torch.empty(shape, dtype=leaf.dtype, device="meta"))
-        else:
-            out.append(leaf)
-    return tree_unflatten(out, spec)
+
+    def tile(x, tags):
+        shape = list(x.shape)
+        for d, t in enumerate(tags or ()):
+            if t in ("r", "c"):
+                shape[d] = b
+            elif t == "s":
+                shape[d] = -(-shape[d] // p)
+        return torch.empty(shape, dtype=x.dtype, device="meta")
+
+    return map_tagged(inputs, tags, tile)
 
 
 def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, include_params=True):

@@ -29,11 +29,11 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import comm
 from ..layout import block_size, pad_to
 from ..mesh import COL, ROW
+from .tags import map_tagged
 
 __all__ = ["UnsupportedPairOpError", "Action", "RewritePlan", "plan_rewrite", "GatherFallback",
            "gather_tags", "shard_tags"]
@@ -140,29 +140,10 @@ class GatherFallback(nn.Module):
         from .context import current
 
         ctx = current()
-        leaves, spec = tree_flatten((args, kwargs))
-        k = 0
-        full = []
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                tags = self.in_tags[k] if k < len(self.in_tags) else None
-                k += 1
-                full.append(gather_tags(leaf, tags, self.mesh, ctx.n, ctx.n_seq))
-            else:
-                full.append(leaf)
-        a, kw = tree_unflatten(full, spec)
+        a, kw = map_tagged((args, kwargs), self.in_tags,
+                           lambda x, tags: gather_tags(x, tags, self.mesh, ctx.n, ctx.n_seq))
         out = self.inner(*a, **kw)
-        oleaves, ospec = tree_flatten(out)
-        k = 0
-        res = []
-        for leaf in oleaves:
-            if isinstance(leaf, torch.Tensor):
-                tags = self.out_tags[k] if k < len(self.out_tags) else None
-                k += 1
-                res.append(shard_tags(leaf, tags, self.mesh))
-            else:
-                res.append(leaf)
-        return tree_unflatten(res, ospec)
+        return map_tagged(out, self.out_tags, lambda x, tags: shard_tags(x, tags, self.mesh))
 
 
 # ----------------------------------------------------------------------------- planning
