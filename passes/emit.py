@@ -21,6 +21,7 @@ Guarantees: :class:`ParallelModule` --
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -113,9 +114,29 @@ class ParallelModule(nn.Module):
                     n_seq = int(shape[d])
         return n or self.example_n, n_seq or self.example_n_seq
 
+    def _warn_dropout(self) -> None:
+        """Training with dropout > 0 in the model's own glue: each tile draws its own mask, so
+        Boltz-style row/column-shared masks are not shared *across* tiles. Say so once."""
+        if getattr(self, "_dropout_warned", False) or self.mesh.p == 1:
+            return
+        rates = [float(getattr(m, "p" if isinstance(m, nn.Dropout) else "dropout", 0.0) or 0.0)
+                 for m in self._clone.modules()
+                 if isinstance(m, nn.Dropout) or isinstance(getattr(m, "dropout", None), (int, float))]
+        if any(r > 0 for r in rates):
+            warnings.warn(
+                f"autocp.parallelize: training with dropout (rate {max(rates)}) on a {self.mesh.p}x"
+                f"{self.mesh.p} mesh: the model's own dropout masks are drawn per tile, so row-/column-"
+                f"shared masks (Boltz get_dropout_mask) are not shared across tiles and differ from a "
+                f"single-device run. Fix: train with dropout=0 here, or use the hand-assembled "
+                f"autocp.ops.pairformer.Pairformer2D(module, mesh, reproduce_dropout=...) whose masks "
+                f"follow Boltz's semantics.", stacklevel=3)
+        object.__setattr__(self, "_dropout_warned", True)
+
     def forward(self, *args, output: str = "full", **kwargs):
         if output not in ("full", "local", "dtensor"):
             raise ValueError(f"output must be 'full', 'local' or 'dtensor'; given {output!r}")
+        if self.training and torch.is_grad_enabled():
+            self._warn_dropout()
         mesh = self.mesh
         leaves, spec = tree_flatten((args, kwargs))
         dt_cls = _dtensor_cls()
