@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .mesh import MeshError, SquareMesh
+from .mesh import SquareMesh
 
 __all__ = ["parallelize", "explain", "estimate", "compile_stages"]
 

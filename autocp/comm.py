@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .mesh import ROW, SquareMesh, _check_axis
+from .mesh import SquareMesh, _check_axis
 
 __all__ = [
     "CommStats",

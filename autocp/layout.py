@@ -20,8 +20,6 @@ layout        rank ``(r, c)`` holds                  DTensor placements
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch

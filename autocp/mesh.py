@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 
 __all__ = ["SquareMesh", "init_mesh", "MeshError"]

@@ -25,7 +25,7 @@ import tempfile
 import time
 import traceback
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 __all__ = ["run_distributed", "DistributedTestError"]
 

@@ -44,9 +44,8 @@ by all instances of the same module type and call signature).
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
