@@ -33,6 +33,7 @@ from torch import nn
 from .. import comm
 from ..layout import block_size, pad_to
 from ..mesh import COL, ROW
+from ..ops.common import adopt_module_state
 from .tags import map_tagged
 
 __all__ = ["UnsupportedPairOpError", "Action", "RewritePlan", "plan_rewrite", "GatherFallback",
@@ -119,12 +120,7 @@ class GatherFallback(nn.Module):
 
     def __init__(self, module: nn.Module, mesh, in_tags, out_tags, path: str = ""):
         super().__init__()
-        for name, child in module.named_children():
-            self.add_module(name, child)
-        for name, prm in module.named_parameters(recurse=False):
-            self.register_parameter(name, prm)
-        for name, buf in module.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
+        adopt_module_state(self, module)
         object.__setattr__(self, "inner", module)
         self.mesh = mesh
         self.in_tags = list(in_tags)

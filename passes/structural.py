@@ -51,6 +51,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..ops.common import adopt_module_state
+
 __all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract",
            "tile_attention"]
 
@@ -708,12 +710,7 @@ class StructuralOp(nn.Module):
     def __init__(self, module: nn.Module, mesh, call, in_meta, in_tags, example_n: int, path: str = "",
                  out_tags=None, share_key=None):
         super().__init__()
-        for name, child in module.named_children():
-            self.add_module(name, child)
-        for name, prm in module.named_parameters(recurse=False):
-            self.register_parameter(name, prm)
-        for name, buf in module.named_buffers(recurse=False):
-            self.register_buffer(name, buf)
+        adopt_module_state(self, module)
         object.__setattr__(self, "inner", module)
         self.mesh = mesh
         self.call = call

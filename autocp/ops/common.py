@@ -22,7 +22,7 @@ import torch
 from ..layout import LayoutError, block_size, token_valid
 from ..mesh import SquareMesh
 
-__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "sync_grads"]
+__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "adopt_module_state", "sync_grads"]
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,17 @@ def share_submodules(dst: torch.nn.Module, src: torch.nn.Module, names) -> None:
     not copied), so ``dst.state_dict()`` has the same keys as ``src.state_dict()``."""
     for name in names:
         dst.add_module(name, getattr(src, name))
+
+
+def adopt_module_state(dst: torch.nn.Module, src: torch.nn.Module) -> None:
+    """Register ``src``'s children, direct parameters and buffers on ``dst`` under the
+    same names (shared objects), so a wrapper has ``src``'s ``state_dict`` keys."""
+    for name, child in src.named_children():
+        dst.add_module(name, child)
+    for name, prm in src.named_parameters(recurse=False):
+        dst.register_parameter(name, prm)
+    for name, buf in src.named_buffers(recurse=False):
+        dst.register_buffer(name, buf)
 
 
 def sync_grads(module: torch.nn.Module, mesh: SquareMesh) -> None:
