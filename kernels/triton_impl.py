@@ -89,6 +89,18 @@ def _batch_offset(pid, B1, B2, B3, s0, s1, s2, s3):
 
 
 @triton.jit
+def _scores(q, k, BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn, scale,
+            HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """fp32 ``q @ k^T * scale (+ bias)`` of one ``[BLOCK_M, BLOCK_N]`` block (fwd and bwd)."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    if HAS_BIAS:
+        b = tl.load(BIAS + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
+                    mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        s += b.to(tl.float32)
+    return s
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, BIAS, KV, OUT, LSE,
     B1, B2, B3,
@@ -131,11 +143,7 @@ def _attn_fwd_kernel(
         n_ok = offs_n < NK
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=n_ok[:, None] & (offs_d[None, :] < DQK), other=0.0).to(DOT_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        if HAS_BIAS:
-            b = tl.load(BIAS + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                        mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += b.to(tl.float32)
+        s = _scores(q, k, BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn, scale, HAS_BIAS, PREC)
         valid = n_ok
         if HAS_KV:
             kv = tl.load(KV + offs_n * skvn, mask=n_ok, other=0)
@@ -221,11 +229,7 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE + offs_m * slm, mask=m_ok, other=0.0)
         lse = tl.where(lse == float("-inf"), 0.0, lse)  # rows with no key at all: p = 0 below
         delta = tl.load(DELTA + offs_m * sdem, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        if HAS_BIAS:
-            b = tl.load(BIAS + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
-                        mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            s += b.to(tl.float32)
+        s = _scores(q, k, BIAS, offs_m, offs_n, m_ok, n_ok, sbm, sbn, scale, HAS_BIAS, PREC)
         ok = m_ok[:, None] & valid[None, :]
         s = tl.where(ok, s, float("-inf"))
         p = tl.exp(s - lse[:, None])
