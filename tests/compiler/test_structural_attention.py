@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from autocp.testing import run_distributed
-from tests.compiler.test_structural_rewrite import _check_case, _pair_inputs, _parity, _redraw
+from tests.compiler.test_structural_rewrite import _check_case, _nograd_peaks, _pair_inputs, _parity, _redraw
 
 
 class EinsumTriAttn(nn.Module):
@@ -95,9 +95,6 @@ class AttnModel(nn.Module):
 def attention_worker(rank, world):
     import autocp
     from autocp.api import parallelize
-    from autocp.layout import Pair2D
-    from autocp.memory import MemoryTracker
-    from autocp.passes.context import tile_context
 
     mesh = autocp.init_mesh()
     res = {}
@@ -110,14 +107,7 @@ def attention_worker(rank, world):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a gather fallback would warn
             pmod = parallelize(big, mesh, example_inputs=(zb, pmb))
-        loc = [Pair2D().shard(zb, mesh).clone(), Pair2D().shard(pmb, mesh).clone()]
-        with torch.no_grad():
-            with MemoryTracker(track=[*big.parameters(), *loc]) as mt:
-                with tile_context(mesh, 13):
-                    pmod._clone(*loc)
-            with MemoryTracker(track=[*big.parameters(), zb, pmb]) as mt1:
-                big(zb, pmb)
-        res["peak"] = (mt.peak_bytes, mt1.peak_bytes)
+        res["peak"] = _nograd_peaks(big, pmod, mesh, zb, pmb)
     return res
 
 

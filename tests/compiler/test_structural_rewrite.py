@@ -122,6 +122,24 @@ def _pair_inputs(n, c=8, seed=1):
     return z, mask[:, :, None] * mask[:, None, :], mask
 
 
+def _nograd_peaks(big, pmod, mesh, zb, pmb):
+    """(per-rank peak of the parallel no-grad forward on this rank's tiles, peak of the
+    single-device model) in live tensor bytes, parameters and inputs included."""
+    from autocp.layout import Pair2D
+    from autocp.memory import MemoryTracker
+    from autocp.passes.context import tile_context
+
+    n = zb.shape[1]
+    loc = [Pair2D().shard(zb, mesh).clone(), Pair2D().shard(pmb, mesh).clone()]
+    with torch.no_grad():
+        with MemoryTracker(track=[*big.parameters(), *loc]) as mt:
+            with tile_context(mesh, n):
+                pmod._clone(*loc)
+        with MemoryTracker(track=[*big.parameters(), zb, pmb]) as mt1:
+            big(zb, pmb)
+    return mt.peak_bytes, mt1.peak_bytes
+
+
 def _parity(model, inputs, mesh, grad_inputs=(0,)):
     """(output errors, output scales, max input-grad error, max relative param-grad error,
     params without grad) of the parallel model vs the single-device one."""
@@ -170,9 +188,6 @@ def _parity(model, inputs, mesh, grad_inputs=(0,)):
 def structural_worker(rank, world, full=True):
     import autocp
     from autocp.api import parallelize
-    from autocp.memory import MemoryTracker
-    from autocp.passes.context import tile_context
-    from autocp.layout import Pair2D
 
     mesh = autocp.init_mesh()
     res = {}
@@ -194,14 +209,7 @@ def structural_worker(rank, world, full=True):
     big = _redraw(ForeignTrunk(c=16)).eval()
     zb, pmb, _ = _pair_inputs(13, c=16)
     pmod = parallelize(big, mesh, example_inputs=(zb, pmb))
-    loc = [Pair2D().shard(zb, mesh).clone(), Pair2D().shard(pmb, mesh).clone()]
-    with torch.no_grad():
-        with MemoryTracker(track=[*big.parameters(), *loc]) as mt:
-            with tile_context(mesh, 13):
-                pmod._clone(*loc)
-        with MemoryTracker(track=[*big.parameters(), zb, pmb]) as mt1:
-            big(zb, pmb)
-    res["peak"] = (mt.peak_bytes, mt1.peak_bytes, zb.numel() * zb.element_size())
+    res["peak"] = (*_nograd_peaks(big, pmod, mesh, zb, pmb), zb.numel() * zb.element_size())
     res["peak_actions"] = sorted({a.action for a in pmod.plan.actions.values()})
     return res
 
