@@ -134,11 +134,11 @@ def sync_grads(module: torch.nn.Module, mesh: SquareMesh) -> None:
     """
     if mesh.p == 1:
         return
-    import torch.distributed as dist
-
     from .. import comm
 
     for prm in module.parameters():
         if prm.grad is not None:
-            comm.STATS.add("sync_grads", prm.grad.numel() * prm.grad.element_size())
-            dist.all_reduce(prm.grad)  # the whole mesh (default group = the mesh ranks)
+            # over the mesh's own ranks (not the default group, which may be larger):
+            # summing along the row and then along the column sums over all P ranks
+            for axis in ("row", "col"):
+                comm.all_reduce_(prm.grad, mesh, axis, name="sync_grads")
