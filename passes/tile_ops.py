@@ -1,0 +1,339 @@
+"""Runtime of the emitted tile programs: the redistributions and distributed reductions
+that :mod:`autocp.passes.shard` inserts into a rewritten graph.
+
+Every function here runs on one rank, on local tiles, inside
+:func:`autocp.passes.context.tile_context` (it reads the mesh, the global token count N
+and the MSA depth from it). All are differentiable and keep the project's gradient
+convention: for any value, summing the local gradients over every rank that holds a copy
+of an element gives that element's single-device gradient.
+
+Tags (one per tensor dim, see :mod:`autocp.passes.shard`): ``None`` -- the dim is whole
+(replicated); ``"r"`` / ``"c"`` -- block ``T_r`` / ``T_c`` of the N token axis (zero-padded to
+``ceil(N/p)``); ``"s"`` -- block ``S_r`` of the MSA depth axis; ``(tag, outer, inner)`` -- a
+dim that merges ``outer`` x tagged axis x ``inner`` (row-major).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import comm
+from ..layout import block_size, pad_to
+from ..mesh import COL, ROW
+from .context import current
+
+__all__ = [
+    "base_tag", "axis_of", "index_of", "global_len",
+    "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad",
+    "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract",
+    "sdpa_keys_sharded", "narrow_global", "select_global", "draw_global", "dropout_global",
+    "zero_pad_index",
+]
+
+
+def base_tag(t):
+    return t[0] if isinstance(t, tuple) else t
+
+
+def axis_of(t) -> str:
+    """The mesh group over which blocks of tag ``t`` vary ('r'/'s' along the column group)."""
+    return COL if base_tag(t) in ("r", "s") else ROW
+
+
+def index_of(t, mesh) -> int:
+    return mesh.r if base_tag(t) in ("r", "s") else mesh.c
+
+
+def global_len(t, n: int, n_seq: Optional[int]) -> int:
+    return n_seq if base_tag(t) == "s" else n
+
+
+def _ctx():
+    info = current()
+    return info.mesh, info.n, info.n_seq
+
+
+def valid_1d(t, device=None) -> torch.Tensor:
+    """Bool ``[b]``: which slots of this rank's block of tag ``t`` are real tokens."""
+    mesh, n, n_seq = _ctx()
+    L = global_len(t, n, n_seq)
+    b = block_size(L, mesh.p)
+    lo = index_of(t, mesh) * b
+    return (torch.arange(b, device=device) + lo) < L
+
+
+def _valid_for(x: torch.Tensor, dim: int, t) -> torch.Tensor:
+    """A bool tensor broadcastable to ``x``: False on padding slots of ``dim`` (tag ``t``)."""
+    v = valid_1d(base_tag(t), x.device)
+    if isinstance(t, tuple):
+        _, outer, inner = t
+        v = v[None, :, None].expand(outer, v.shape[0], inner).reshape(-1)
+    shape = [1] * x.dim()
+    shape[dim] = v.shape[0]
+    return v.view(shape)
+
+
+def mask_pad(x: torch.Tensor, dims_tags, fill=0.0) -> torch.Tensor:
+    """``x`` with the padding slots of the given ``[(dim, tag)]`` set to ``fill`` (NaN-safe)."""
+    keep = None
+    for d, t in dims_tags:
+        v = _valid_for(x, d, t)
+        keep = v if keep is None else (keep & v)
+    if keep is None:
+        return x
+    return torch.where(keep, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def zero_pad_index(x: torch.Tensor, tags) -> torch.Tensor:
+    """Index tensors: padding slots set to 0 so an embedding / one-hot / gather never sees
+    an out-of-range value computed in padding."""
+    dt = [(d, t) for d, t in enumerate(tags) if t is not None]
+    return mask_pad(x, dt, 0) if dt else x
+
+
+def slice_block(x: torch.Tensor, dim: int, t) -> torch.Tensor:
+    """Whole dim -> this rank's (zero-padded) block of tag ``t`` (no communication)."""
+    mesh, n, n_seq = _ctx()
+    if isinstance(t, tuple):
+        tag, outer, inner = t
+        L = global_len(tag, n, n_seq)
+        b = block_size(L, mesh.p)
+        shp = list(x.shape)
+        y = x.reshape(shp[:dim] + [outer, L, inner] + shp[dim + 1:])
+        y = slice_block(y, dim + 1, tag)
+        return y.reshape(shp[:dim] + [outer * b * inner] + shp[dim + 1:])
+    L = x.shape[dim]
+    b = block_size(L, mesh.p)
+    idx = index_of(t, mesh)
+    lo, hi = min(idx * b, L), min((idx + 1) * b, L)
+    return pad_to(x.narrow(dim, lo, hi - lo), dim, b)
+
+
+def gather_dim(x: torch.Tensor, dim: int, t) -> torch.Tensor:
+    """This rank's block of tag ``t`` on ``dim`` -> the whole dim (all-gather along the mesh
+    axis the blocks vary over; backward: reduce-scatter)."""
+    mesh, n, n_seq = _ctx()
+    if isinstance(t, tuple):
+        tag, outer, inner = t
+        b = block_size(global_len(tag, n, n_seq), mesh.p)
+        shp = list(x.shape)
+        y = x.reshape(shp[:dim] + [outer, b, inner] + shp[dim + 1:])
+        y = gather_dim(y, dim + 1, tag)
+        return y.reshape(shp[:dim] + [-1] + shp[dim + 1:])
+    L = global_len(t, n, n_seq)
+    y = comm.all_gather_axis(x, mesh, axis_of(t), dim)
+    return y.narrow(dim, 0, L)
+
+
+def _swap(t):
+    m = {"r": "c", "c": "r"}
+    if isinstance(t, tuple):
+        return (m.get(t[0], t[0]),) + tuple(t[1:])
+    return m.get(t, t)
+
+
+def convert(x: torch.Tensor, src, dst) -> torch.Tensor:
+    """Redistribute ``x`` from tags ``src`` to tags ``dst`` (same global shape)."""
+    src, dst = tuple(src), tuple(dst)
+    if src == dst:
+        return x
+    mesh = current().mesh
+    # a pure r<->c swap on every tagged dim is one transpose exchange with rank (c, r)
+    if (any(s is not None for s in src) and all(_swap(s) == d for s, d in zip(src, dst))
+            and not any(base_tag(s) == "s" for s in src)):
+        return comm.transpose_exchange(x, mesh)
+    cur = list(src)
+    for d, (s, t) in enumerate(zip(src, dst)):
+        if s != t and s is not None:
+            x = gather_dim(x, d, s)
+            cur[d] = None
+    for d, (s, t) in enumerate(zip(cur, dst)):
+        if s != t:
+            x = slice_block(x, d, t)
+    return x
+
+
+# ----------------------------------------------------------------------------- reductions
+def reduce_sum(x: torch.Tensor, dims, keepdim: bool, tagged, dtype=None, mean_count=None):
+    """``sum`` over ``dims`` of which ``tagged = [(dim, tag)]`` are block-sharded: padding
+    masked, local sum, then one all-reduce per mesh axis involved. ``mean_count``: divide
+    by the global element count (``mean``)."""
+    mesh = current().mesh
+    if tagged:
+        x = mask_pad(x, tagged, 0)
+    y = torch.sum(x, dims, keepdim=keepdim, dtype=dtype) if dims else torch.sum(x, dtype=dtype)
+    for ax in sorted({axis_of(t) for _, t in tagged}):
+        y = comm.all_reduce(y, mesh, ax)
+    if mean_count is not None:
+        y = y / mean_count
+    return y
+
+
+class _AllReduceMax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mesh, axis):
+        y = x.clone()
+        if mesh.p > 1:
+            comm.STATS.add("all_reduce_max", 2 * (mesh.p - 1) * y.numel() * y.element_size() // mesh.p)
+            dist.all_reduce(y, op=dist.ReduceOp.MAX, group=mesh.group(axis))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None, None
+
+
+def _allmax(x, mesh, axis):
+    return _AllReduceMax.apply(x, mesh, axis) if mesh.p > 1 else x
+
+
+def reduce_amax(x: torch.Tensor, dims, keepdim: bool, tagged, neg: bool = False):
+    """``amax`` (or ``amin`` with ``neg``) over ``dims`` with block-sharded ``tagged`` dims.
+    Backward: the gradient goes to the (global) arg-extremum positions, split among ties."""
+    mesh = current().mesh
+    xs = -x if neg else x
+    xm = mask_pad(xs, tagged, float("-inf")) if tagged else xs
+    loc = torch.amax(xm, dims, keepdim=True)
+    glob = loc
+    for ax in sorted({axis_of(t) for _, t in tagged}):
+        glob = _allmax(glob.detach(), mesh, ax)
+    glob = glob.detach()
+    hit = (xm == glob).to(x.dtype)
+    cnt = hit.sum(dims, keepdim=True)
+    for ax in sorted({axis_of(t) for _, t in tagged}):
+        cnt = comm.all_reduce(cnt, mesh, ax)
+    # value = glob, gradient = sum(x * hit) / cnt (exact at the extremum)
+    val = ((xs * hit).sum(dims, keepdim=True))
+    for ax in sorted({axis_of(t) for _, t in tagged}):
+        val = comm.all_reduce(val, mesh, ax)
+    out = val / cnt
+    if not keepdim:
+        out = out.squeeze(tuple(dims)) if dims else out.reshape(())
+    return -out if neg else out
+
+
+def _stable_max(x, dim, t):
+    mesh = current().mesh
+    xm = mask_pad(x, [(dim, t)], float("-inf"))
+    m = torch.amax(xm.detach(), dim, keepdim=True)
+    m = _allmax(m, mesh, axis_of(t))
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)), xm
+
+
+def logsumexp(x: torch.Tensor, dim: int, t, keepdim: bool = True) -> torch.Tensor:
+    mesh = current().mesh
+    m, xm = _stable_max(x, dim, t)
+    s = comm.all_reduce(torch.exp(xm - m).sum(dim, keepdim=True), mesh, axis_of(t))
+    out = torch.log(s) + m
+    return out if keepdim else out.squeeze(dim)
+
+
+def softmax(x: torch.Tensor, dim: int, t, out_dtype=None) -> torch.Tensor:
+    """Softmax over a block-sharded dim (padding gets weight 0). ``out_dtype``: the result
+    dtype (``_softmax(half_to_float=True)``)."""
+    mesh = current().mesh
+    xf = x if out_dtype is None else x.to(out_dtype)
+    m, xm = _stable_max(xf, dim, t)
+    e = torch.exp(xm - m)
+    s = comm.all_reduce(e.sum(dim, keepdim=True), mesh, axis_of(t))
+    return e / s
+
+
+def log_softmax(x: torch.Tensor, dim: int, t, out_dtype=None) -> torch.Tensor:
+    xf = x if out_dtype is None else x.to(out_dtype)
+    return xf - logsumexp(xf, dim, t, keepdim=True)
+
+
+def contract(fn, a: torch.Tensor, b: torch.Tensor, a_dims_tags, b_dims_tags, tags, *extra):
+    """``fn(a, b, *extra)`` where the contracted dims are block-sharded with ``tags``: both
+    operands' padding zeroed (NaN-safe), local product = a partial sum, all-reduced over
+    the mesh axes of the contracted tags."""
+    mesh = current().mesh
+    a = mask_pad(a, a_dims_tags, 0)
+    b = mask_pad(b, b_dims_tags, 0)
+    y = fn(a, b, *extra)
+    for ax in sorted({axis_of(t) for t in tags}):
+        y = comm.all_reduce(y, mesh, ax)
+    return y
+
+
+def sdpa_keys_sharded(q, k, v, mask, scale, key_tag, dropout_p=0.0, is_causal=False):
+    """``scaled_dot_product_attention`` whose key/value sequence dim (-2) is block-sharded
+    with ``key_tag``: local scores, one max and two sum all-reduces (exact softmax over all
+    keys; padding keys get weight 0). ``mask``: bool (True = attend) or additive float,
+    already in local layout (or None)."""
+    if dropout_p:
+        raise NotImplementedError("attention dropout over sharded keys")
+    if is_causal:
+        raise NotImplementedError("causal attention over sharded keys")
+    mesh = current().mesh
+    sc = scale if scale is not None else q.shape[-1] ** -0.5
+    s = torch.matmul(q, k.transpose(-2, -1)) * sc
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask
+    m, sm = _stable_max(s, s.dim() - 1, key_tag)
+    e = torch.exp(sm - m)
+    den = comm.all_reduce(e.sum(-1, keepdim=True), mesh, axis_of(key_tag))
+    vz = mask_pad(v, [(v.dim() - 2, key_tag)], 0)
+    num = comm.all_reduce(torch.matmul(e.to(v.dtype), vz), mesh, axis_of(key_tag))
+    return num / den.to(num.dtype)
+
+
+# ----------------------------------------------------------------------------- indexing
+def narrow_global(x: torch.Tensor, dim: int, t, start: int, length: int) -> torch.Tensor:
+    """``x.narrow(dim, start, length)`` on a block-sharded dim: the owning ranks contribute
+    their part, one all-reduce along the axis; the result dim is whole."""
+    mesh, n, n_seq = _ctx()
+    L = global_len(t, n, n_seq)
+    b = block_size(L, mesh.p)
+    lo = index_of(t, mesh) * b
+    shape = list(x.shape)
+    shape[dim] = length
+    out = x.new_zeros(shape)
+    a0, a1 = max(start, lo), min(start + length, lo + b, L)
+    if a1 > a0:
+        part = x.narrow(dim, a0 - lo, a1 - a0)
+        pieces = []
+        if a0 - start:
+            pieces.append(out.narrow(dim, 0, a0 - start))
+        pieces.append(part)
+        if start + length - a1:
+            pieces.append(out.narrow(dim, 0, start + length - a1))
+        out = torch.cat(pieces, dim) if len(pieces) > 1 else part
+    return comm.all_reduce(out, mesh, axis_of(t))
+
+
+def select_global(x: torch.Tensor, dim: int, t, index: int) -> torch.Tensor:
+    mesh, n, n_seq = _ctx()
+    L = global_len(t, n, n_seq)
+    return narrow_global(x, dim, t, index % L, 1).squeeze(dim)
+
+
+# ----------------------------------------------------------------------------- random numbers
+def draw_global(fn, global_shape, tags, *args, **kwargs) -> torch.Tensor:
+    """Draw a random tensor at its *global* shape (the same numbers as the single-device
+    run, given the same generator state on every rank) and keep this rank's block."""
+    x = fn(list(global_shape), *args, **kwargs)
+    for d, t in enumerate(tags):
+        if t is not None:
+            x = slice_block(x, d, t)
+    return x
+
+
+def dropout_global(x: torch.Tensor, p: float, train, tags, global_shape):
+    """``aten.native_dropout`` with the mask drawn at the global shape (single-device
+    numbers), then sliced to this rank's block. Returns ``(out, mask)``."""
+    if not train or p == 0:
+        return x.clone(), torch.ones_like(x, dtype=torch.bool)
+    keep = torch.empty(list(global_shape), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    for d, t in enumerate(tags):
+        if t is not None:
+            keep = slice_block(keep, d, t)
+    scale = 1.0 / (1.0 - p) if p < 1 else 0.0
+    return x * keep * scale, keep.bool()
