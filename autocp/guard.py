@@ -44,6 +44,15 @@ __all__ = [
 
 # forward arguments that ask for kernels the parallel module does not run
 KERNEL_FLAGS = ("use_kernels", "use_cuequivariance", "use_trifast")
+# text of an error a rank gets because a *peer* failed, left or is slow (not its own cause)
+PEER_LOSS_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
+                     "timed out", "failed in the previous call", "could not exchange", "ECONNRESET",
+                     "Socket closed", "Connection refused", "waited in a collective")
+
+
+def is_peer_loss(text: str) -> bool:
+    """True when an error message is a symptom of another rank's failure (lost peer, timeout)."""
+    return any(m in text for m in PEER_LOSS_MARKERS)
 CHECK_INPUTS = ("shape", "hash", "off")
 
 
@@ -528,7 +537,8 @@ def guarded_call(pm: nn.Module, call, args, kwargs):
         ranks = sorted(mesh.ranks_flat)
         failed = {ranks[i]: x["prev"] for i, x in enumerate(infos) if x["prev"]}
         if failed:
-            first = min(failed)
+            own = [r for r, m in failed.items() if not is_peer_loss(m)]
+            first = min(own) if own else min(failed)
             same = len(failed) == len(infos) and len(set(failed.values())) == 1
             msg = (f"autocp: rank {first} failed in the previous call (#{state.calls - 1}): {failed[first]}"
                    + ("" if len(failed) == 1 else "; " + "; ".join(
@@ -560,6 +570,16 @@ def guarded_call(pm: nn.Module, call, args, kwargs):
         return call(*a, **kw, **extra)
     except BaseException as e:
         state.failed = _first_line(e)
+        if mesh.p > 1 and isinstance(e, RuntimeError) and not isinstance(e, MeshFaultError) and is_peer_loss(str(e)):
+            import torch.distributed as dist
+
+            t = f"{mesh.timeout:g} s" if mesh.timeout is not None else "the process group's timeout"
+            raise MeshFaultError(
+                f"autocp: rank {dist.get_rank()} waited in a collective inside the parallel forward (call "
+                f"#{state.calls}) and lost its peer or gave up after {t}: {_first_line(e, 300)}. Another rank "
+                f"probably failed, left or is slow; every rank reports the cause at its next call. Fix: look at the "
+                f"other ranks' errors; raise autocp.init_mesh(timeout=...) if a rank is legitimately slow."
+            ) from e
         raise
 
 

@@ -28,6 +28,16 @@ __all__ = ["SquareMesh", "init_mesh", "MeshError", "DEFAULT_TIMEOUT_S"]
 # seconds an autocp collective may wait for a peer before it fails (instead of hanging);
 # ``init_mesh(timeout=...)`` overrides it. See docs/hardening.md.
 DEFAULT_TIMEOUT_S = 600.0
+# the control group (autocp.guard) waits this much longer than the data collectives, so a
+# rank that failed early and retries still meets peers that time out in a data collective
+CONTROL_SLACK_S = 5.0
+_P2P_TIMEOUT = [None]  # timedelta for gloo point-to-point waits (gloo's own wait() has none)
+
+
+def p2p_wait_timeout():
+    """The timeout (timedelta) for waiting on a gloo point-to-point transfer, as set by the
+    last :func:`init_mesh`; ``None``: wait as the backend does (NCCL, or no init_mesh)."""
+    return _P2P_TIMEOUT[0]
 
 ROW = "row"
 COL = "col"
@@ -216,7 +226,7 @@ class SquareMesh:
             ranks = sorted(r for row in self._ranks for r in row)
             kw = {}
             if self.timeout is not None:
-                kw["timeout"] = datetime.timedelta(seconds=self.timeout)
+                kw["timeout"] = datetime.timedelta(seconds=self.timeout + CONTROL_SLACK_S)
             if len(ranks) == dist.get_world_size():
                 self._control = dist.new_group(ranks=ranks, backend="gloo", **kw)
             else:
@@ -352,6 +362,7 @@ def init_mesh(p: Optional[int] = None, device_type: Optional[str] = None, *, tim
     mesh = SquareMesh(dm)
     mesh.timeout = timeout_s
     if p > 1:
+        _P2P_TIMEOUT[0] = datetime.timedelta(seconds=timeout_s) if dist.get_backend() == "gloo" else None
         _set_timeout(None, timeout_s)
         for dim in (0, 1):
             _set_timeout(dm.get_group(dim), timeout_s)

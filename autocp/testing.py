@@ -48,9 +48,7 @@ class DistributedTestError(RuntimeError):
 
 
 # text of an error that a rank gets because a *peer* failed (not its own cause)
-_SECONDARY = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out",
-              "timed out", "failed in the previous call", "could not exchange", "ECONNRESET",
-              "Socket closed", "Connection refused")
+from .guard import PEER_LOSS_MARKERS as _SECONDARY  # noqa: E402
 
 
 def _culprit_order(errors: dict, order: list) -> list:
