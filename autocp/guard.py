@@ -309,6 +309,16 @@ def _rank_list(ranks) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"
 
 
+def _fmt(v) -> str:
+    if isinstance(v, tuple) and len(v) == 3 and isinstance(v[2], tuple):  # a parameter fingerprint
+        return f"{list(v[0])} {v[1].replace('torch.', '')} checksums ({v[2][0]:.9g}, {v[2][1]:.9g})"
+    if isinstance(v, tuple) and len(v) == 2 and all(isinstance(x, float) for x in v):
+        return f"checksums ({v[0]:.9g}, {v[1]:.9g})"
+    if isinstance(v, tuple) and len(v) == 3 and isinstance(v[0], str):  # (name, shape, dtype)
+        return f"{v[0]} {list(v[1])} {v[2].replace('torch.', '')}"
+    return repr(v)
+
+
 def _compare(infos: list, keys, what: str, mesh) -> None:
     """Raise :class:`AgreementError` at the first entry where some rank differs from rank 0."""
     g = sorted(mesh.ranks_flat)  # all_gather order: the control group's (sorted global ranks)
@@ -323,18 +333,18 @@ def _compare(infos: list, keys, what: str, mesh) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for name in list(a) + [k for k in b if k not in a]:
                 if a.get(name) != b.get(name):
-                    detail = (f"{name!r}: {a.get(name, 'missing')} on rank {g[0]} vs "
-                              f"{b.get(name, 'missing')} on rank {g[bad[0]]}")
+                    detail = (f"{name!r}: {_fmt(a.get(name, 'missing'))} on rank {g[0]} vs "
+                              f"{_fmt(b.get(name, 'missing'))} on rank {g[bad[0]]}")
                     break
         elif isinstance(a, list) and isinstance(b, list):
             for x, y in zip(a, b):
                 if x != y:
-                    detail = f"{x} on rank {g[0]} vs {y} on rank {g[bad[0]]}"
+                    detail = f"{_fmt(x)} on rank {g[0]} vs {_fmt(y)} on rank {g[bad[0]]}"
                     break
             else:
                 detail = f"{len(a)} entries on rank {g[0]} vs {len(b)} on rank {g[bad[0]]}"
         raise AgreementError(
-            f"autocp: {_rank_list([g[i] for i in bad])} disagree with rank {g[0]} on "
+            f"autocp: {_rank_list([g[i] for i in bad])} {'disagrees' if len(bad) == 1 else 'disagree'} with rank {g[0]} on "
             f"{label} ({what}): {detail}. Every rank must run the same model on the same inputs. "
             + ("Fix: load the same checkpoint / seed on every rank, or parallelize(..., broadcast_from=0)."
                if key == "params" else "Fix: give every rank the same inputs (same shapes, dtypes and values).")

@@ -30,7 +30,7 @@ __all__ = ["SquareMesh", "init_mesh", "MeshError", "DEFAULT_TIMEOUT_S"]
 DEFAULT_TIMEOUT_S = 600.0
 # the control group (autocp.guard) waits this much longer than the data collectives, so a
 # rank that failed early and retries still meets peers that time out in a data collective
-CONTROL_SLACK_S = 5.0
+CONTROL_SLACK_S = 5.0  # at most; min(5, timeout / 2) -- see control_group
 _P2P_TIMEOUT = [None]  # timedelta for gloo point-to-point waits (gloo's own wait() has none)
 
 
@@ -226,7 +226,7 @@ class SquareMesh:
             ranks = sorted(r for row in self._ranks for r in row)
             kw = {}
             if self.timeout is not None:
-                kw["timeout"] = datetime.timedelta(seconds=self.timeout + CONTROL_SLACK_S)
+                kw["timeout"] = datetime.timedelta(seconds=self.timeout + min(CONTROL_SLACK_S, self.timeout / 2))
             if len(ranks) == dist.get_world_size():
                 self._control = dist.new_group(ranks=ranks, backend="gloo", **kw)
             else:

@@ -100,7 +100,7 @@ def exits(rank, world, out_dir, culprit=2):
     return res
 
 
-def slow(rank, world, culprit=3, sleep=2 * TIMEOUT + 1):
+def slow(rank, world, culprit=3, sleep=2 * TIMEOUT + 2):
     mesh, model, pm = setup()
     if rank == culprit:
         time.sleep(sleep)
