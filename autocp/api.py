@@ -149,6 +149,8 @@ def parallelize(
     input_layouts=None,
     strict: bool = False,
     reuse_blocks: bool = True,
+    check_inputs: str = "shape",
+    broadcast_from=None,
 ) -> nn.Module:
     """The 2D-context-parallel version of ``model`` on the square ``mesh``.
 
@@ -158,7 +160,14 @@ def parallelize(
     RowToken, else Replicated). ``strict=True`` raises on a pair op without a distributed
     implementation instead of gathering it (with a warning) -- see
     :mod:`autocp.passes.rewrite`.
+
+    Guards (:mod:`autocp.guard`, docs/hardening.md): every rank must hold the same model,
+    weights and example shapes (checked here; ``broadcast_from=k`` copies mesh rank ``k``'s
+    weights first); each call checks shapes/dtypes/N on every rank (``check_inputs="hash"``
+    also the values, ``"off"`` nothing). The original ``model`` is never mutated; parameters
+    are shared.
     """
+    from . import guard
     from .passes.emit import ParallelModule
     from .passes.explain import build_report
     from .passes.rewrite import GatherFallback
@@ -168,20 +177,22 @@ def parallelize(
         raise TypeError(f"parallelize: given {type(model).__name__}; required an nn.Module.")
     sq = SquareMesh.from_any(mesh)
     args, kwargs = _split_example(example_inputs)
+    args, kwargs = guard.prepare_parallelize(model, sq, args, kwargs, broadcast_from=broadcast_from)  # autocp.guard
+    work = guard.private_tree(model)  # ops are built on a private tree: the caller's modules are never mutated
     input_tags, n = _resolve_input_tags(model, args, kwargs, input_layouts)
     sq.check_tokens(n, "N (token length of example_inputs)")
     tensors = [l for l in tree_flatten((args, kwargs))[0] if isinstance(l, torch.Tensor)]
     n_seq = _n_seq(tensors, input_tags)
-    root = _root_op(model, sq, input_tags, n, tensors)
+    root = _root_op(work, sq, input_tags, n, tensors)
     if root is not None:
-        return root
+        return guard.attach(root, model, sq, args, kwargs, check_inputs=check_inputs)
     cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=strict,
                                        reuse_blocks=reuse_blocks)
     out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
     root_fallback = "" in plan.fallback_paths
     replacements = {}
     for path, act in plan.actions.items():
-        mod = model.get_submodule(path)
+        mod = work.get_submodule(path)
         if act.action == "op":
             from .registry import lookup_module
 
@@ -203,13 +214,13 @@ def parallelize(
             f"model runs gathered (O(N^2) per rank). Fix: move them into a module and register it.",
             stacklevel=2,
         )
-        clone = GatherFallback(model, sq, input_tags, out_tags)
+        clone = GatherFallback(work, sq, input_tags, out_tags)
     else:
-        clone = structural_clone(model, replacements)
+        clone = structural_clone(work, replacements)
     report = build_report(model, cap, an, mr, plan, sq, n, tensors)
     pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
                         report=report, plan=plan, root_fallback=root_fallback)
-    return pm
+    return guard.attach(pm, model, sq, args, kwargs, check_inputs=check_inputs)
 
 
 def _root_op(model, sq, input_tags, n, tensors):

@@ -109,8 +109,11 @@ class _Handle:
         self._works = works
 
     def wait(self) -> None:
+        from .mesh import p2p_wait_timeout  # autocp.guard: bounded p2p waits (gloo's wait() has no timeout)
+
+        t = p2p_wait_timeout()
         for w in self._works:
-            w.wait()
+            w.wait(t) if t is not None else w.wait()
         self._works = []
 
 

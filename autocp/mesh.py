@@ -15,13 +15,29 @@ Conventions (used everywhere in autocp, tested on 3x3):
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
 
-__all__ = ["SquareMesh", "init_mesh", "MeshError"]
+__all__ = ["SquareMesh", "init_mesh", "MeshError", "DEFAULT_TIMEOUT_S"]
+
+# seconds an autocp collective may wait for a peer before it fails (instead of hanging);
+# ``init_mesh(timeout=...)`` overrides it. See docs/hardening.md.
+DEFAULT_TIMEOUT_S = 600.0
+# the control group (autocp.guard) waits this much longer than the data collectives, so a
+# rank that failed early and retries still meets peers that time out in a data collective
+CONTROL_SLACK_S = 5.0  # at most; min(5, timeout / 2) -- see control_group
+_P2P_TIMEOUT = [None]  # timedelta for gloo point-to-point waits (gloo's own wait() has none)
+
+
+def p2p_wait_timeout():
+    """The timeout (timedelta) for waiting on a gloo point-to-point transfer, as set by the
+    last :func:`init_mesh`; ``None``: wait as the backend does (NCCL, or no init_mesh)."""
+    return _P2P_TIMEOUT[0]
 
 ROW = "row"
 COL = "col"
@@ -58,6 +74,8 @@ class SquareMesh:
     """
 
     def __init__(self, device_mesh=None, *, _single: bool = False):
+        self.timeout = None  # seconds; set by init_mesh (None: the process groups' own)
+        self._control = None
         if _single:
             self.device_mesh = None
             self.p = 1
@@ -114,9 +132,9 @@ class SquareMesh:
         if isinstance(mesh, SquareMesh):
             return mesh
         if mesh is None:
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                return init_mesh()
-            return cls.single()
+            # init_mesh: the default group's mesh, or 1x1 -- and it refuses a silent 1x1 per
+            # process under a launcher (WORLD_SIZE > 1 set, no process group)
+            return init_mesh()
         from torch.distributed.device_mesh import DeviceMesh
 
         if isinstance(mesh, DeviceMesh):
@@ -189,6 +207,33 @@ class SquareMesh:
         return list(cache[axis])
 
     @property
+    def ranks(self) -> list:
+        """Global ranks of the mesh, ``ranks[r][c]`` (a copy)."""
+        return [list(row) for row in self._ranks]
+
+    @property
+    def ranks_flat(self) -> list:
+        """Global ranks of the mesh in row-major order (mesh rank index -> global rank)."""
+        return [r for row in self._ranks for r in row]
+
+    def control_group(self):
+        """A process group over all mesh ranks used only by :mod:`autocp.guard` (agreement
+        checks, failure reports), so its collectives stay in step even after a failed
+        forward left the row/column groups out of step. ``None`` on a 1x1 mesh."""
+        if self.device_mesh is None or self.p == 1:
+            return None
+        if self._control is None:
+            ranks = sorted(r for row in self._ranks for r in row)
+            kw = {}
+            if self.timeout is not None:
+                kw["timeout"] = datetime.timedelta(seconds=self.timeout + min(CONTROL_SLACK_S, self.timeout / 2))
+            if len(ranks) == dist.get_world_size():
+                self._control = dist.new_group(ranks=ranks, backend="gloo", **kw)
+            else:
+                self._control = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True, **kw)
+        return self._control
+
+    @property
     def row_group(self):
         return self.group(ROW)
 
@@ -212,20 +257,88 @@ class SquareMesh:
         return f"SquareMesh(p={self.p}, coord=({self.r}, {self.c}), device_type={self.device_type!r})"
 
 
-def init_mesh(p: Optional[int] = None, device_type: Optional[str] = None) -> SquareMesh:
+def _timeout_s(timeout) -> float:
+    if timeout is None:
+        return DEFAULT_TIMEOUT_S
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not timeout > 0:
+        raise MeshError(
+            f"init_mesh: given timeout={timeout!r}; required a positive number of seconds or a timedelta. "
+            f"Fix: init_mesh(timeout=120)."
+        )
+    return float(timeout)
+
+
+def _env_world() -> Optional[int]:
+    w = os.environ.get("WORLD_SIZE")
+    if w is None:
+        return None
+    try:
+        return int(w)
+    except ValueError:
+        raise MeshError(f"WORLD_SIZE={w!r} is set but is not an integer. Fix: unset it or set it to the number "
+                        f"of processes.") from None
+
+
+def _init_from_env(world: int, device_type: Optional[str], timeout_s: float) -> None:
+    """``init_process_group("env://")`` as torchrun would need it; raise when the launcher's
+    variables are incomplete (never a silent 1x1 mesh on each of ``world`` processes)."""
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise MeshError(
+            f"init_mesh: WORLD_SIZE={world} is set but no process group is initialised and {missing} "
+            f"{'is' if len(missing) == 1 else 'are'} not set, so the {world} processes cannot find each other "
+            f"(each would get its own 1x1 mesh). Fix: launch with torchrun (it sets RANK, MASTER_ADDR, MASTER_PORT) "
+            f"or call torch.distributed.init_process_group(...) before autocp.init_mesh()."
+        )
+    import torch
+
+    use_cuda = device_type == "cuda" or (device_type is None and torch.cuda.is_available())
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _set_timeout(group, timeout_s: float) -> None:
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+    except ImportError:  # older torch: the groups keep their own timeout
+        return
+    try:
+        _set_pg_timeout(datetime.timedelta(seconds=timeout_s), group)
+    except Exception:  # noqa: BLE001 -- a backend without settable timeouts keeps its own
+        pass
+
+
+def init_mesh(p: Optional[int] = None, device_type: Optional[str] = None, *, timeout=None) -> SquareMesh:
     """Build a square mesh from the current (default) process group.
 
     ``p`` defaults to ``sqrt(world_size)``; ``device_type`` defaults to ``"cuda"`` when
     the backend is NCCL, else ``"cpu"``. Without an initialised process group and
-    ``p in (None, 1)`` this returns a single-process 1x1 mesh.
+    ``p in (None, 1)`` this returns a single-process 1x1 mesh -- unless a launcher set
+    ``WORLD_SIZE > 1`` (torchrun): then it initialises the process group from the
+    environment (``env://``), or raises saying what is missing.
+
+    ``timeout`` (seconds or timedelta, default :data:`DEFAULT_TIMEOUT_S`): how long any
+    autocp collective (row/column groups, point-to-point on the default group, the
+    agreement checks of :mod:`autocp.guard`) waits for a peer before it fails with an
+    error instead of hanging. It is applied to the default group too (autocp's
+    point-to-point exchanges run there).
     """
+    timeout_s = _timeout_s(timeout)
     if not (dist.is_available() and dist.is_initialized()):
-        if p in (None, 1):
+        world_env = _env_world()
+        if world_env is not None and world_env > 1:
+            _init_from_env(world_env, device_type, timeout_s)
+        elif p in (None, 1):
             return SquareMesh.single()
-        raise MeshError(
-            f"init_mesh(p={p}) needs an initialised process group with {p * p} ranks; none is. "
-            f"Fix: call torch.distributed.init_process_group(...) first (torchrun does it)."
-        )
+        else:
+            raise MeshError(
+                f"init_mesh(p={p}) needs an initialised process group with {p * p} ranks; none is. "
+                f"Fix: call torch.distributed.init_process_group(...) first (torchrun does it)."
+            )
     world = dist.get_world_size()
     q = _isqrt_exact(world)
     if q is None:
@@ -246,4 +359,12 @@ def init_mesh(p: Optional[int] = None, device_type: Optional[str] = None) -> Squ
     from torch.distributed.device_mesh import init_device_mesh
 
     dm = init_device_mesh(device_type, (p, p), mesh_dim_names=("cp_r", "cp_c"))
-    return SquareMesh(dm)
+    mesh = SquareMesh(dm)
+    mesh.timeout = timeout_s
+    if p > 1:
+        _P2P_TIMEOUT[0] = datetime.timedelta(seconds=timeout_s) if dist.get_backend() == "gloo" else None
+        _set_timeout(None, timeout_s)
+        for dim in (0, 1):
+            _set_timeout(dm.get_group(dim), timeout_s)
+        mesh.control_group()  # every rank calls init_mesh: create it collectively now
+    return mesh

@@ -12,7 +12,9 @@ well under a second instead of ~10 s of fresh interpreters.
     results = run_distributed(work, 4, x=3)   # list, index = rank
 
 A rank that raises fails the call with that rank's traceback; a rank that hangs past
-``timeout`` fails it too. Every worker is killed before the call returns.
+``timeout`` fails it too. Every worker is killed before the call returns. The report
+names the culprit first: a rank that died or raised on its own comes before the ranks
+that only lost it ("Connection closed by peer", timeouts, "failed in the previous call").
 """
 
 from __future__ import annotations
@@ -34,7 +36,27 @@ _GRACE_AFTER_FAILURE = 5.0  # seconds the other ranks get to report after one fa
 
 
 class DistributedTestError(RuntimeError):
-    """One or more ranks failed or hung; the message holds their tracebacks."""
+    """One or more ranks failed or hung; the message holds their tracebacks, the probable
+    culprit first. Attributes: ``errors`` ``{rank: traceback}``, ``hung`` (ranks stopped
+    without a result), ``culprit`` (the rank that failed first on its own, or None)."""
+
+    def __init__(self, msg, errors=None, hung=None, culprit=None):
+        super().__init__(msg)
+        self.errors = dict(errors or {})
+        self.hung = list(hung or [])
+        self.culprit = culprit
+
+
+# text of an error that a rank gets because a *peer* failed (not its own cause)
+from .guard import PEER_LOSS_MARKERS as _SECONDARY  # noqa: E402
+
+
+def _culprit_order(errors: dict, order: list) -> list:
+    """Ranks in report order: own failures (died without a result, or an error that is not a
+    lost-peer / timeout symptom) first, by arrival; then the secondary ones by arrival."""
+    own = [r for r in order if r in errors and not any(m in errors[r] for m in _SECONDARY)]
+    rest = [r for r in order if r in errors and r not in own]
+    return own + rest
 
 
 def _context():
@@ -128,6 +150,7 @@ def run_distributed(
     ]
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    order: list = []  # ranks in the order their failure became known
     try:
         for p in procs:
             p.start()
@@ -144,17 +167,23 @@ def run_distributed(
             try:
                 rank, ok, payload = q.get(timeout=min(left, 0.5))
             except _queue.Empty:
-                # a process that died without reporting (segfault, os._exit, killed)
-                for r, p in enumerate(procs):
-                    if r in results or r in errors or p.exitcode is None:
-                        continue
-                    first = dead_since.setdefault(r, now)
-                    if now - first > 1.0:  # its last message had time to arrive
-                        code = p.exitcode
-                        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                        errors[r] = f"process {how} without a result"
-                continue
-            (results if ok else errors)[rank] = payload
+                rank = None
+            if rank is not None:
+                (results if ok else errors)[rank] = payload
+                if not ok:
+                    order.append(rank)
+            # a process that died without reporting (segfault, os._exit, killed): checked on
+            # every turn, so a culprit that died is known before its victims' errors pile up
+            for r, p in enumerate(procs):
+                if r in results or r in errors or p.exitcode is None:
+                    continue
+                first = dead_since.setdefault(r, now)
+                if now - first > 1.0:  # its last message had time to arrive
+                    code = p.exitcode
+                    how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                    errors[r] = f"process {how} without a result"
+                    # it died before its peers noticed: it goes first
+                    order.insert(0, r)
     finally:
         if len(results) == world_size:  # all done: let them leave the barrier cleanly
             end = time.monotonic() + 2.0
@@ -171,14 +200,21 @@ def run_distributed(
     hung = [r for r in range(world_size) if r not in results and r not in errors]
     if errors or hung:
         name = getattr(fn, "__qualname__", str(fn))
-        msg = [f"{name}: {len(errors)} rank(s) failed, {len(hung)} did not finish "
+        ranked = _culprit_order(errors, order + [r for r in sorted(errors) if r not in order])
+        culprit = ranked[0] if ranked and ranked[0] in errors and not any(
+            m in errors[ranked[0]] for m in _SECONDARY) else None
+        head = f"{name}: "
+        if culprit is not None:
+            last = errors[culprit].strip().splitlines()[-1] if errors[culprit].strip() else "?"
+            head += f"rank {culprit} failed first ({last}); "
+        msg = [head + f"{len(errors)} rank(s) failed, {len(hung)} did not finish "
                f"(world size {world_size}, timeout {timeout}s)"]
-        for r in sorted(errors):
+        for r in ranked:
             msg.append(f"--- rank {r} ---\n{errors[r]}")
         if hung and errors:
             msg.append(f"--- ranks {hung} were stopped {_GRACE_AFTER_FAILURE}s after the failure above "
                        f"(usually blocked in a collective the failed rank never joined)")
         elif hung:
             msg.append(f"--- ranks {hung} did not finish within {timeout}s (hang or deadlock); stopped")
-        raise DistributedTestError("\n".join(msg))
+        raise DistributedTestError("\n".join(msg), errors=errors, hung=hung, culprit=culprit)
     return [pickle.loads(results[r]) for r in range(world_size)]

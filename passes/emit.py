@@ -90,6 +90,11 @@ class ParallelModule(nn.Module):
         self.training = original.training
         clone.training = original.training
 
+    def __call__(self, *args, **kwargs):  # autocp.guard: binding, call checks, cross-rank agreement
+        from .. import guard
+
+        return guard.guarded_call(self, super().__call__, args, kwargs)
+
     def train(self, mode: bool = True):
         super().train(mode)
         self._clone.training = mode

@@ -308,6 +308,19 @@ def estimate(
     from ..api import _resolve_input_tags, compile_stages
     from ..mesh import MeshError, SquareMesh
 
+    # argument validation (autocp.guard conventions: given / required / fix)
+    import numbers
+
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, numbers.Integral) or n_tokens < 1:
+        raise ValueError(f"estimate: given n_tokens={n_tokens!r}; required a positive int (the token count N). "
+                         f"Fix: estimate(model, n_tokens=4096, mesh_shape=(4, 4)).")
+    if (not isinstance(mesh_shape, (tuple, list)) or len(mesh_shape) != 2
+            or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 1 for x in mesh_shape)):
+        raise MeshError(f"estimate: given mesh_shape={mesh_shape!r}; required a square (p, p) of positive ints. "
+                        f"Fix: mesh_shape=(4, 4).")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"estimate: given dtype={dtype!r}; required a floating torch.dtype. Fix: dtype=torch.bfloat16.")
+
     if len(mesh_shape) != 2 or mesh_shape[0] != mesh_shape[1]:
         raise MeshError(
             f"estimate: given mesh_shape {tuple(mesh_shape)}; required a square (p, p). "

@@ -84,8 +84,11 @@ def test_raising_rank_fails_with_its_traceback(tmp_path):
     assert "ValueError: boom from rank 2" in msg
     assert "_raise_worker" in msg  # the traceback, not just the message
     assert "Traceback" in msg
-    # peers stuck in the collective are stopped soon after the failure, not at the timeout
-    assert elapsed < 30, f"took {elapsed:.1f}s"
+    assert e.value.culprit == 2 and msg.index("--- rank 2") < min(
+        [msg.index(f"--- rank {r}") for r in (0, 1, 3) if f"--- rank {r}" in msg] or [len(msg)])
+    # peers stuck in the collective are stopped soon after the failure, not at the 60 s timeout
+    # (a generous bound: the grace period is 5 s)
+    assert elapsed < 55, f"took {elapsed:.1f}s"
     _assert_no_strays(str(tmp_path), 4)
 
 
@@ -97,13 +100,19 @@ def _hang_worker(rank, world, pid_dir):
 
 
 def test_hanging_rank_fails_within_timeout(tmp_path):
+    # what it means, robust to load: the hung rank is reported as not finished, no rank is
+    # reported as failed, the call ends within a generous bound of its timeout, and no worker
+    # survives. Healthy ranks may also miss a short timeout on a loaded machine (slow
+    # start), so they are allowed among the unfinished -- rank 1 must be there.
     t0 = time.monotonic()
     with pytest.raises(DistributedTestError) as e:
         run_distributed(_hang_worker, 4, str(tmp_path), timeout=3)
     elapsed = time.monotonic() - t0
     msg = str(e.value)
-    assert "--- ranks [1] did not finish within 3" in msg, msg
-    assert elapsed < 3 + 12, f"a hang with timeout=3 took {elapsed:.1f}s to fail"
+    assert 1 in e.value.hung, msg
+    assert set(e.value.hung) <= {0, 1, 2, 3} and not e.value.errors, msg
+    assert f"--- ranks {e.value.hung} did not finish within 3" in msg, msg
+    assert elapsed < 3 + 60, f"a hang with timeout=3 took {elapsed:.1f}s to fail"
     _assert_no_strays(str(tmp_path), 4)
 
 
@@ -121,8 +130,12 @@ def test_rank_that_dies_is_reported():
     t0 = time.monotonic()
     with pytest.raises(DistributedTestError) as e:
         run_distributed(_exit_worker, 4, timeout=60)
-    assert "--- rank 0 ---" in str(e.value) and "code 3" in str(e.value)
-    assert time.monotonic() - t0 < 30
+    msg = str(e.value)
+    assert "code 3" in msg and e.value.culprit == 0 and msg.startswith("_exit_worker: rank 0 failed first"), msg
+    # the culprit (it died) comes first, before its peers' "Connection closed by peer"
+    assert msg.index("--- rank 0 ---") == min(msg.index(f"--- rank {r}") for r in range(4)
+                                                               if f"--- rank {r}" in msg), msg
+    assert time.monotonic() - t0 < 55
     assert multiprocessing.active_children() == []
 
 
@@ -134,5 +147,5 @@ def test_unpicklable_result_is_an_error_not_a_hang():
     t0 = time.monotonic()
     with pytest.raises(DistributedTestError) as e:
         run_distributed(_unpicklable_worker, 1, timeout=60)
-    assert "--- rank 0 ---" in str(e.value) and "pickle" in str(e.value).lower()
-    assert time.monotonic() - t0 < 30
+    assert "--- rank 0" in str(e.value) and "pickle" in str(e.value).lower()
+    assert time.monotonic() - t0 < 55
