@@ -232,7 +232,7 @@ class _Sharder:
         return "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
                               for t in tags) + "]"
 
-    def set(self, node, value, tags, alias=False):
+    def set(self, node, value, tags, alias=True):
         self.env[node] = value
         self.tags[node] = tags
         self.alias_ok[node] = alias
@@ -593,7 +593,7 @@ def _view(s, node):
         s.note("gather", f"view {in_shape}->{out_shape} splits a sharded axis")
         xv = s.full(x)
         ot = (None,) * len(out_shape)
-        alias = False
+        alias = False  # a gathered copy: in-place writes would not reach x
     else:
         xv = s.env[x]
         alias = s.alias_ok.get(xa, True)
@@ -699,11 +699,11 @@ def _slice(s, node):
     if st == 1 and not isinstance(td, tuple):
         ot = tuple(None if i == dim else v for i, v in enumerate(t))
         s.note("narrow", f"slice [{a}:{b}] of sharded dim {dim} (owner ranks + all-reduce)")
-        s.set(node, s.emit(T.narrow_global, s.env[x], dim, td, a, b - a), ot)
+        s.set(node, s.emit(T.narrow_global, s.env[x], dim, td, a, b - a), ot, alias=False)
         return
     xt = tuple(None if i == dim else v for i, v in enumerate(t))
     xv = s.to_tags(x, xt)
-    s.set(node, s.emit(node.target, xv, dim, start, end, step), xt)
+    s.set(node, s.emit(node.target, xv, dim, start, end, step), xt, alias=False)
 
 
 @rule(aten.narrow.default)
@@ -717,7 +717,7 @@ def _narrow(s, node):
     if isinstance(t[dim], tuple):
         return _fallback(s, node, "narrow of a merged sharded axis")
     ot = tuple(None if i == dim else v for i, v in enumerate(t))
-    s.set(node, s.emit(T.narrow_global, s.env[x], dim, t[dim], start, length), ot)
+    s.set(node, s.emit(T.narrow_global, s.env[x], dim, t[dim], start, length), ot, alias=False)
 
 
 @rule(aten.select.int)
@@ -731,7 +731,7 @@ def _select(s, node):
     elif isinstance(t[dim], tuple):
         _fallback(s, node, "select on a merged sharded axis")
     else:
-        s.set(node, s.emit(T.select_global, s.env[x], dim, t[dim], idx), ot)
+        s.set(node, s.emit(T.select_global, s.env[x], dim, t[dim], idx), ot, alias=False)
 
 
 def _whole_dims(s, x, dims):
@@ -756,7 +756,7 @@ def _split(s, node):
         ot = tuple(t for i, t in enumerate(nt) if i != dim)
     else:
         ot = nt
-    s.set(node, out, [ot for _ in v], alias=s.alias_ok.get(x, True))
+    s.set(node, out, [ot for _ in v], alias=s.alias_ok.get(x, True) and nt == s.tg(x))
 
 
 @rule(aten.cat.default, aten.stack.default)

@@ -1,0 +1,61 @@
+import torch
+
+
+def all_cases_worker(rank, world, n):
+    from tests.shard.programs import cases
+
+    return {name: parity_worker(rank, world, name, n) for name in cases(n)}
+
+
+def parity_worker(rank, world, name, n):
+    import autocp
+    from autocp.passes.program import compile_tile_program, run_tile_program
+    from tests.shard.programs import cases, redraw
+
+    mesh = autocp.init_mesh()
+    model, inputs, tags = cases(n)[name]
+    redraw(model)
+    ref = model(*[x.clone() for x in inputs])
+    ref = list(ref) if isinstance(ref, tuple) else [ref]
+    w = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)) for o in ref]
+    sum((o * wi).sum() for o, wi in zip(ref, w)).backward()
+    rg = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    prog, _ = compile_tile_program(model, inputs, tags, n=n, p=mesh.p)
+    outs = run_tile_program(prog, mesh, [x.clone() for x in inputs], tags, n)
+    P = mesh.p * mesh.p
+    loss = sum((o * wi).sum() for o, wi in zip(outs, w)) / P
+    loss.backward()
+    if mesh.p > 1:  # partial-gradient convention: sum over the mesh
+        import torch.distributed as dist
+
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+    oerr = max(float((a.detach() - b.detach()).abs().max() / (b.detach().abs().max() + 1e-12)) for a, b in zip(outs, ref))
+    big = max(float(g.abs().max()) for g in rg.values())
+    # relative to max(|ref grad|, 1e-2 * largest grad): softmax-shift-invariant biases have an
+    # exactly-zero true gradient whose rounding noise has no scale of its own
+    gerr = max(float((p.grad - rg[k]).abs().max()) / max(float(rg[k].abs().max()), 1e-2 * big)
+               for k, p in model.named_parameters())
+    notes = [(nt.what, nt.detail, nt.pair) for nt in prog.notes]
+    return {"oerr": oerr, "gerr": gerr, "notes": notes, "moved": float(ref[0].abs().max())}
+
+
+def grad_report_worker(rank, world, name, n):
+    import autocp
+    from autocp.passes.program import compile_tile_program, run_tile_program
+    from tests.shard.programs import cases, redraw
+
+    mesh = autocp.init_mesh()
+    model, inputs, tags = cases(n)[name]
+    redraw(model)
+    ref = model(*inputs)
+    ref = list(ref) if isinstance(ref, tuple) else [ref]
+    w = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)) for o in ref]
+    sum((o * wi).sum() for o, wi in zip(ref, w)).backward()
+    rg = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    prog, _ = compile_tile_program(model, inputs, tags, n=n, p=mesh.p)
+    outs = run_tile_program(prog, mesh, inputs, tags, n)
+    sum((o * wi).sum() for o, wi in zip(outs, w)).backward()
+    return {k: float((p.grad - rg[k]).abs().max() / rg[k].abs().max()) for k, p in model.named_parameters()}

@@ -1,0 +1,119 @@
+"""AF3-like glue programs in several spellings (module-level: picklable for the ranks)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PairMaskGlue(nn.Module):
+    """The line that was silently wrong: a pair mask built from a token mask inside the model."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, z, mask):
+        pm = mask[:, :, None] * mask[:, None, :]
+        return self.lin(z) * pm[..., None] + z.sum(dim=2, keepdim=True)
+
+
+class OuterSumRelpos(nn.Module):
+    """Outer sums of token features + relative-position one-hot from arange(N)."""
+
+    def __init__(self, cs=6, cz=8, bins=5):
+        super().__init__()
+        self.a, self.b = nn.Linear(cs, cz), nn.Linear(cs, cz)
+        self.emb = nn.Linear(2 * bins + 1, cz)
+        self.bins = bins
+
+    def forward(self, s, z):
+        n = s.shape[1]
+        idx = torch.arange(n, device=s.device)
+        rel = (idx[:, None] - idx[None, :]).clamp(-self.bins, self.bins) + self.bins
+        oh = F.one_hot(rel, 2 * self.bins + 1).to(z.dtype)
+        z = z + self.a(s)[:, :, None] + self.b(s)[:, None, :] + self.emb(oh)[None]
+        z += 0.5 * z.transpose(1, 2)  # in-place residual with a transposed read
+        return z
+
+
+class TriMulEinsum(nn.Module):
+    """Triangle multiplication (outgoing) spelled with einsum, softmax over a token axis."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+        self.ab = nn.Linear(c, 2 * c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, z, pair_mask):
+        x = self.ln(z)
+        a, b = self.ab(x).chunk(2, dim=-1)
+        a = a * pair_mask[..., None]
+        o = torch.einsum("bikc,bjkc->bijc", a, b)
+        w = torch.softmax(o.sum(-1), dim=-1)
+        return self.out(o) + w[..., None], o.mean(dim=(1, 2))
+
+
+class TriMulMatmul(nn.Module):
+    """Incoming triangle update spelled permute + matmul, SDPA attention over a token axis."""
+
+    def __init__(self, c=8, h=2):
+        super().__init__()
+        self.ab = nn.Linear(c, 2 * c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.h = h
+
+    def forward(self, z, mask):
+        a, b = self.ab(z).chunk(2, dim=-1)
+        o = torch.matmul(a.permute(0, 3, 2, 1), b.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        B, N, _, C = z.shape
+        q, k, v = self.qkv(z).chunk(3, dim=-1)
+        sh = lambda t: t.reshape(B, N, N, self.h, C // self.h).transpose(2, 3)  # noqa: E731
+        bias = (1.0 - mask[:, None, None, None, :]) * -1e4
+        att = F.scaled_dot_product_attention(sh(q), sh(k), sh(v), attn_mask=bias)
+        return o + att.transpose(2, 3).reshape(B, N, N, C)
+
+
+class TokenAttention(nn.Module):
+    """Single-representation attention with pair bias (AF3 AttentionPairBias), unregistered."""
+
+    def __init__(self, cs=8, cz=6, h=2):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(cs, cs), nn.Linear(cs, cs), nn.Linear(cs, cs)
+        self.bias = nn.Linear(cz, h)
+        self.h = h
+
+    def forward(self, s, z, mask):
+        B, N, C = s.shape
+        sh = lambda t: t.view(B, N, self.h, C // self.h).transpose(1, 2)  # noqa: E731
+        bias = self.bias(z).permute(0, 3, 1, 2)
+        bias = bias.masked_fill(mask[:, None, None, :] == 0, -1e9)
+        o = F.scaled_dot_product_attention(sh(self.q(s)), sh(self.k(s)), sh(self.v(s)), attn_mask=bias)
+        return o.transpose(1, 2).reshape(B, N, C)
+
+
+def redraw(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return m
+
+
+def cases(n):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(1, n, n, 8, generator=g)
+    s = torch.randn(1, n, 6, generator=g)
+    s8 = torch.randn(1, n, 8, generator=g)
+    z6 = torch.randn(1, n, n, 6, generator=g)
+    mask = torch.ones(1, n)
+    mask[0, -2] = 0
+    pm = mask[:, :, None] * mask[:, None, :]
+    P, R = (None, "r", "c", None), (None, "r", None)
+    return {
+        "pair_mask_glue": (PairMaskGlue(), (z, mask), [P, (None, "r")]),
+        "outer_sum_relpos": (OuterSumRelpos(), (s, z), [R, P]),
+        "trimul_einsum": (TriMulEinsum(), (z, pm), [P, (None, "r", "c")]),
+        "trimul_matmul_sdpa": (TriMulMatmul(), (z, mask), [P, (None, "r")]),
+        "token_attention": (TokenAttention(), (s8, z6, mask), [R, P, (None, "r")]),
+    }
