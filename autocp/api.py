@@ -151,6 +151,7 @@ def parallelize(
     reuse_blocks: bool = True,
     check_inputs: str = "shape",
     broadcast_from=None,
+    emit: str = "graph",
 ) -> nn.Module:
     """The 2D-context-parallel version of ``model`` on the square ``mesh``.
 
@@ -166,7 +167,14 @@ def parallelize(
     weights first); each call checks shapes/dtypes/N on every rank (``check_inputs="hash"``
     also the values, ``"off"`` nothing). The original ``model`` is never mutated; parameters
     are shared.
+
+    ``emit="graph"`` (default) runs the captured, sharded ATen graph (:mod:`autocp.passes.shard`:
+    every glue op proven tile-local, redistributed, or gathered exactly) instead of the model's
+    own python on tiles (``emit="python"``, the old path: exact only when the glue is
+    tile-local; kept for comparison, see docs/shard.md).
     """
+    if emit not in ("python", "graph"):
+        raise ValueError(f"parallelize: given emit={emit!r}; required 'python' or 'graph'.")
     from . import guard
     from .passes.emit import ParallelModule
     from .passes.explain import build_report
@@ -220,6 +228,16 @@ def parallelize(
     report = build_report(model, cap, an, mr, plan, sq, n, tensors)
     pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
                         report=report, plan=plan, root_fallback=root_fallback)
+    if emit == "graph" and not root_fallback:
+        from .passes.graph_emit import build_graph_runner
+
+        def builder(a, kw, n_, n_seq_):
+            return build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
+                                      strict=strict, reuse_blocks=reuse_blocks)
+
+        object.__setattr__(pm, "_graph_builder", builder)
+        object.__setattr__(pm, "_graphs", {(n, n_seq): builder(args, kwargs, n, n_seq)})
+        pm.output_tags = list(pm._graphs[(n, n_seq)].out_tags)
     return guard.attach(pm, model, sq, args, kwargs, check_inputs=check_inputs)
 
 

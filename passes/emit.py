@@ -137,6 +137,29 @@ class ParallelModule(nn.Module):
                 f"follow Boltz's semantics.", stacklevel=3)
         object.__setattr__(self, "_dropout_warned", True)
 
+    def _graph_for(self, args, kwargs, n, n_seq):
+        """The graph runner for this call's sizes (captured graphs are specialised to N:
+        a new N is captured and sharded once, then cached)."""
+        graphs = getattr(self, "_graphs", None)
+        if graphs is None:
+            return None
+        key = (n, n_seq)
+        if key not in graphs:
+            def example(x):
+                if not isinstance(x, torch.Tensor):
+                    return x
+                shape, dt = tuple(x.shape), x.dtype
+                if dt == torch.bool:
+                    return torch.ones(shape, dtype=dt)
+                return torch.zeros(shape, dtype=dt) if not dt.is_floating_point else torch.randn(shape, dtype=dt)
+
+            leaves, spec = tree_flatten((args, kwargs))
+            ea, ekw = tree_unflatten([example(x) for x in leaves], spec)
+            graphs[key] = self._graph_builder(ea, ekw, n, n_seq)
+        runner = graphs[key]
+        self.output_tags = list(runner.out_tags)
+        return runner
+
     def forward(self, *args, output: str = "full", **kwargs):
         if output not in ("full", "local", "dtensor"):
             raise ValueError(f"output must be 'full', 'local' or 'dtensor'; given {output!r}")
@@ -164,8 +187,9 @@ class ParallelModule(nn.Module):
                 local.append(leaf)
         a, kw = tree_unflatten(local, spec)
         with tile_context(mesh, n, n_seq):
-            if self.root_fallback:
-                out = self._clone(*a, **kw)
+            graph = self._graph_for(args, kwargs, n, n_seq)
+            if graph is not None:  # emit="graph": the sharded captured graph (autocp.passes.graph_emit)
+                out = graph(a, kw)
             else:
                 out = self._clone(*a, **kw)
         if output == "local":

@@ -176,6 +176,13 @@ class _Sharder:
             node.meta["autocp.src"] = self.cur.name
         return node
 
+    def const(self, obj):
+        """A python object the emitted code needs (call specs, sub-programs): a get_attr."""
+        self.n_const = getattr(self, "n_const", 0) + 1
+        name = f"_autocp_c{self.n_const}"
+        setattr(self.owner, name, obj)
+        return self.g.get_attr(name)
+
     def note(self, what, detail, nbytes=0, pair=False):
         n = self.cur
         self.notes.append(Note(n.name if n is not None else "?", str(n.target) if n is not None else "?", what,
@@ -1020,7 +1027,7 @@ def _letters_contract(s: _Sharder, node, operands, letters, out_letters, emit_fn
     dims_tags = [[(i, chosen[l]) for i, l in enumerate(ls) if l in summed and a_tags[k][i] is not None]
                  for k, ls in enumerate(letters)]
     s.note("all-reduce", f"contraction over sharded index {summed}")
-    out = s.emit(T.contract, _EmitFn(emit_fn, s), vals[0], vals[1], dims_tags[0], dims_tags[1],
+    out = s.emit(T.contract, s.const(_EmitFn(emit_fn, s)), vals[0], vals[1], dims_tags[0], dims_tags[1],
                  [chosen[l] for l in summed])
     return out, out_t
 
@@ -1289,9 +1296,15 @@ def _pad_repeat(s, node):
 
 
 # ----------------------------------------------------------------------------- opaque calls, HOPs
-def invoke_opaque(module, spec, tidx, consts, out_mask, out_spec, *tensors):
+class _CallSpec:
+    def __init__(self, spec, tidx, consts):
+        self.spec, self.tidx, self.consts = spec, tidx, consts
+
+
+def invoke_opaque(module, call, *tensors):
     """Call a replaced module like the original was called (recorded non-tensor arguments
     + local tiles); return the flat list of its tensor outputs."""
+    spec, tidx, consts = call.spec, call.tidx, call.consts
     leaves = list(consts)
     for i, t in zip(tidx, tensors):
         leaves[i] = t
@@ -1313,8 +1326,7 @@ def _opaque(s: _Sharder, node):
     k = len(s.op_keys)
     s.op_keys.append(entry)
     mod = s.emit(operator.getitem, s.ops_ph, k)
-    spec, tidx, consts = entry.last_call
-    out = s.emit(invoke_opaque, mod, spec, tidx, consts, None, None, *vals)
+    out = s.emit(invoke_opaque, mod, s.const(_CallSpec(*entry.last_call)), *vals)
     s.set(node, out, [tuple(t) if t is not None else None for t in out_tags])
 
 
@@ -1322,6 +1334,10 @@ def register_opaque_rule():
     from .trace import OPAQUE_OP
 
     RULES[OPAQUE_OP] = _opaque
+
+
+def _run_sub(call, *args):
+    return call(*args)
 
 
 class _SubProgram:
@@ -1353,7 +1369,7 @@ def _hop(kind, n_ctx):
                      "the region or register the enclosing module.")
         s.notes.extend(prog.notes)
         call = _SubProgram(prog, kind, tuple(node.args[:n_ctx]))
-        out = s.emit(call, *[s.env[a] for a in operands])
+        out = s.emit(_run_sub, s.const(call), *[s.env[a] for a in operands])
         s.set(node, out, list(prog.out_tags))
 
     return fn

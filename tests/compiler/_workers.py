@@ -38,7 +38,7 @@ def loss_weights(outs, seed=2):
     return [torch.randn(o.shape, generator=g) for o in outs]
 
 
-def parity_worker(rank, world, version, n, train, kind="boltz"):
+def parity_worker(rank, world, version, n, train, kind="boltz", emit="python"):
     import autocp
     from autocp.ops.common import sync_grads
 
@@ -61,7 +61,7 @@ def parity_worker(rank, world, version, n, train, kind="boltz"):
         warnings.simplefilter("always")
         from autocp.api import parallelize
 
-    pm = parallelize(model, mesh, example_inputs=inputs)
+    pm = parallelize(model, mesh, example_inputs=inputs, emit=emit)
     pm.train(train)
     ref = model(*inputs)
     w = loss_weights(ref)

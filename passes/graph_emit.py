@@ -1,0 +1,145 @@
+"""Pass 5b -- graph emit: run the *captured graph*, sharded, instead of the model's python.
+
+Requires: the rewrite plan's replacement modules (``{path: module}``, 2D ops and gather
+fallbacks), the input tags, N / MSA depth, the mesh.
+
+Guarantees: :class:`GraphRunner` -- called on local tiles inside the tile context, it runs
+the tile program (:mod:`autocp.passes.shard`) of the model's top graph; every repeated
+block runs its own tile program (captured and sharded once per input layout, reused for
+every instance); every matched module runs its replacement with its inputs converted to
+the layouts the plan requires. Parameters are the model's own (shared) objects.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .shard import shard_graph
+from .trace import capture
+
+__all__ = ["GraphRunner", "build_graph_runner"]
+
+
+def _consts(ep, root, prefix_strip=""):
+    out = []
+    for spec in ep.graph_signature.input_specs:
+        kind = spec.kind.name
+        if kind == "USER_INPUT":
+            continue
+        tgt = spec.target
+        if prefix_strip and tgt.startswith(prefix_strip):
+            tgt = tgt[len(prefix_strip):]
+        if kind == "PARAMETER":
+            out.append(root.get_parameter(tgt))
+        elif kind == "BUFFER":
+            out.append(root.get_buffer(tgt))
+        elif kind in ("CONSTANT_TENSOR", "CUSTOM_OBJ"):
+            out.append(ep.constants[spec.target])
+        else:
+            raise RuntimeError(f"autocp graph emit: unsupported graph input kind {kind} ({spec.target})")
+    return out
+
+
+def _user_specs(ep):
+    return [s for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+
+
+class _BlockCall:
+    """One repeated-block instance: its tile program with the instance's parameters/ops."""
+
+    def __init__(self, prog, consts, ops):
+        self.prog, self.consts, self.ops = prog, consts, ops
+
+    def __call__(self, *args, **kwargs):
+        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        return list(tree_flatten(self.prog.gm(*self.consts, self.ops, *tensors))[0])
+
+
+class GraphRunner:
+    def __init__(self, model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict):
+        self.model, self.cap, self.plan, self.repl = model, cap, plan, replacements
+        self.n, self.n_seq, self.p, self.strict = n, n_seq, mesh.p, strict
+        self.block_progs = {}
+        self.notes = []
+        specs = _user_specs(cap.ep)
+        tags_iter = iter(input_tags)
+        self.user_tags = []
+        for s in specs:
+            if type(s.arg).__name__ == "TensorArgument":
+                self.user_tags.append(next(tags_iter, None))
+            else:
+                self.user_tags.append(None)
+        self.prog = shard_graph(cap.top, self.user_tags, n=n, n_seq=n_seq, p=self.p, resolver=self._resolve,
+                                strict=strict, what=f"model {type(model).__name__}")
+        self.notes.extend(self.prog.notes)
+        self.consts = _consts(cap.ep, model)
+        self.ops = [self._op_for(e, "") for e in self.prog.op_keys]
+        self.out_spec = cap.ep.call_spec.out_spec
+        self.out_tags = self.prog.out_tags
+
+    # -------------------------------------------------------------- opaque resolution
+    def _block_prog(self, group, in_tags):
+        key = (group, tuple(tuple(t) if t is not None else None for t in in_tags))
+        if key not in self.block_progs:
+            blk = self.cap.blocks[group]
+            prog = shard_graph(blk.gm, list(in_tags), n=self.n, n_seq=self.n_seq, p=self.p,
+                               resolver=self._resolve, strict=self.strict, what=f"block {blk.rep}")
+            self.notes.extend(prog.notes)
+            self.block_progs[key] = prog
+        return self.block_progs[key]
+
+    def _resolve(self, entry, in_tags):
+        if entry.kind == "block":
+            prog = self._block_prog(entry.group, in_tags)
+            return {"in_tags": list(in_tags), "out_tags": prog.out_tags, "prog": prog}
+        path = entry.path
+        act = self.plan.actions.get(path)
+        if act is None:
+            # inside a block graph: the representative's path
+            raise RuntimeError(f"autocp graph emit: no plan action for opaque module {path}")
+        return {"in_tags": act.in_tags, "out_tags": act.out_tags}
+
+    def _op_for(self, entry, inst_prefix_map):
+        if entry.kind == "block":
+            in_tags = None
+            # find the program built for this instance's call (same group, its input tags)
+            progs = [p for (g, _), p in self.block_progs.items() if g == entry.group]
+            if len(progs) != 1:
+                raise RuntimeError(f"autocp graph emit: block group {entry.group} has {len(progs)} layouts")
+            prog = progs[0]
+            blk = self.cap.blocks[entry.group]
+            inst = self.model.get_submodule(entry.path)
+            consts = _consts(blk.ep, inst, prefix_strip="block.")
+            ops = []
+            for e in prog.op_keys:
+                rel = e.path[len(blk.rep):]
+                ops.append(self.repl[entry.path + rel])
+            return _BlockCall(prog, consts, ops)
+        return self.repl[entry.path]
+
+    def __call__(self, args, kwargs):
+        leaves = tree_flatten((args, kwargs))[0]
+        specs = _user_specs(self.cap.ep)
+        if len(leaves) != len(specs):
+            raise RuntimeError(f"autocp graph emit: the call has {len(leaves)} input leaves, the capture "
+                               f"{len(specs)}. Fix: call with the same argument structure as example_inputs.")
+        out = self.prog.gm(*self.consts, self.ops, *leaves)
+        return tree_unflatten(list(tree_flatten(out)[0]), self.out_spec)
+
+
+def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n_seq, mesh, *, strict=False,
+                       reuse_blocks=True):
+    """Capture ``model`` with every planned module opaque, shard every graph, and return
+    the :class:`GraphRunner`. Warns once per gathered op (exact, but O(N^2/p) memory)."""
+    keep = frozenset(p for p in plan.actions if p)
+    cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=keep)
+    runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict)
+    gathers = [nt for nt in runner.notes if nt.what in ("gather", "op-gather") and nt.pair]
+    if gathers:
+        lines = "; ".join(f"{g.op} ({g.detail}{', ' + g.source if g.source else ''})" for g in gathers[:4])
+        warnings.warn(f"autocp: {len(gathers)} glue op(s) gather a pair tensor (exact, O(N^2/p) memory): {lines}. "
+                      f"Fix: register the enclosing module, or strict=True to make this an error.", stacklevel=3)
+    return runner

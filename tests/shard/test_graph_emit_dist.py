@@ -1,0 +1,22 @@
+"""parallelize(emit="graph") -- the default -- on Boltz-2 (train) / Boltz-1 (eval) Pairformer and
+an unregistered AF3-like trunk: the sharded captured graph runs, not the model's python.
+N=7 on 1x1, 2x2, 3x3, masks, all parameters re-drawn; outputs and every parameter grad."""
+
+import pytest
+
+from autocp.testing import run_distributed
+from tests.shard._emit_workers import graph_parity_worker
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("world", [1, 4, 9])
+def test_graph_emit_parity(world):
+    res = run_distributed(graph_parity_worker, world, timeout=400)
+    for rank, r in enumerate(res):
+        for case, c in r.items():
+            assert c["same_keys"] and c["missing"] == [], case
+            for err, scale in zip(c["out_err"], c["scale"]):
+                assert err <= 1e-5 * scale, (world, rank, case, c["out_err"])
+            assert c["grad_err"] < 1e-4, (world, rank, case, c["grad_err"])
+            assert min(c["moved"]) > 1e-1, case
