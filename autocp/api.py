@@ -198,6 +198,12 @@ def parallelize(
                                        reuse_blocks=reuse_blocks)
     out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
     root_fallback = "" in plan.fallback_paths
+    if emit == "graph":
+        from .passes.shard import canonical_tags
+
+        for act in plan.actions.values():  # boundary layouts the ops are built for: always valid
+            act.in_tags = [canonical_tags(t) for t in act.in_tags]
+            act.out_tags = [canonical_tags(t) for t in act.out_tags]
     replacements = {}
     for path, act in plan.actions.items():
         mod = work.get_submodule(path)

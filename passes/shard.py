@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..layout import block_size
 from . import tile_ops as T
 
-__all__ = ["ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque"]
+__all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque"]
 
 aten = torch.ops.aten
 
@@ -119,6 +119,29 @@ def _numel(shape) -> int:
 
 
 RULES: dict = {}
+
+
+def canonical_tags(tags):
+    """A valid tag tuple: unknown tags ('?') made whole, a second tag of the same mesh axis
+    made its swap (``(r, r)`` -> ``(r, c)``, the Pair2D a pair mask built from a RowToken
+    mask has) or whole."""
+    if tags is None or not isinstance(tags, tuple):
+        return tags
+    used, out = set(), []
+    for t in tags:
+        if t is None or T.base_tag(t) not in ("r", "c", "s"):
+            out.append(None)
+            continue
+        if _axis(t) in used:
+            sw = T._swap(t)
+            if T.base_tag(sw) != T.base_tag(t) and _axis(sw) not in used:
+                t = sw
+            else:
+                out.append(None)
+                continue
+        used.add(_axis(t))
+        out.append(t)
+    return tuple(out)
 
 
 def rule(*ops):
@@ -203,6 +226,9 @@ class _Sharder:
             return a
         src = self.tg(a)
         dst = tuple(dst)
+        if canonical_tags(dst) != dst:
+            self.refuse(f"internal: requested layout {self.tag_str(dst)} for {a.name} is not a valid layout "
+                        f"(two tags on one mesh axis)", "Fix: report this as an autocp bug.")
         v = self.env[a]
         if src is None or tuple(src) == dst:
             return v

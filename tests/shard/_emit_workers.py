@@ -6,3 +6,49 @@ def graph_parity_worker(rank, world):
         "v1_eval": parity_worker(rank, world, 1, 7, False, emit="graph"),
         "af3like": parity_worker(rank, world, 2, 7, False, kind="af3like", emit="graph"),
     }
+
+
+def wrapper_parity_worker(rank, world, n=7):
+    """Boltz-2 Pairformer behind PairMaskWrapper (pair mask built in the model's glue)."""
+    import torch
+
+    import autocp
+    from tests.compiler._workers import build_pairformer, loss_weights, pairformer_inputs
+    from tests.shard.programs import PairMaskWrapper
+
+    mesh = autocp.init_mesh()
+    model = PairMaskWrapper(build_pairformer(2)).train()
+    s, z, mask, _ = pairformer_inputs(n)
+    ref = model(s, z, mask)
+    w = loss_weights(ref)
+    sum((o * wi).sum() for o, wi in zip(ref, w)).backward()
+    rg = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    pm = autocp.parallelize(model, mesh, example_inputs=(s, z, mask))
+    outs = pm(s, z, mask)
+    sum((o * wi).sum() for o, wi in zip(outs, w)).backward()
+    from autocp.ops.common import sync_grads
+
+    sync_grads(pm, mesh)
+    floor = 1e-2 * max(float(g.abs().max()) for g in rg.values())
+    gerr = max(float((p.grad - rg[k]).abs().max()) / max(float(rg[k].abs().max()), floor)
+               for k, p in model.named_parameters())
+    oerr = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(outs, ref))
+    return {"oerr": oerr, "gerr": gerr}
+
+
+def debug_wrapper_worker(rank, world, n=7):
+    import autocp
+    from tests.compiler._workers import build_pairformer, pairformer_inputs
+    from tests.shard.programs import PairMaskWrapper
+
+    mesh = autocp.init_mesh()
+    model = PairMaskWrapper(build_pairformer(2)).train()
+    s, z, mask, _ = pairformer_inputs(n)
+    pm = autocp.parallelize(model, mesh, example_inputs=(s, z, mask))
+    g = pm._graphs[(n, None)]
+    out = pm(s, z, mask)
+    ref = model(s, z, mask)
+    return {"code": g.prog.gm.code, "tags": g.user_tags, "out_tags": g.out_tags, "in": pm.input_tags,
+            "err": [float((a - b).abs().max()) for a, b in zip(out, ref)],
+            "blocks": [(k, p.gm.code[:3000]) for k, p in g.block_progs.items()]}

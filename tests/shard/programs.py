@@ -117,3 +117,16 @@ def cases(n):
         "trimul_matmul_sdpa": (TriMulMatmul(), (z, mask), [P, (None, "r")]),
         "token_attention": (TokenAttention(), (s8, z6, mask), [R, P, (None, "r")]),
     }
+
+
+class PairMaskWrapper(nn.Module):
+    """The reported silently-wrong case: a 10-line wrapper that builds the pair mask from the
+    token mask before calling an (unmodified) Pairformer stack."""
+
+    def __init__(self, stack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, s, z, mask):
+        pair_mask = mask[..., :, None] * mask[..., None, :]
+        return self.stack(s, z, mask, pair_mask)

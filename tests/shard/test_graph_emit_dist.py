@@ -20,3 +20,12 @@ def test_graph_emit_parity(world):
                 assert err <= 1e-5 * scale, (world, rank, case, c["out_err"])
             assert c["grad_err"] < 1e-4, (world, rank, case, c["grad_err"])
             assert min(c["moved"]) > 1e-1, case
+
+
+@pytest.mark.parametrize("world", [4, 9])
+def test_wrapper_that_builds_the_pair_mask(world):
+    """Was silently wrong (relative error 0.85) when the python ran on tiles."""
+    from tests.shard._emit_workers import wrapper_parity_worker
+
+    for r in run_distributed(wrapper_parity_worker, world, timeout=400):
+        assert r["oerr"] < 1e-5 and r["gerr"] < 1e-4, r
