@@ -59,3 +59,28 @@ def grad_report_worker(rank, world, name, n):
     outs = run_tile_program(prog, mesh, inputs, tags, n)
     sum((o * wi).sum() for o, wi in zip(outs, w)).backward()
     return {k: float((p.grad - rg[k]).abs().max() / rg[k].abs().max()) for k, p in model.named_parameters()}
+
+
+def strict_worker(rank, world):
+    """strict=True refuses a pair gather, naming the op and the source line; an in-place
+    write into a narrowed sharded slice is refused in any mode."""
+    import autocp
+    from autocp.passes.program import compile_tile_program
+    from autocp.passes.shard import ShardingError
+    from tests.shard.programs import InplaceSliceWrite, cases
+
+    mesh = autocp.init_mesh()
+    model, inputs, tags = cases(7)["trimul_einsum"]
+    out = {}
+    try:
+        compile_tile_program(model, inputs, tags, n=7, p=mesh.p, strict=True)
+        out["strict"] = "no error"
+    except ShardingError as e:
+        out["strict"] = str(e)
+    z = inputs[0]
+    try:
+        compile_tile_program(InplaceSliceWrite(), (z.clone(),), [(None, "r", "c", None)], n=7, p=mesh.p)
+        out["inplace"] = "no error"
+    except ShardingError as e:
+        out["inplace"] = str(e)
+    return out

@@ -130,3 +130,13 @@ class PairMaskWrapper(nn.Module):
     def forward(self, s, z, mask):
         pair_mask = mask[..., :, None] * mask[..., None, :]
         return self.stack(s, z, mask, pair_mask)
+
+
+class InplaceSliceWrite(nn.Module):
+    """An in-place write into a slice of a sharded token axis (a chunk loop's assignment)."""
+
+    def forward(self, z):
+        z = z * 2
+        part = z[:, 1:4]
+        part.mul_(0.5)
+        return z

@@ -28,3 +28,18 @@ def test_tile_programs_match_single_device(world):
             assert c["gerr"] < 1e-4, (world, rank, name, c["gerr"])
             if name in NO_PAIR_GATHER:
                 assert not any(pair for what, _, pair in c["notes"] if what == "gather"), (name, c["notes"])
+
+
+def test_strict_and_inplace_refusals():
+    from tests.shard._workers import strict_worker
+
+    for r in run_distributed(strict_worker, 4, timeout=200):
+        assert "gathered" in r["strict"] and "programs.py" in r["strict"] and "Fix" in r["strict"], r["strict"]
+        assert "in place" in r["inplace"] and "Fix" in r["inplace"], r["inplace"]
+
+
+def test_rule_table_lists_ops():
+    from autocp.passes.shard import covered_ops
+
+    ops = covered_ops()
+    assert len(ops) > 100 and "aten.einsum.default" in ops and "aten.scaled_dot_product_attention.default" in ops
