@@ -56,7 +56,7 @@ def setup(model=None, **kw):
 
 def _inject(pm, rank):
     """A forward pre-hook that raises on ``rank``, in the second layer (after comm ran)."""
-    target = [m for name, m in pm.named_modules() if name.startswith("layers.1")][0]
+    target = [m for name, m in pm.named_modules() if name.startswith("layers.1.tri_mul_out")][0]  # a matched op: it runs in graph mode too
 
     def hook(mod, args):
         raise RuntimeError(f"injected fault on rank {rank}")
