@@ -59,7 +59,13 @@ def grad_parity_worker(rank, world, kind, ckpt=False):
     from autocp import comm
 
     mesh = autocp.init_mesh() if world > 1 else None
-    model, inputs, idx = build(kind, ckpt)
+    if ckpt in ("reentrant", "nonreentrant"):  # Boltz calls checkpoint(...) without use_reentrant
+        import functools
+
+        import torch.utils.checkpoint as tuc
+
+        tuc.checkpoint = functools.partial(tuc.checkpoint, use_reentrant=ckpt == "reentrant")
+    model, inputs, idx = build(kind, bool(ckpt))
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
