@@ -129,6 +129,8 @@ class GradReducer:
         if not self._armed:
             self._armed = True
             self._queued = self.sync_on
+            if self.sync_on:
+                self.reset_stats()  # last_stats: this backward's reduction
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
         return g
 
