@@ -53,7 +53,7 @@ def _with_grad(inputs, idx):
     return tuple(x.clone().requires_grad_() if i in idx else x for i, x in enumerate(inputs))
 
 
-def grad_parity_worker(rank, world, kind, ckpt=False):
+def grad_parity_worker(rank, world, kind, ckpt=False, bucket_mb=25.0):
     """No extra call: parameter and input gradients after backward() vs single device."""
     import autocp
     from autocp import comm
@@ -69,7 +69,7 @@ def grad_parity_worker(rank, world, kind, ckpt=False):
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = autocp.parallelize(model, mesh, example_inputs=inputs)
+        pm = autocp.parallelize(model, mesh, example_inputs=inputs, grad_bucket_mb=bucket_mb)
     pm.train()
     ref_in = _with_grad(inputs, idx)
     _loss(model(*ref_in)).backward()

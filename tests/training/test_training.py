@@ -24,6 +24,13 @@ def test_grads_equal_single_device_without_extra_call(kind, world, ckpt):
             assert r["stats"]["collectives"] == r["stats"]["buckets"] == 1, r["stats"]
 
 
+def test_small_buckets_overlap_and_stay_exact():
+    # 4 KiB buckets: several flat all-reduces, launched as their gradients become ready
+    for r in run_distributed(W.grad_parity_worker, 4, "pairformer", False, 4 / 1024, timeout=300):
+        assert r["err"] < 1e-4, r["err"]
+        assert 1 < r["stats"]["buckets"] == r["stats"]["collectives"] < r["n_params"], r["stats"]
+
+
 def test_no_sync_accumulation_and_manual_sync_is_noop():
     for r in run_distributed(W.accumulate_worker, 4, timeout=300):
         assert r["acc_err"] < 1e-4 and r["manual_err"] < 1e-4 and r["acc2_err"] < 1e-4, r
