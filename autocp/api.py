@@ -152,6 +152,8 @@ def parallelize(
     check_inputs: str = "shape",
     broadcast_from=None,
     emit: str = "graph",
+    grad_sync: bool = True,
+    grad_bucket_mb: float = 25.0,
 ) -> nn.Module:
     """The 2D-context-parallel version of ``model`` on the square ``mesh``.
 
@@ -172,18 +174,64 @@ def parallelize(
     every glue op proven tile-local, redistributed, or gathered exactly) instead of the model's
     own python on tiles (``emit="python"``, the old path: exact only when the glue is
     tile-local; kept for comparison, see docs/shard.md).
+
+    Training (docs/training.md): with ``grad_sync=True`` (default) parameter gradients are
+    complete after ``backward()`` (bucketed all-reduce of ``grad_bucket_mb`` MiB buckets,
+    :mod:`autocp.grad_sync`); ``with pm.no_sync():`` accumulates. ``mesh`` may be a 3D
+    DeviceMesh ``(dp, row, col)``: the model is parallelized on this rank's ``(row, col)``
+    slice and gradients are averaged over ``dp`` in the same fused all-reduce.
     """
     if emit not in ("python", "graph"):
         raise ValueError(f"parallelize: given emit={emit!r}; required 'python' or 'graph'.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"parallelize: given {type(model).__name__}; required an nn.Module.")
+    mesh, dp_size, dp_world = _split_dp(mesh)
+    sq = SquareMesh.from_any(mesh)
+    pm = _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from,
+                      emit)
+    if grad_sync:
+        pm.enable_grad_sync(grad_bucket_mb, dp_size=dp_size, group=dp_world)
+    return pm
+
+
+def _split_dp(mesh):
+    """``(cp_mesh, dp_size, group of all dp*P ranks)`` for a 3D ``(dp, row, col)`` DeviceMesh."""
+    from torch.distributed.device_mesh import DeviceMesh
+    import torch.distributed as dist
+
+    if not isinstance(mesh, DeviceMesh) or mesh.mesh.ndim != 3:
+        dm = mesh.device_mesh if isinstance(mesh, SquareMesh) else mesh
+        if isinstance(dm, DeviceMesh) and dm.mesh.numel() != dist.get_world_size():
+            # a 2D CP mesh inside a larger world: the reducer sums over the row, then the
+            # column group (two all-reduces per bucket; a dp mesh fuses into one)
+            return mesh, 1, [dm.get_group(1), dm.get_group(0)]
+        return mesh, 1, None
+    shape = tuple(mesh.mesh.shape)
+    world = dist.get_world_size()
+    if world % mesh.mesh.numel():
+        raise ValueError(
+            f"parallelize: given a (dp, row, col) mesh of shape {shape} ({mesh.mesh.numel()} ranks) in a world "
+            f"of {world} ranks; required dp*p*p to divide the world size. Fix: "
+            f"init_device_mesh(device, (world // (p*p), p, p), mesh_dim_names=('dp', 'row', 'col')).")
+    names = mesh.mesh_dim_names
+    if not names or len(names) != 3:
+        raise ValueError(
+            f"parallelize: given a 3D mesh of shape {shape} without mesh_dim_names; required names "
+            f"('dp', 'row', 'col'). Fix: init_device_mesh(..., mesh_dim_names=('dp', 'row', 'col')).")
+    cp = mesh[names[1], names[2]]
+    # one fused group over all dp*P ranks when that is the world; else dp, row, col in turn
+    group = None if mesh.mesh.numel() == world else [mesh.get_group(0), cp.get_group(1), cp.get_group(0)]
+    return cp, shape[0], group
+
+
+def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from, emit):
     from . import guard
+
     from .passes.emit import ParallelModule
     from .passes.explain import build_report
     from .passes.rewrite import GatherFallback
     from .passes.trace import structural_clone
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"parallelize: given {type(model).__name__}; required an nn.Module.")
-    sq = SquareMesh.from_any(mesh)
     args, kwargs = _split_example(example_inputs)
     args, kwargs = guard.prepare_parallelize(model, sq, args, kwargs, broadcast_from=broadcast_from)  # autocp.guard
     work = guard.private_tree(model)  # ops are built on a private tree: the caller's modules are never mutated

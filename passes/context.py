@@ -10,9 +10,15 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import torch
+
 __all__ = ["tile_context", "current_n", "current_mesh", "current"]
 
 _LOCAL = threading.local()
+# the context of the latest forward run under tile_context with grad enabled: activation
+# checkpointing (torch.utils.checkpoint, reentrant or not) recomputes the forward inside
+# backward, after tile_context has exited -- and possibly on the autograd engine's thread
+_RECOMPUTE = {"info": None}
 
 
 class TileInfo(tuple):
@@ -30,7 +36,10 @@ def tile_context(mesh, n_tokens: int, n_seq=None):
     stack = getattr(_LOCAL, "stack", None)
     if stack is None:
         stack = _LOCAL.stack = []
-    stack.append(TileInfo(mesh, int(n_tokens), n_seq))
+    info = TileInfo(mesh, int(n_tokens), n_seq)
+    stack.append(info)
+    if torch.is_grad_enabled():
+        _RECOMPUTE["info"] = info
     try:
         yield
     finally:
@@ -39,6 +48,10 @@ def tile_context(mesh, n_tokens: int, n_seq=None):
 
 def current():
     stack = getattr(_LOCAL, "stack", None)
+    if not stack and _RECOMPUTE["info"] is not None and torch._C._current_graph_task_id() != -1:
+        # inside backward: a checkpointed region recomputes its forward with the
+        # context it ran with (same mesh, same N, so the same communication)
+        return _RECOMPUTE["info"]
     if not stack:
         raise RuntimeError(
             "autocp: a rewritten module was called outside a parallel module's forward, so the "

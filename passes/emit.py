@@ -65,6 +65,25 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.scale, None
 
 
+class _SumInputGrad(torch.autograd.Function):
+    """Identity on a full input; backward sums the per-rank partial input gradient over the
+    mesh (row, then column), so ``input.grad`` is the single-device gradient on every rank."""
+
+    @staticmethod
+    def forward(ctx, x, mesh):
+        ctx.mesh = mesh
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        from .. import comm
+
+        g = g.contiguous().clone()
+        for axis in ("row", "col"):
+            comm.all_reduce_(g, ctx.mesh, axis, name="input_grad")
+        return g, None
+
+
 class ParallelModule(nn.Module):
     """The 2D-parallel model returned by :func:`autocp.parallelize`."""
 
@@ -89,6 +108,25 @@ class ParallelModule(nn.Module):
         self.root_fallback = root_fallback
         self.training = original.training
         clone.training = original.training
+        self.grad_reducer = None  # attached by autocp.parallelize (see autocp.grad_sync)
+
+    # ------------------------------------------------------------------ training (autocp.grad_sync)
+    def enable_grad_sync(self, bucket_mb: float = 25.0, dp_size: int = 1, group=None) -> None:
+        """Reduce the partial gradients automatically at the end of every backward."""
+        from ..grad_sync import GradReducer
+
+        if self.grad_reducer is not None:
+            self.grad_reducer.remove()
+        P = self.mesh.p * self.mesh.p
+        self.grad_reducer = GradReducer(self.parameters(), P, group=group, group_size=P * dp_size,
+                                        bucket_bytes=int(bucket_mb * 2**20))
+
+    def no_sync(self):
+        """Like ``DDP.no_sync``: backwards inside accumulate unreduced gradients; the first
+        synced backward afterwards reduces all of them."""
+        import contextlib
+
+        return self.grad_reducer.no_sync() if self.grad_reducer is not None else contextlib.nullcontext()
 
     def __call__(self, *args, **kwargs):  # autocp.guard: binding, call checks, cross-rank agreement
         from .. import guard
@@ -182,6 +220,8 @@ class ParallelModule(nn.Module):
                 else:
                     if tags:
                         mesh.check_tokens(n, "N")
+                    if leaf.requires_grad and torch.is_grad_enabled() and mesh.p > 1:
+                        leaf = _SumInputGrad.apply(leaf, mesh)
                     local.append(shard_tags(leaf, tags, mesh))
             else:
                 local.append(leaf)
@@ -192,6 +232,8 @@ class ParallelModule(nn.Module):
                 out = graph(a, kw)
             else:
                 out = self._clone(*a, **kw)
+        if self.grad_reducer is not None and torch.is_grad_enabled():
+            self.grad_reducer.attach_output([x for x in tree_flatten(out)[0]])
         if output == "local":
             return out
         oleaves, ospec = tree_flatten(out)

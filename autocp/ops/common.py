@@ -123,15 +123,26 @@ def adopt_module_state(dst: torch.nn.Module, src: torch.nn.Module) -> None:
         dst.register_buffer(name, buf)
 
 
-def sync_grads(module: torch.nn.Module, mesh: SquareMesh) -> None:
+def sync_grads(module: torch.nn.Module, mesh) -> None:
     """Sum every parameter's ``.grad`` over all ``P`` ranks of the mesh (in place).
 
     Convention of all autocp ops: after backward each rank holds the *partial*
     parameter gradient of its own tiles, and the sum over the mesh is the single-device
-    gradient (an op whose work is replicated along a mesh axis scales its contribution
-    so the sum stays exact). Call this before the optimizer step (or let a DDP-style
-    gradient reducer over the same ranks do it).
+    gradient. ``mesh``: a :class:`SquareMesh` or a 2D DeviceMesh.
+
+    A module from :func:`autocp.parallelize` reduces its gradients itself (``grad_sync=True``,
+    the default): then this call is a documented **no-op** (gradients are already complete,
+    a second sum would multiply them by ``P``), except after backwards run under
+    ``pm.no_sync()``, whose accumulated gradients it reduces (like the next synced backward).
     """
+    reducer = getattr(module, "grad_reducer", None)
+    if reducer is not None:
+        if reducer.pending and not reducer.sync_on:
+            return  # inside no_sync: the next synced backward reduces
+        if reducer.pending:
+            reducer.reduce_now()
+        return
+    mesh = SquareMesh.from_any(mesh)
     if mesh.p == 1:
         return
     from .. import comm
