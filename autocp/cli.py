@@ -148,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
                        "annotated graph (dot, graphml).")
     x.add_argument("--model", type=_model_spec, default="boltz2", help=MODELS_HELP)
     x.add_argument("--format", choices=("text", "dot", "graphml"), default="text", help="default text")
-    x.add_argument("--tokens", type=tokens, default=16, help="example token length, default 16")
+    x.add_argument("--tokens", type=tokens, default=13, help="example token length, default 13")
     x.add_argument("--blocks", type=blocks, default=2, help="Pairformer blocks, default 2")
     x.add_argument("--channels", type=chans, default=16, help="pair channels, default 16")
     x.add_argument("--out", default=None, help="write to this file instead of stdout (graphml: default autocp_graph.graphml)")
@@ -169,6 +169,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     """Checks across arguments (still before torch is imported)."""
+    if getattr(args, "model", "boltz2") in ("boltz2", "boltz1") and hasattr(args, "channels"):
+        w = _widths(args.channels)
+        widths = {w["cs"], w["cz"], w["cm"]}
+        for n in (args.tokens if isinstance(args.tokens, list) else [args.tokens]) if args.tokens else ():
+            if n in widths:
+                print(f"autocp {args.cmd}: note: N={n} equals a channel width of the model ({sorted(widths)}); "
+                      f"autocp's layout analysis may take that channel axis for a token axis and run a module "
+                      f"gathered (its warning says so). Use another N to avoid it.", file=sys.stderr)
     if args.cmd == "demo":
         if args.mesh > 4:
             raise UsageError(f"--mesh: given {args.mesh} ({args.mesh ** 2} local processes); the demo runs at most a "
@@ -278,7 +286,7 @@ def build_model(spec: str, *, channels: int, blocks: int, msa_rows: int = 7, see
     if spec == "boltz2":
         model = _boltz2_trunk_cls()(w["cs"], w["cz"], w["cm"], w["heads"], w["pw_width"], w["pw_heads"], blocks)
         desc = (f"Boltz-2 trunk: MSAModule (1 block, msa_s={w['cm']}, {msa_rows} MSA rows) + PairformerModule "
-                f"({blocks} blocks, token_s={w['cs']}, token_z={w['cz']}, {w['heads']} heads)")
+                f"({blocks} block{'s' if blocks > 1 else ''}, token_s={w['cs']}, token_z={w['cz']}, {w['heads']} heads)")
     elif spec == "boltz1":
         from boltz.model.modules.trunk import PairformerModule
 
@@ -295,7 +303,20 @@ def build_model(spec: str, *, channels: int, blocks: int, msa_rows: int = 7, see
         randomize_(model, seed)
         return model.eval(), _user_inputs(model, make), f"{type(model).__name__} from {spec}"
     randomize_(model, seed)
+    model._autocp_cli_inputs = ("s", "z", "mask", "pair_mask") + (_MSA_KEYS if spec == "boltz2" else ())
     return model.eval(), _builtin_inputs(spec, w, msa_rows), desc
+
+
+def input_layouts(model):
+    """Explicit input layouts for the built-in models (by argument name), so that a token
+    length equal to a channel width is not mistaken for a token axis; None otherwise."""
+    from .layout import MsaTiles, Pair2D, RowToken
+
+    names = getattr(model, "_autocp_cli_inputs", None)
+    if names is None:
+        return None
+    lay = {"s": RowToken(), "z": Pair2D(), "mask": RowToken(), "pair_mask": Pair2D(), "token_pad_mask": RowToken()}
+    return {k: lay.get(k, MsaTiles()) for k in names}
 
 
 def _builtin_inputs(spec, w, msa_rows):
@@ -408,7 +429,7 @@ def _demo_rank(rank: int, world: int, spec: str, n: int, blocks: int, channels: 
     t1 = time.time()
     with warnings.catch_warnings(record=True) as wl:
         warnings.simplefilter("always")
-        pm = autocp.parallelize(model, mesh, example_inputs=inputs)
+        pm = autocp.parallelize(model, mesh, example_inputs=inputs, input_layouts=input_layouts(model))
     res["compile_s"] = time.time() - t1
     res["warnings"] = sorted({str(w.message) for w in wl})
     res["actions"] = {k: a.action for k, a in pm.plan.actions.items()}
@@ -497,6 +518,13 @@ def demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- estimate
+def _fmt_bytes(b: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= size:
+            return f"{b / size:.2f} {unit}"
+    return f"{int(b)} B"
+
+
 def estimate_cmd(args) -> int:
     import torch
 
@@ -511,7 +539,7 @@ def estimate_cmd(args) -> int:
           f"nothing allocated", flush=True)
     cap = args.device_memory
     if cap is not None:
-        print(f"device memory: {cap / 2**30:.2f} GiB", flush=True)
+        print(f"device memory: {_fmt_bytes(cap)}", flush=True)
     cache = {}
 
     def peak(p):
@@ -520,35 +548,41 @@ def estimate_cmd(args) -> int:
             e = autocp.estimate(model, n_tokens=n, mesh_shape=(p, p), dtype=dtype, backward=args.train,
                                 make_inputs=lambda k: make(k, meta=True, dtype=dtype))
             cache[p] = e.peak_bytes
-            fit = "" if cap is None else ("  fits" if e.peak_bytes <= cap else "  too big")
-            print(f"  {p:3d}x{p:<3d} mesh ({p * p:5d} devices): per-rank peak {e.peak_bytes / 2**30:10.3f} GiB{fit}"
-                  f"   [{time.time() - t:.1f} s]", flush=True)
+            print(f"  ... {p}x{p}: {_fmt_bytes(e.peak_bytes)} per rank ({time.time() - t:.1f} s)", flush=True)
         return cache[p]
 
-    print(f"  {'mesh':9s} {'':14s} per-rank peak")
     for p in args.mesh or ():
         peak(p)
+    good = None
+    if cap is not None:
+        # the per-rank peak falls with p: walk down from the largest side (cheap: small
+        # tiles), halving while it fits, then bisect between the last fitting side and the
+        # next smaller one
+        hi = min(args.max_mesh, n)
+        if peak(hi) <= cap:
+            lo = hi
+            while lo > 1 and peak(max(lo // 2, 1)) <= cap:
+                lo = max(lo // 2, 1)
+            good, bad = lo, (max(lo // 2, 1) if lo > 1 else 0)
+            while bad and good - bad > 1:
+                mid = (good + bad) // 2
+                if peak(mid) <= cap:
+                    good = mid
+                else:
+                    bad = mid
+    print(f"\n  {'mesh':>9s}  {'devices':>7s}  {'per-rank peak':>14s}" + ("  fits" if cap is not None else ""))
+    for p in sorted(cache):
+        fit = "" if cap is None else ("  yes" if cache[p] <= cap else "  no")
+        print(f"  {f'{p}x{p}':>9s}  {p * p:7d}  {_fmt_bytes(cache[p]):>14s}{fit}")
     if cap is None:
         return 0
-    # the per-rank peak falls with p: walk down from the largest side (cheap: small tiles),
-    # halving while it fits, then bisect between the last fitting side and the next smaller one
-    hi = min(args.max_mesh, n)
-    if peak(hi) > cap:
-        print(f"no square mesh up to {hi}x{hi} fits {cap / 2**30:.2f} GiB per device at N={n:,}. "
-              f"Fix: --max-mesh {2 * hi}, --dtype bf16, or more device memory.")
+    if good is None:
+        hi = min(args.max_mesh, n)
+        print(f"no square mesh up to {hi}x{hi} fits {_fmt_bytes(cap)} per device at N={n:,}. "
+              f"Fix: a larger --max-mesh, --dtype bf16, or more device memory.")
         return 0
-    lo = hi
-    while lo > 1 and peak(max(lo // 2, 1)) <= cap:
-        lo = max(lo // 2, 1)
-    good, bad = lo, (max(lo // 2, 1) if lo > 1 else 0)
-    while bad and good - bad > 1:
-        mid = (good + bad) // 2
-        if peak(mid) <= cap:
-            good = mid
-        else:
-            bad = mid
-    print(f"smallest square mesh that fits {cap / 2**30:.2f} GiB per device: {good}x{good} ({good * good} devices), "
-          f"per-rank peak {cache[good] / 2**30:.3f} GiB")
+    print(f"smallest square mesh that fits {_fmt_bytes(cap)} per device: {good}x{good} ({good * good} devices), "
+          f"per-rank peak {_fmt_bytes(cache[good])}")
     return 0
 
 
@@ -561,7 +595,8 @@ def explain_cmd(args) -> int:
     model, make, desc = build_model(args.model, channels=args.channels, blocks=args.blocks)
     with warnings.catch_warnings(record=True) as wl:
         warnings.simplefilter("always")
-        pm = autocp.parallelize(model, autocp.SquareMesh.single(), example_inputs=make(args.tokens))
+        pm = autocp.parallelize(model, autocp.SquareMesh.single(), example_inputs=make(args.tokens),
+                                input_layouts=input_layouts(model))
     if args.format == "text":
         text = f"# {desc}\n" + "".join(f"# autocp warning: {w.message}\n" for w in wl) + pm.explain() + "\n"
     elif args.format == "dot":
@@ -597,7 +632,7 @@ def _bench_rank(rank: int, world: int, what: str, ns: list, blocks: int, channel
         inputs = make(n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pm = autocp.parallelize(model, mesh, example_inputs=inputs)
+            pm = autocp.parallelize(model, mesh, example_inputs=inputs, input_layouts=input_layouts(model))
         with torch.no_grad():
             local = _local_dtensors(pm, inputs, mesh)
             tiles = [x.to_local() if hasattr(x, "to_local") else x for x in local]
@@ -628,6 +663,7 @@ def _bench_pairformer(channels: int, blocks: int):
     model = PairformerModule(w["cs"], w["cz"], blocks, num_heads=w["heads"], dropout=0.0, v2=True,
                              pairwise_head_width=w["pw_width"], pairwise_num_heads=w["pw_heads"])
     randomize_(model, 0)
+    model._autocp_cli_inputs = ("s", "z", "mask", "pair_mask")
     return model.eval(), _builtin_inputs("pairformer", w, 0)
 
 
@@ -647,7 +683,7 @@ def bench_cmd(args) -> int:
            "widths": _widths(args.channels), "machine": _machine()}
     if args.what in ("memory", "comm"):
         meshes = args.mesh or ((1, 2, 3) if args.what == "memory" else (2, 3))
-        ns = sorted(args.tokens or (24, 36, 48))
+        ns = sorted(args.tokens or (20, 32, 44))
         rows = []
         for p in meshes:
             print(f"[{args.what}] {p}x{p} mesh ({p * p} CPU processes), N = {ns} ...", flush=True)
@@ -690,11 +726,12 @@ def _bench_speed(args) -> list:
     torch.set_num_threads(1)
     model, make = _bench_pairformer(args.channels, args.blocks)
     rows = []
-    for n in sorted(args.tokens or (24, 48, 72)):
+    for n in sorted(args.tokens or (20, 44, 68)):
         inputs = make(n)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pm = autocp.parallelize(model, autocp.SquareMesh.single(), example_inputs=inputs)
+            pm = autocp.parallelize(model, autocp.SquareMesh.single(), example_inputs=inputs,
+                                input_layouts=input_layouts(model))
         times = {}
         with torch.no_grad():
             for name, fn in (("original", lambda: model(*inputs)), ("parallelize_1x1", lambda: pm(*inputs))):
@@ -739,6 +776,10 @@ def _plot_bench(what: str, rows: list, path: str, cfg: dict) -> str:
                 ax.plot(ns, [k * n * n / P / 2**20 for n in ns], "--", color=c, alpha=0.7, label=f"O(N²/P), P={P}")
                 ax.plot(ns, [k * n * n / math.sqrt(P) / 2**20 for n in ns], ":", color=c, alpha=0.7,
                         label=f"O(N²/√P), P={P}")
+        orig = sorted((r for r in rows if "original_peak_bytes" in r), key=lambda r: r["n"])
+        if orig:
+            ax.plot([r["n"] for r in orig], [r["original_peak_bytes"] / 2**20 for r in orig], "x-", color="gray",
+                    label="original module, 1 process")
         ax.set_xlabel("tokens N")
         ax.set_ylabel("per-rank peak live tensor memory, forward (MiB)")
         ax.set_title("per-rank memory vs N (lines: P=1 measurement scaled)\n" + sub, fontsize=8)
