@@ -779,7 +779,7 @@ def _plot_bench(what: str, rows: list, path: str, cfg: dict) -> str:
     if what == "memory":
         ps = sorted({r["P"] for r in rows})
         ref = max((r for r in rows if r["P"] == ps[0]), key=lambda r: r["n"])
-        k = ref["max_rank_peak_bytes"] / ps[0] ** 0 / ref["n"] ** 2 * ps[0]
+        k = ref["max_rank_peak_bytes"] * ps[0] / ref["n"] ** 2  # bytes per N^2 at P=1, from the smallest mesh
         for i, P in enumerate(ps):
             rs = sorted((r for r in rows if r["P"] == P), key=lambda r: r["n"])
             ns = [r["n"] for r in rs]
