@@ -12,7 +12,7 @@ GPUs (NCCL, one process per GPU; p*p GPUs) or CPU processes (gloo) under torchru
 (the options are named so that torchrun's own parser does not claim them: ``--tokens``,
 not ``--n``). Every rank gets the full inputs, ``parallelize`` shards them by layout
 (s: RowToken, z and pair_mask: Pair2D), the full outputs come back on every rank; a loss
-computed on every rank, then ``sync_grads``, gives the single-device parameter gradients.
+computed on every rank gives, after ``backward()``, the single-device gradients (parameters and inputs).
 The per-rank peak memory is measured on a forward from this rank's tiles (DTensor inputs).
 """
 
@@ -74,9 +74,8 @@ def run(rank: int, world: int, n: int, c_s: int, c_z: int, blocks: int, check: b
     s_in, z_in = s.clone().requires_grad_(), z.clone().requires_grad_()
     s_o, z_o = pm(s_in, z_in, mask, pair_mask)
     (z_o.square().sum() + s_o.square().sum()).backward()
-    sync_grads(pm, mesh)  # parameter gradients: summed over the mesh = the single-device ones
-    # a full input's gradient on each rank holds that rank's tile's part: sum over ranks
-    torch.distributed.all_reduce(z_in.grad)
+    sync_grads(pm, mesh)  # a documented no-op: parallelize reduces gradients after backward itself
+    # z_in.grad is complete on every rank too (docs/training.md)
     if check:
         grads = {k: v.grad.clone() for k, v in model.named_parameters()}
         model.zero_grad()
