@@ -441,10 +441,6 @@ def _pointwise(s: _Sharder, node):
     s.set(node, s.emit(tgt, *args, **kwargs), out)
 
 
-def _view_base_ok(s: _Sharder, a) -> bool:
-    return bool(s.alias_ok.get(a, False)) or not s.alias_ok.get(a) is False
-
-
 def _inplace(s: _Sharder, node, tensors):
     """In-place op: the target keeps its tags; every other input is converted to them."""
     target = node.args[0]
@@ -509,7 +505,7 @@ def _pw_rule(s, node):
       aten.arange.start, aten.arange.start_step, aten.scalar_tensor.default, aten.linspace.default,
       aten.eye.default, aten.empty_strided.default, aten.new_zeros.default, aten.new_ones.default,
       aten.new_full.default, aten.new_empty.default, aten.rand.default, aten.randn.default,
-      aten.randint.default, aten.randint.low, aten.randperm.default, aten.tensor.default if hasattr(aten, "tensor") else aten.zeros.default)
+      aten.randint.default, aten.randint.low, aten.randperm.default)
 def _factory(s, node):
     """Factories build the whole (global-shape) tensor on every rank: exact, and random
     draws match the single-device numbers given the same generator state."""
@@ -1302,7 +1298,7 @@ def _index(s, node):
     s.set(node, s.emit(node.target, xv, new_idx), tuple(ot))
 
 
-@rule(aten.constant_pad_nd.default, aten.repeat.default, aten.tile.default if hasattr(aten, "tile") else aten.repeat.default)
+@rule(aten.constant_pad_nd.default, aten.repeat.default)
 def _pad_repeat(s, node):
     x = node.args[0]
     t = s.tg(x)
