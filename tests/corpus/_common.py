@@ -1,6 +1,7 @@
 """Shared helpers of the corpus harnesses (no corpus package is imported here)."""
 
 import importlib.util
+import sys
 
 import torch
 
@@ -10,6 +11,8 @@ CS, CZ = 16, 8  # single / pair widths of every harness (small: CPU ranks)
 def missing(*modules: str):
     """The first of ``modules`` that is not importable (None when all are)."""
     for m in modules:
+        if m in sys.modules:
+            continue
         try:
             if importlib.util.find_spec(m) is None:
                 return m

@@ -53,6 +53,7 @@ def _module():
         pkg = types.ModuleType("alphafold3_pytorch")
         pkg.__path__ = list(spec.submodule_search_locations)
         pkg.__file__ = spec.origin
+        pkg.__spec__ = spec
         sys.modules["alphafold3_pytorch"] = pkg
     return importlib.import_module("alphafold3_pytorch.alphafold3")
 

@@ -1,0 +1,204 @@
+"""Rank functions of the corpus tests and report (module-level: picklable).
+
+``parity_worker(rank, world, case)``: the single-device forward + backward of a corpus
+case against ``autocp.parallelize`` on the ``p x p`` mesh of ``world`` ranks. Every phase
+that raises re-raises as ``CorpusFailure("[phase] Type: message")`` so that the failure
+names where it happened (``run_distributed`` reports it per rank).
+"""
+
+import importlib
+import re
+import time
+import warnings
+
+import torch
+
+HARNESSES = ("alphafold3_pytorch", "protenix", "openfold3")
+CASES = tuple(f"{h}{v}" for h in HARNESSES for v in ("", ":wrapped"))
+TOL = 1e-4
+
+
+class CorpusFailure(RuntimeError):
+    pass
+
+
+def harness(name: str):
+    return importlib.import_module(f"tests.corpus.{name}")
+
+
+def build_case(case: str, seed: int = 0, n: int = 7):
+    name, _, variant = case.partition(":")
+    h = harness(name)
+    return (h.build_wrapped if variant == "wrapped" else h.build)(seed, n)
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flat(o)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flat(v)]
+    return []
+
+
+def _tensors(args, kwargs):
+    return [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
+
+
+def _weights(outs, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g) for o in outs]
+
+
+def _loss(outs, w):
+    return sum((o.float() * wi).sum() for o, wi in zip(outs, w))
+
+
+class _Phase:
+    def __init__(self, res):
+        self.res = res
+
+    def __call__(self, name):
+        self.res["phase"] = name
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if e is not None and not isinstance(e, CorpusFailure):
+            raise CorpusFailure(f"[{self.res['phase']}] {type(e).__name__}: {str(e).strip()}") from e
+        return False
+
+
+def _gathered_from_explain(text: str):
+    m = re.search(r"(\d+)\s+gathered", text)
+    if m:
+        return int(m.group(1))
+    return sum(1 for line in text.splitlines() if "gathered" in line.lower() or "fallback" in line.lower())
+
+
+def parity_worker(rank, world, case, seed=0, n=7):
+    """Outputs and all parameter gradients of ``parallelize(model)`` vs the model itself."""
+    import autocp
+    from autocp.ops.common import sync_grads
+
+    res = {"case": case, "world": world, "phase": "build"}
+    phase = _Phase(res)
+    with phase("build"):
+        model, (args, kwargs), desc = build_case(case, seed, n)
+        res["desc"] = desc
+        outs_ref = _flat(model(*args, **kwargs))
+        if not outs_ref:
+            raise CorpusFailure(f"[build] the model returned no tensor: {type(outs_ref)}")
+    with phase("reference (single device)"):
+        model.zero_grad()
+        outs_ref = _flat(model(*args, **kwargs))
+        w = _weights(outs_ref)
+        _loss(outs_ref, w).backward()
+        ref_grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+        # non-vacuous: the output depends on the input, and the gradients are not zero
+        ins = _tensors(args, kwargs)
+        floats = [x for x in ins if x.is_floating_point()]
+        with torch.no_grad():
+            p_args = tuple(x + 0.5 if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 3 else x
+                           for x in args)
+            p_kwargs = {k: (x + 0.5 if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 3 else x)
+                        for k, x in kwargs.items()}
+            outs_p = _flat(model(*p_args, **p_kwargs))
+        res["input_sensitivity"] = max(float((a - b.detach()).abs().max()) for a, b in zip(outs_p, outs_ref))
+        res["n_params"] = len(list(model.parameters()))
+        res["n_zero_grad_params"] = sum(1 for k, p in model.named_parameters()
+                                        if k not in ref_grads or float(ref_grads[k].abs().max()) == 0.0)
+        res["max_ref_grad"] = max(float(g.abs().max()) for g in ref_grads.values()) if ref_grads else 0.0
+        res["n_inputs"] = len(floats)
+        model.zero_grad()
+    mesh = autocp.init_mesh()
+    with phase("parallelize"), warnings.catch_warnings(record=True) as wl:
+        warnings.simplefilter("always")
+        t0 = time.time()
+        pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=False)
+        res["compile_s"] = time.time() - t0
+    with phase("explain"):
+        try:
+            text = pm.explain()
+            res["explain_gathered"] = _gathered_from_explain(text)
+            res["explain_summary"] = [line for line in text.splitlines() if "gathered" in line][:3]
+        except Exception as e:  # noqa: BLE001  (explain is informative only)
+            res["explain_gathered"] = None
+            res["explain_summary"] = [f"explain() failed: {type(e).__name__}: {e}"[:200]]
+    with phase("parallel forward"), warnings.catch_warnings(record=True) as wl2:
+        warnings.simplefilter("always")
+        outs = _flat(pm(*args, **kwargs))
+    msgs = [str(x.message) for x in (*wl, *wl2)]
+    res["warnings"] = sorted({m[:300] for m in msgs})
+    res["n_gathered_warnings"] = sum(1 for m in msgs if "gathered" in m)
+    with phase("compare outputs"):
+        if len(outs) != len(outs_ref):
+            raise CorpusFailure(f"[compare outputs] {len(outs)} outputs, the model returns {len(outs_ref)}")
+        res["out_rel_err"] = []
+        for a, b in zip(outs, outs_ref):
+            if tuple(a.shape) != tuple(b.shape):
+                raise CorpusFailure(f"[compare outputs] output shape {tuple(a.shape)}, the model's {tuple(b.shape)}")
+            res["out_rel_err"].append(float((a.detach() - b.detach()).abs().max())
+                                      / max(float(b.detach().abs().max()), 1e-30))
+    with phase("parallel backward"):
+        _loss(outs, w).backward()
+        auto = getattr(pm, "auto_grad_sync", None)
+        if auto is None:
+            auto = getattr(pm, "grad_reducer", None) is not None
+        res["auto_grad_sync"] = bool(auto)
+        # a self-reducing module has complete gradients after backward; sync_grads is then a
+        # documented no-op (it would only reduce a pending no_sync backward)
+        if not auto:
+            sync_grads(pm, mesh)
+    with phase("compare grads"):
+        floor = 1e-2 * res["max_ref_grad"]
+        per = {}
+        missing_grads = []
+        for k, p in pm.named_parameters():
+            if k not in ref_grads:
+                continue
+            if p.grad is None:
+                missing_grads.append(k)
+                continue
+            per[k] = float((p.grad - ref_grads[k]).abs().max()) / max(float(ref_grads[k].abs().max()), floor, 1e-30)
+        res["missing_grads"] = missing_grads
+        res["grad_rel_err"] = max(per.values()) if per else float("inf")
+        res["worst_grads"] = sorted(per.items(), key=lambda kv: -kv[1])[:3]
+        res["n_compared_grads"] = len(per)
+    res["phase"] = "done"
+    return res
+
+
+def memory_worker(rank, world, case, n=96, seed=0):
+    """Per-rank peak (parameters + this rank's input tiles + live tensors) of a no-grad
+    forward of the parallelized model at ``n`` tokens; rank 0 also measures the single
+    device. Uses the positional ``:wrapped`` form of ``case`` (the local-tile call takes
+    positional inputs)."""
+    import autocp
+
+    res = {"case": case, "n": n}
+    phase = _Phase(res)
+    name = case.partition(":")[0] + ":wrapped"
+    with phase("build"):
+        model, (args, kwargs), _ = build_case(name, seed, n)
+    if rank == 0:
+        with phase("single-device memory"), torch.no_grad(), \
+                autocp.MemoryTracker(track=[*model.parameters(), *_tensors(args, kwargs)]) as mt:
+            model(*args, **kwargs)
+        res["peak_single"] = mt.peak_bytes
+    mesh = autocp.init_mesh()
+    with phase("parallelize"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs))
+    with phase("parallel memory"), torch.no_grad():
+        from autocp.cli import _local_dtensors
+
+        local = _local_dtensors(pm, list(args), mesh)
+        tiles = [x.to_local() if hasattr(x, "to_local") else x for x in local]
+        with autocp.MemoryTracker(track=[*model.parameters(), *(t for t in tiles if isinstance(t, torch.Tensor))]) as mt:
+            pm(*local, output="local")
+        res["peak_rank"] = mt.peak_bytes
+    return res
