@@ -9,9 +9,10 @@ stack behind a ``forward(s, z, mask)`` wrapper) and mesh: outcome (``ok``, ``MIS
 with the errors, or the first line of the error and the phase it happened in), the max
 output error relative to scale, the max parameter gradient error relative to scale (after
 ``sync_grads`` unless the module reduces its own gradients), the number of warnings that
-say "gathered" and the "N gathered" count of ``pm.explain()``; per codebase, the per-rank
+say "gathered", the K of "K glue op(s) gather a pair tensor" and the "N gathered" count of
+``pm.explain()`` (modules run gathered); per case, the per-rank
 peak memory (``autocp.MemoryTracker``, no-grad forward on this rank's tiles, parameters
-included) against the single device at N=96 on 2x2. JSON to ``--out``.
+included) against the single device at N=96 on 2x2, per case. JSON to ``--out``.
 """
 
 import argparse
@@ -25,13 +26,17 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from autocp.testing import DistributedTestError, run_distributed  # noqa: E402
-from tests.corpus._workers import CASES, HARNESSES, TOL, harness, memory_worker, parity_worker  # noqa: E402
+from tests.corpus._workers import CASES, TOL, harness, memory_worker, parity_worker  # noqa: E402
 
 MiB = 2.0 ** 20
 
 
 def first_line(e: BaseException) -> str:
+    """The failing rank's own message, '[phase] Type: message' (its first line)."""
     text = str(e)
+    for line in text.splitlines():
+        if line.startswith("tests.corpus._workers.CorpusFailure: "):
+            return line.split("CorpusFailure: ", 1)[1].strip()[:240]
     for line in text.splitlines():
         if "CorpusFailure: [" in line:
             return line.split("CorpusFailure: ", 1)[1].strip()[:240]
@@ -63,17 +68,18 @@ def parity_row(case, world, timeout):
     row.update(outcome=outcome, out_rel_err=out_err, grad_rel_err=grad_err,
                worst_grad=r0["worst_grads"][0][0] if r0["worst_grads"] else None,
                gathered_warnings=max(r["n_gathered_warnings"] for r in res),
+               gathered_glue_ops=max(r["gathered_glue_ops"] for r in res),
                explain_gathered=r0["explain_gathered"], explain_summary=r0["explain_summary"],
                auto_grad_sync=r0["auto_grad_sync"], compile_s=round(r0["compile_s"], 2),
                warnings=r0["warnings"][:6], seconds=round(time.time() - t0, 1))
     return row
 
 
-def memory_row(name, world, n, timeout):
+def memory_row(case, world, n, timeout):
     p = int(round(world ** 0.5))
-    row = {"case": f"{name}:wrapped", "mesh": f"{p}x{p}", "n": n}
+    row = {"case": case, "mesh": f"{p}x{p}", "n": n}
     try:
-        res = run_distributed(memory_worker, world, name, n=n, timeout=timeout)
+        res = run_distributed(memory_worker, world, case, n=n, timeout=timeout)
     except DistributedTestError as e:
         row["memory"] = first_line(e)
         return row
@@ -112,25 +118,26 @@ def main(argv=None):
             print(f"{r['case']:<28} {r['mesh']:<4} {r['outcome'][:110]}", flush=True)
     mem = []
     if not a.no_memory:
-        for name in HARNESSES:
-            if any(c.partition(":")[0] == name for c in cases):
-                m = memory_row(name, 4, mem_n, a.timeout)
-                mem.append(m)
-                print(f"memory {name:<20} N={mem_n} 2x2: {m.get('memory')} single {m.get('single_MiB')} MiB, "
-                      f"ranks {m.get('rank_MiB')} MiB", flush=True)
+        for c in cases:
+            m = memory_row(c, 4, mem_n, a.timeout)
+            mem.append(m)
+            print(f"memory {c:<28} N={mem_n} 2x2: {m.get('memory')[:100]} single {m.get('single_MiB')} MiB, "
+                  f"ranks {m.get('rank_MiB')} MiB", flush=True)
     print()
-    hdr = f"| case | mesh | outcome | max rel out err | max rel grad err | 'gathered' warnings | explain gathered |"
+    hdr = ("| case | mesh | outcome | max rel out err | max rel grad err | 'gathered' warnings | "
+           "glue ops gathered | explain: modules gathered |")
     print(hdr)
-    print("|" + "---|" * 7)
+    print("|" + "---|" * 8)
     for r in rows:
         print(f"| {r['case']} | {r.get('mesh', '-')} | {r['outcome'][:160]} | {fmt(r.get('out_rel_err'))} | "
-              f"{fmt(r.get('grad_rel_err'))} | {fmt(r.get('gathered_warnings'))} | {fmt(r.get('explain_gathered'))} |")
+              f"{fmt(r.get('grad_rel_err'))} | {fmt(r.get('gathered_warnings'))} | {fmt(r.get('gathered_glue_ops'))} | "
+              f"{fmt(r.get('explain_gathered'))} |")
     if mem:
-        print(f"\n| memory (N={mem_n}, 2x2, wrapped stack) | outcome | single device MiB | per rank MiB | single / max rank (ideal 4) |")
+        print(f"\n| memory (N={mem_n}, 2x2) | outcome | single device MiB | per rank MiB | single / max rank (ideal 4) |")
         print("|---|---|---|---|---|")
         for m in mem:
-            print(f"| {m['case']} | {m['memory'][:160]} | {fmt(m.get('single_MiB'))} | {fmt(m.get('rank_MiB'))} | "
-                  f"{fmt(m.get('ratio_single_over_max_rank'))} |")
+            print(f"| {m['case']} | {m['memory'][:160]} | {fmt(m.get('single_MiB'), '.2f')} | {fmt(m.get('rank_MiB'))} | "
+                  f"{fmt(m.get('ratio_single_over_max_rank'), '.2f')} |")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"tolerance": TOL, "meshes": meshes, "rows": rows, "memory": mem}, f, indent=1, default=str)

@@ -134,6 +134,8 @@ def parity_worker(rank, world, case, seed=0, n=7):
     msgs = [str(x.message) for x in (*wl, *wl2)]
     res["warnings"] = sorted({m[:300] for m in msgs})
     res["n_gathered_warnings"] = sum(1 for m in msgs if "gathered" in m)
+    # "autocp: K glue op(s) gather a pair tensor ..." (one warning for K ops)
+    res["gathered_glue_ops"] = sum(int(g) for m in msgs for g in re.findall(r"(\d+) glue op\(s\) gather", m))
     with phase("compare outputs"):
         if len(outs) != len(outs_ref):
             raise CorpusFailure(f"[compare outputs] {len(outs)} outputs, the model returns {len(outs_ref)}")
@@ -172,18 +174,39 @@ def parity_worker(rank, world, case, seed=0, n=7):
     return res
 
 
+def _local_inputs(pm, args, kwargs, mesh):
+    """This rank's tiles of ``(args, kwargs)`` as DTensors in the layouts parallelize chose
+    (the leaves in the order of ``tree_flatten((args, kwargs))``, as pm.forward reads them)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from autocp.passes.emit import layout_of_tags
+
+    n, n_seq = pm.example_n, pm.example_n_seq
+    leaves, spec = tree_flatten((args, kwargs))
+    out, tiles, k = [], [], 0
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            tags = pm.input_tags[k]
+            k += 1
+            lay = layout_of_tags(tags)
+            sizes = [n_seq if t == "s" else n for t in (tags or ()) if t is not None]
+            x = lay.to_dtensor(lay.shard(x, mesh).contiguous() if sizes else x, mesh, sizes) if lay else x
+            tiles.append(x.to_local() if hasattr(x, "to_local") else x)
+        out.append(x)
+    a, kw = tree_unflatten(out, spec)
+    return a, kw, tiles
+
+
 def memory_worker(rank, world, case, n=96, seed=0):
     """Per-rank peak (parameters + this rank's input tiles + live tensors) of a no-grad
-    forward of the parallelized model at ``n`` tokens; rank 0 also measures the single
-    device. Uses the positional ``:wrapped`` form of ``case`` (the local-tile call takes
-    positional inputs)."""
+    forward of the parallelized model at ``n`` tokens on local tiles (``output="local"``);
+    rank 0 also measures the single device (parameters + full inputs + live tensors)."""
     import autocp
 
     res = {"case": case, "n": n}
     phase = _Phase(res)
-    name = case.partition(":")[0] + ":wrapped"
     with phase("build"):
-        model, (args, kwargs), _ = build_case(name, seed, n)
+        model, (args, kwargs), _ = build_case(case, seed, n)
     if rank == 0:
         with phase("single-device memory"), torch.no_grad(), \
                 autocp.MemoryTracker(track=[*model.parameters(), *_tensors(args, kwargs)]) as mt:
@@ -194,11 +217,8 @@ def memory_worker(rank, world, case, n=96, seed=0):
         warnings.simplefilter("ignore")
         pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs))
     with phase("parallel memory"), torch.no_grad():
-        from autocp.cli import _local_dtensors
-
-        local = _local_dtensors(pm, list(args), mesh)
-        tiles = [x.to_local() if hasattr(x, "to_local") else x for x in local]
-        with autocp.MemoryTracker(track=[*model.parameters(), *(t for t in tiles if isinstance(t, torch.Tensor))]) as mt:
-            pm(*local, output="local")
+        a, kw, tiles = _local_inputs(pm, args, kwargs, mesh)
+        with autocp.MemoryTracker(track=[*model.parameters(), *tiles]) as mt:
+            pm(*a, output="local", **kw)
         res["peak_rank"] = mt.peak_bytes
     return res
