@@ -59,7 +59,8 @@ def parity_row(case, world, timeout):
     grad_err = max(r["grad_rel_err"] for r in res)
     missing = sorted({k for r in res for k in r["missing_grads"]})
     vacuous = [w for w, bad in (("output does not depend on input", res[0]["input_sensitivity"] <= 1e-3),
-                                ("zero reference gradients", res[0]["max_ref_grad"] <= 0)) if bad]
+                                ("zero reference gradients", res[0]["max_ref_grad"] <= 0),
+                                ("identity reference", (res[0]["moved"] or 1.0) <= 1e-2)) if bad]
     ok = out_err <= TOL and grad_err <= TOL and not missing and not vacuous
     outcome = "ok" if ok else "MISMATCH" + "".join(
         f" {x}" for x in ([f"out {out_err:.2g}"] if out_err > TOL else []) + ([f"grad {grad_err:.2g}"] if grad_err > TOL else [])

@@ -108,6 +108,10 @@ def parity_worker(rank, world, case, seed=0, n=7):
                         for k, x in kwargs.items()}
             outs_p = _flat(model(*p_args, **p_kwargs))
         res["input_sensitivity"] = max(float((a - b.detach()).abs().max()) for a, b in zip(outs_p, outs_ref))
+        # ... and the stack is not an identity: each output of an input's shape moved away from it
+        moved = [float((o.detach() - x).abs().max()) for o in outs_ref
+                 for x in [next((x for x in floats if x.shape == o.shape), None)] if x is not None]
+        res["moved"] = min(moved) if moved else None
         res["n_params"] = len(list(model.parameters()))
         res["n_zero_grad_params"] = sum(1 for k, p in model.named_parameters()
                                         if k not in ref_grads or float(ref_grads[k].abs().max()) == 0.0)

@@ -46,6 +46,7 @@ def test_corpus_parity(case, world):
         where = f"{case} on {world} rank(s), rank {rank}"
         # the reference is not vacuous
         assert r["input_sensitivity"] > 1e-3, f"{where}: the reference output does not depend on the input"
+        assert r["moved"] is None or r["moved"] > 1e-2, f"{where}: the reference stack is an identity ({r['moved']})"
         assert r["max_ref_grad"] > 0, f"{where}: the reference parameter gradients are all zero"
         assert r["n_zero_grad_params"] <= r["n_params"] // 4, (
             f"{where}: {r['n_zero_grad_params']} of {r['n_params']} parameters have a zero reference gradient")
