@@ -127,6 +127,10 @@ def _checksum(t: torch.Tensor) -> tuple:
     return (float(x.sum()), float((x * w).sum()))
 
 
+def _timeout_str(mesh) -> str:
+    return f"{mesh.timeout:g} s" if mesh.timeout is not None else "the process group's timeout"
+
+
 def _first_line(e: BaseException, limit: int = 600) -> str:
     msg = f"{type(e).__name__}: {e}"
     return msg if len(msg) <= limit else msg[:limit] + " ..."
@@ -294,7 +298,7 @@ def _gather(mesh, obj, what: str) -> list:
     try:
         dist.all_gather_object(out, obj, group=group)
     except Exception as e:  # noqa: BLE001 -- gloo: timeout, connection closed by peer
-        t = f"{mesh.timeout:g} s" if mesh.timeout is not None else "the process group's timeout"
+        t = _timeout_str(mesh)
         raise MeshFaultError(
             f"autocp: rank {dist.get_rank()} could not exchange {what} with the other ranks of the "
             f"{mesh.p}x{mesh.p} mesh (timeout {t}): {_first_line(e, 300)}. A rank did not arrive in time (slow, "
@@ -583,7 +587,7 @@ def guarded_call(pm: nn.Module, call, args, kwargs):
         if mesh.p > 1 and isinstance(e, RuntimeError) and not isinstance(e, MeshFaultError) and is_peer_loss(str(e)):
             import torch.distributed as dist
 
-            t = f"{mesh.timeout:g} s" if mesh.timeout is not None else "the process group's timeout"
+            t = _timeout_str(mesh)
             raise MeshFaultError(
                 f"autocp: rank {dist.get_rank()} waited in a collective inside the parallel forward (call "
                 f"#{state.calls}) and lost its peer or gave up after {t}: {_first_line(e, 300)}. Another rank "

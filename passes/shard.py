@@ -278,24 +278,10 @@ class _Sharder:
     def map_args(self, args, fn):
         return fx.node.map_aggregate(args, lambda x: fn(x) if isinstance(x, fx.Node) else x)
 
-    def fix_axes(self, tags):
+    @staticmethod
+    def fix_axes(tags):
         """At most one tag per mesh axis: a later duplicate becomes its swap, else whole."""
-        used = set()
-        out = []
-        for t in tags:
-            if t is None:
-                out.append(None)
-                continue
-            if _axis(t) in used:
-                s = T._swap(t)
-                if T.base_tag(s) != T.base_tag(t) and _axis(s) not in used:
-                    t = s
-                else:
-                    out.append(None)
-                    continue
-            used.add(_axis(t))
-            out.append(t)
-        return tuple(out)
+        return canonical_tags(tuple(tags))
 
     # ------------------------------------------------------------------ driver
     def run(self) -> TileProgram:

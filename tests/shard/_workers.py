@@ -41,26 +41,6 @@ def parity_worker(rank, world, name, n):
     return {"oerr": oerr, "gerr": gerr, "notes": notes, "moved": float(ref[0].abs().max())}
 
 
-def grad_report_worker(rank, world, name, n):
-    import autocp
-    from autocp.passes.program import compile_tile_program, run_tile_program
-    from tests.shard.programs import cases, redraw
-
-    mesh = autocp.init_mesh()
-    model, inputs, tags = cases(n)[name]
-    redraw(model)
-    ref = model(*inputs)
-    ref = list(ref) if isinstance(ref, tuple) else [ref]
-    w = [torch.randn(o.shape, generator=torch.Generator().manual_seed(3)) for o in ref]
-    sum((o * wi).sum() for o, wi in zip(ref, w)).backward()
-    rg = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    prog, _ = compile_tile_program(model, inputs, tags, n=n, p=mesh.p)
-    outs = run_tile_program(prog, mesh, inputs, tags, n)
-    sum((o * wi).sum() for o, wi in zip(outs, w)).backward()
-    return {k: float((p.grad - rg[k]).abs().max() / rg[k].abs().max()) for k, p in model.named_parameters()}
-
-
 def strict_worker(rank, world):
     """strict=True refuses a pair gather, naming the op and the source line; an in-place
     write into a narrowed sharded slice is refused in any mode."""
