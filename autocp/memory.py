@@ -3,7 +3,9 @@
 On CPU, RSS and the profiler do not measure what we care about (allocator caching,
 fragmentation, python objects). :class:`MemoryTracker` is a ``TorchDispatchMode`` that
 sees every tensor an op creates, keys it by its *storage* (views and in-place results
-are free), and frees it when the storage dies (weakref finalizer). Tensors that existed
+are free), and frees it when the storage dies (weakref finalizer). A DTensor (any
+traceable wrapper subclass) counts as the local tensors it wraps: its local bytes, never
+its global size. Tensors that existed
 before the block (parameters, inputs) are counted by passing them to ``track``.
 
     with MemoryTracker(track=[*model.parameters(), z]) as mt:
@@ -17,7 +19,7 @@ import weakref
 from typing import Iterable, Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["MemoryTracker", "peak_memory"]
@@ -50,6 +52,15 @@ class MemoryTracker(TorchDispatchMode):
                 self._add(t)
 
     def _add(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):
+            # a DTensor (or any wrapper subclass) owns no storage of its own: count the
+            # local tensors it wraps, not its global size
+            attrs, _ctx = t.__tensor_flatten__()
+            for a in attrs:
+                inner = getattr(t, a)
+                if isinstance(inner, torch.Tensor):
+                    self._add(inner)
+            return
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):
