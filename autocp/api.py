@@ -154,6 +154,7 @@ def parallelize(
     emit: str = "graph",
     grad_sync: bool = True,
     grad_bucket_mb: float = 25.0,
+    recompute: str = "ops",
 ) -> nn.Module:
     """The 2D-context-parallel version of ``model`` on the square ``mesh``.
 
@@ -180,15 +181,24 @@ def parallelize(
     :mod:`autocp.grad_sync`); ``with pm.no_sync():`` accumulates. ``mesh`` may be a 3D
     DeviceMesh ``(dp, row, col)``: the model is parallelized on this rank's ``(row, col)``
     slice and gradients are averaged over ``dp`` in the same fused all-reduce.
+
+    ``recompute`` (the training memory knob, ``emit="graph"``): ``"ops"`` (default) -- every
+    distributed op keeps only its input tiles for backward and recomputes its internals
+    there, as the hand-built ``Pairformer2D`` does; ``"blocks"`` -- each repeated block keeps
+    only its inputs (least memory, one extra forward per block); ``"none"`` -- autograd keeps
+    everything (fastest backward, most memory). Outputs and gradients are the same for all.
     """
     if emit not in ("python", "graph"):
         raise ValueError(f"parallelize: given emit={emit!r}; required 'python' or 'graph'.")
+    if recompute not in ("ops", "blocks", "none"):
+        raise ValueError(f"parallelize: given recompute={recompute!r}; required 'ops' (default), 'blocks' or "
+                         f"'none'. Fix: pass one of those.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize: given {type(model).__name__}; required an nn.Module.")
     mesh, dp_size, dp_world = _split_dp(mesh)
     sq = SquareMesh.from_any(mesh)
     pm = _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from,
-                      emit)
+                      emit, recompute)
     if grad_sync:
         pm.enable_grad_sync(grad_bucket_mb, dp_size=dp_size, group=dp_world)
     return pm
@@ -224,7 +234,8 @@ def _split_dp(mesh):
     return cp, shape[0], group
 
 
-def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from, emit):
+def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from, emit,
+                 recompute="ops"):
     from . import guard
 
     from .passes.emit import ParallelModule
@@ -287,7 +298,7 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
 
         def builder(a, kw, n_, n_seq_):
             return build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
-                                      strict=strict, reuse_blocks=reuse_blocks)
+                                      strict=strict, reuse_blocks=reuse_blocks, recompute=recompute)
 
         object.__setattr__(pm, "_graph_builder", builder)
         object.__setattr__(pm, "_graphs", {(n, n_seq): builder(args, kwargs, n, n_seq)})

@@ -339,6 +339,9 @@ def register_boltz_defaults() -> list[ModuleRule]:
         ("boltz.model.layers.attention", "AttentionPairBias", "pair_bias_attn", "pair_bias_attn", "AttentionPairBias2D"),
         ("boltz.model.layers.outer_product_mean", "OuterProductMean", "outer_product_mean", "outer_product", "OuterProductMean2D"),
         ("boltz.model.layers.pair_averaging", "PairWeightedAveraging", "pair_weighted_averaging", "pair_averaging", "PairWeightedAveraging2D"),
+        # tile-local (channel-wise), registered for memory: chunked over rows and recomputed in
+        # backward instead of keeping its 4C hidden activations for the whole tile
+        ("boltz.model.layers.transition", "Transition", "transition", "transition", "Transition2D"),
     ]
     import importlib
 
@@ -390,6 +393,8 @@ class NativeOpAdapter(nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "op", op)
         self.kind = kind
+        # an op that checkpoints its own pieces (Transition2D): the graph emit does not wrap it again
+        self.recomputes_itself = bool(getattr(op, "recomputes_itself", False))
         self._sig = inspect.signature(original.forward)
         self._op_sig = inspect.signature(op.forward)
 

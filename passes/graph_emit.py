@@ -8,6 +8,15 @@ the tile program (:mod:`autocp.passes.shard`) of the model's top graph; every re
 block runs its own tile program (captured and sharded once per input layout, reused for
 every instance); every matched module runs its replacement with its inputs converted to
 the layouts the plan requires. Parameters are the model's own (shared) objects.
+
+Training memory (``recompute``, see docs/training.md): autograd would keep every
+activation of every op for backward. With ``"ops"`` (default) each distributed op (and
+each gathered fallback) keeps only its input tiles and recomputes its internals in
+backward (non-reentrant activation checkpointing, as the hand-built ``Pairformer2D``
+does; the ring communication is replayed in the same order on every rank, the RNG state
+is restored); with ``"blocks"`` each repeated block also keeps only its inputs (least
+memory, one more forward of every block); ``"none"`` saves everything (fastest
+backward, most memory).
 """
 
 from __future__ import annotations
@@ -15,12 +24,34 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .shard import shard_graph
 from .trace import capture
 
-__all__ = ["GraphRunner", "build_graph_runner"]
+__all__ = ["GraphRunner", "build_graph_runner", "RECOMPUTE_POLICIES"]
+
+RECOMPUTE_POLICIES = ("ops", "blocks", "none")
+
+
+def _grad_needed(tensors, params=()) -> bool:
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or any(p.requires_grad for p in params))
+
+
+class _Recomputed:
+    """``op`` called under non-reentrant activation checkpointing when autograd records:
+    only its inputs are saved; its forward runs again inside backward."""
+
+    def __init__(self, op):
+        self.op = op
+        self._params = list(op.parameters()) if isinstance(op, torch.nn.Module) else []
+
+    def __call__(self, *args, **kwargs):
+        flat = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        if _grad_needed(flat, self._params):
+            return checkpoint(self.op, *args, use_reentrant=False, **kwargs)
+        return self.op(*args, **kwargs)
 
 
 def _consts(ep, root, prefix_strip=""):
@@ -50,16 +81,24 @@ def _user_specs(ep):
 class _BlockCall:
     """One repeated-block instance: its tile program with the instance's parameters/ops."""
 
-    def __init__(self, prog, consts, ops):
-        self.prog, self.consts, self.ops = prog, consts, ops
+    def __init__(self, prog, consts, ops, recompute=False):
+        self.prog, self.consts, self.ops, self.recompute = prog, consts, ops, recompute
+
+    def _run(self, *tensors):
+        return list(tree_flatten(self.prog.gm(*self.consts, self.ops, *tensors))[0])
 
     def __call__(self, *args, **kwargs):
         tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
-        return list(tree_flatten(self.prog.gm(*self.consts, self.ops, *tensors))[0])
+        if self.recompute and _grad_needed(tensors, [c for c in self.consts if isinstance(c, torch.nn.Parameter)]):
+            return checkpoint(self._run, *tensors, use_reentrant=False)
+        return self._run(*tensors)
 
 
 class GraphRunner:
-    def __init__(self, model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict):
+    def __init__(self, model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute="ops"):
+        if recompute not in RECOMPUTE_POLICIES:
+            raise ValueError(f"autocp: given recompute={recompute!r}; required one of {RECOMPUTE_POLICIES}.")
+        self.recompute = recompute
         self.model, self.cap, self.plan, self.repl = model, cap, plan, replacements
         self.n, self.n_seq, self.p, self.strict = n, n_seq, mesh.p, strict
         self.block_progs = {}
@@ -116,9 +155,14 @@ class GraphRunner:
             ops = []
             for e in prog.op_keys:
                 rel = e.path[len(blk.rep):]
-                ops.append(self.repl[entry.path + rel])
-            return _BlockCall(prog, consts, ops)
-        return self.repl[entry.path]
+                ops.append(self._wrap(self.repl[entry.path + rel]))
+            return _BlockCall(prog, consts, ops, recompute=self.recompute == "blocks")
+        return self._wrap(self.repl[entry.path])
+
+    def _wrap(self, op):
+        if self.recompute == "none" or getattr(op, "recomputes_itself", False):
+            return op
+        return _Recomputed(op)
 
     def __call__(self, args, kwargs):
         leaves = tree_flatten((args, kwargs))[0]
@@ -131,12 +175,12 @@ class GraphRunner:
 
 
 def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n_seq, mesh, *, strict=False,
-                       reuse_blocks=True):
+                       reuse_blocks=True, recompute="ops"):
     """Capture ``model`` with every planned module opaque, shard every graph, and return
     the :class:`GraphRunner`. Warns once per gathered op (exact, but O(N^2/p) memory)."""
     keep = frozenset(p for p in plan.actions if p)
     cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=keep)
-    runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict)
+    runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute)
     gathers = [nt for nt in runner.notes if nt.what in ("gather", "op-gather") and nt.pair]
     if gathers:
         lines = "; ".join(f"{g.op} ({g.detail}{', ' + g.source if g.source else ''})" for g in gathers[:4])

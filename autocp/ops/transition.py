@@ -61,6 +61,7 @@ class Transition2D(nn.Module):
         self.hidden = module.hidden
         self.chunk_rows = chunk_rows
         self.recompute = recompute
+        self.recomputes_itself = recompute  # the compiler's recompute policy leaves it alone
         share_submodules(self, module, [n for n, _ in module.named_children()])
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,10 @@ def comm_worker(rank, world, n):
 @pytest.mark.parametrize("world,n", [(4, 7), (9, 10)])  # N != channels (8)
 def test_explain_comm_equals_counted_bytes(world, n):
     res = run_distributed(comm_worker, world, n, timeout=300)
-    paths = sorted(res[0]["measured"])
+    local = sorted(p for p in res[0]["measured"] if p.rsplit(".", 1)[-1].startswith("transition"))
+    assert len(local) == 4  # 2 blocks x (transition_z, transition_s): registered for memory, no comm
+    assert all(r["measured"][p] == 0 for r in res for p in local)
+    paths = sorted(p for p in res[0]["measured"] if p not in local)
     assert len(paths) == 10  # 2 blocks x (2 tri mult + 2 tri attn + pair-bias attn)
     for rank, r in enumerate(res):
         for p in paths:

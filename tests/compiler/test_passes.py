@@ -29,7 +29,8 @@ def test_trace_blocks_captured_once_and_registered_modules_opaque():
     assert _opaque_paths(cap.top) == ["layers.0", "layers.1", "layers.2"]
     # the block graph: each registered module is ONE node carrying its path
     assert sorted(_opaque_paths(blk.gm)) == sorted(
-        f"layers.0.{x}" for x in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end", "attention"))
+        f"layers.0.{x}" for x in ("tri_mul_out", "tri_mul_in", "tri_att_start", "tri_att_end", "attention",
+                                  "transition_z", "transition_s"))
     # nothing of the registered modules' insides was captured
     stacks = [str(n.meta.get("nn_module_stack", "")) for n in blk.gm.graph.nodes]
     assert not any("mha" in s or "p_in" in s for s in stacks)
