@@ -29,8 +29,23 @@ import torch
 __all__ = ["tile_attention_fwd", "tile_attention_bwd", "tri_mm"]
 
 
-def _scores(q, k, bias, key_valid, scale):
-    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+def _recorded(*tensors) -> bool:
+    """Autograd records these ops (then no in-place update of a saved temporary)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _scores(q, k, bias, key_valid, scale, inplace):
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2))
+    if inplace:  # the score block is a fresh temporary: update it in place (no extra block)
+        if scale != 1.0:
+            s.mul_(scale)
+        if bias is not None:
+            s.add_(bias.float())
+        if key_valid is not None:
+            s.masked_fill_(~key_valid.unsqueeze(-2), float("-inf"))
+        return s
+    if scale != 1.0:
+        s = s * scale
     if bias is not None:
         s = s + bias.float()
     if key_valid is not None:
@@ -38,25 +53,31 @@ def _scores(q, k, bias, key_valid, scale):
     return s
 
 
+def _finite(lse):
+    return torch.where(torch.isfinite(lse), lse, 0.0).unsqueeze(-1)
+
+
 def tile_attention_fwd(q, k, v, bias=None, key_valid: Optional[torch.Tensor] = None, scale: float = 1.0):
-    s = _scores(q, k, bias, key_valid, scale)
+    inplace = not _recorded(q, k, v, bias)
+    s = _scores(q, k, bias, key_valid, scale, inplace)
     lse = torch.logsumexp(s, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(s - safe.unsqueeze(-1))
+    p = s.sub_(_finite(lse)).exp_() if inplace else torch.exp(s - _finite(lse))
     out = torch.matmul(p, v.float())
     return out, lse
 
 
 def tile_attention_bwd(q, k, v, bias, key_valid, scale, lse, dout, delta):
-    s = _scores(q, k, bias, key_valid, scale)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(s - safe.unsqueeze(-1))
+    inplace = not _recorded(q, k, v, bias, dout)
+    s = _scores(q, k, bias, key_valid, scale, inplace)
+    p = s.sub_(_finite(lse)).exp_() if inplace else torch.exp(s - _finite(lse))
     dout = dout.float()
     dv = torch.matmul(p.transpose(-1, -2), dout)
     dp = torch.matmul(dout, v.float().transpose(-1, -2))
-    ds = p * (dp - delta.unsqueeze(-1))
-    dq = torch.matmul(ds, k.float()) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
+    ds = dp.sub_(delta.unsqueeze(-1)).mul_(p) if inplace else p * (dp - delta.unsqueeze(-1))
+    dq = torch.matmul(ds, k.float())
+    dk = torch.matmul(ds.transpose(-1, -2), q.float())
+    if scale != 1.0:
+        dq, dk = dq * scale, dk * scale
     return dq, dk, dv, ds
 
 

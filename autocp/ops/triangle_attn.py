@@ -187,6 +187,14 @@ def _k_v(kv: torch.Tensor):
     return kv[:, :, :, 0].transpose(2, 3), kv[:, :, :, 1].transpose(2, 3)
 
 
+def _key_valid(valid: torch.Tensor):
+    """The kernels' ``key_valid`` ``[B, b_i, 1, b_k]`` for one key block, or ``None`` when
+    every key is valid (the kernel then skips its masking pass over the score block)."""
+    if not is_fake(valid) and bool(valid.all()):
+        return None
+    return valid.unsqueeze(2)
+
+
 def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int):
     """Forward ring of :class:`_TriAttnRing` -> ``(out, lse, masked)`` (see there).
 
@@ -218,12 +226,13 @@ def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int):
         real = token_valid(n, p, t, device=dev)
         realf = real[:, None].float()
         valid = cur_m.bool() & real  # [B, b_i, b_k]
+        kval = _key_valid(valid)
         kk, vv = _k_v(cur_kv)
         bias = cur_b.unsqueeze(1)
         for i0 in _row_starts(bi, rc, q):  # rows i are independent: chunk them
             sl = slice(i0, min(i0 + rc, bi))
             o_c, l_c = kernels.tile_attention_fwd(q[:, sl], kk[:, sl], vv[:, sl], bias,
-                                                  valid[:, sl].unsqueeze(2), 1.0)
+                                                  None if kval is None else kval[:, sl], 1.0)
             if s > 0:
                 o_c, l_c = merge_lse(out[:, sl], lse[:, sl], o_c, l_c)
             out[:, sl] = o_c
@@ -297,16 +306,18 @@ class _TriAttnRing(torch.autograd.Function):
                 b_t, h_b = _post(cur_b, view.col_next(), "bias")
             real = token_valid(n, p, t, device=dev)
             valid = cur_m.bool() & real
+            kval = _key_valid(valid)
             kk, vv = _k_v(cur_kv)
             bk = kk.shape[-2]
             bias = cur_b.unsqueeze(1)
-            dkv = torch.zeros(cur_kv.shape, dtype=f32, device=dev)  # [B, b_i, b_k, 2, H, D]
+            # [B, b_i, b_k, 2, H, D]; every slot is written by the row chunks below
+            dkv = torch.empty(cur_kv.shape, dtype=f32, device=dev)
             dk_all, dv_all = _k_v(dkv)
             dbias = torch.zeros(B, H, bj, bk, dtype=f32, device=dev)
             for i0 in _row_starts(bi, rc, q):  # rows i are independent: chunk them
                 sl = slice(i0, min(i0 + rc, bi))
                 dq_c, dk_c, dv_c, ds_c = kernels.tile_attention_bwd(
-                    q[:, sl], kk[:, sl], vv[:, sl], bias, valid[:, sl].unsqueeze(2), 1.0,
+                    q[:, sl], kk[:, sl], vv[:, sl], bias, None if kval is None else kval[:, sl], 1.0,
                     lse[:, sl], dout[:, sl], delta[:, sl]
                 )
                 dq[:, sl] += dq_c

@@ -53,7 +53,7 @@ def _with_grad(inputs, idx):
     return tuple(x.clone().requires_grad_() if i in idx else x for i, x in enumerate(inputs))
 
 
-def grad_parity_worker(rank, world, kind, ckpt=False, bucket_mb=25.0):
+def grad_parity_worker(rank, world, kind, ckpt=False, bucket_mb=25.0, recompute="ops"):
     """No extra call: parameter and input gradients after backward() vs single device."""
     import autocp
     from autocp import comm
@@ -69,7 +69,7 @@ def grad_parity_worker(rank, world, kind, ckpt=False, bucket_mb=25.0):
     model.train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = autocp.parallelize(model, mesh, example_inputs=inputs, grad_bucket_mb=bucket_mb)
+        pm = autocp.parallelize(model, mesh, example_inputs=inputs, grad_bucket_mb=bucket_mb, recompute=recompute)
     pm.train()
     ref_in = _with_grad(inputs, idx)
     _loss(model(*ref_in)).backward()
@@ -162,14 +162,18 @@ def bad_dp_worker(rank, world):
     return ""
 
 
-def adamw_worker(rank, world, steps=5, ckpt=True, bf16=False):
-    """AdamW steps on the mesh vs single device: per-step losses and final parameters."""
+def adamw_worker(rank, world, steps=5, ckpt=True, bf16=False, dropout=0.0):
+    """AdamW steps on the mesh vs single device: per-step losses and final parameters.
+    ``dropout > 0``: every layer's dropout set to it; both runs are seeded alike per step,
+    so Boltz's row/column-shared masks must come out the same on the mesh."""
     import copy
 
     import autocp
 
     mesh = autocp.init_mesh() if world > 1 else None
     model, inputs, idx = build("pairformer", ckpt)
+    for layer in model.layers:
+        layer.dropout = dropout
     model.train()
     ref_model = copy.deepcopy(model)
     with warnings.catch_warnings():
@@ -180,8 +184,9 @@ def adamw_worker(rank, world, steps=5, ckpt=True, bf16=False):
     ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3)
     losses, ref_losses = [], []
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
-    for _ in range(steps):
+    for step in range(steps):
         for mdl, o, acc in ((pm, opt, losses), (ref_model, ref_opt, ref_losses)):
+            torch.manual_seed(100 + step)  # the same dropout draws for both runs
             o.zero_grad(set_to_none=True)
             with ctx():
                 # reentrant checkpoint needs an input that requires grad (single device too)
@@ -208,4 +213,39 @@ def adamw_worker(rank, world, steps=5, ckpt=True, bf16=False):
         out["ref_fp32_loss"] = float(_loss(m32(*inputs)))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out["ref_bf16_loss"] = float(_loss(m32(*inputs)))
+    return out
+
+
+def recompute_memory_worker(rank, world, n):
+    """Per-rank fwd+bwd peak (MemoryTracker, local tiles as DTensors) for each recompute
+    policy, and the output/gradient agreement between the policies."""
+    import autocp
+    from autocp.layout import Pair2D, RowToken
+    from autocp.memory import MemoryTracker
+    from tests.compiler._workers import build_pairformer, pairformer_inputs
+
+    mesh = autocp.SquareMesh.from_any(autocp.init_mesh())
+    model = build_pairformer(2, blocks=2).train()
+    full = pairformer_inputs(n)
+    lays = [RowToken(), Pair2D(), RowToken(), Pair2D()]
+    tiles = [lay.shard(x, mesh).contiguous() for x, lay in zip(full, lays)]
+    res = {}
+    for policy in ("none", "ops", "blocks"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pm = autocp.parallelize(model, mesh, example_inputs=full, recompute=policy)
+        ts, tz = (t.clone().requires_grad_() for t in tiles[:2])
+        loc = [ts, tz, *tiles[2:]]
+        model.zero_grad(set_to_none=True)
+        with MemoryTracker(track=[*model.parameters(), *loc]) as mt:
+            s_o, z_o = pm(*[lay.to_dtensor(t, mesh, n) for t, lay in zip(loc, lays)], output="local")
+            (s_o.sum() + z_o.square().sum()).backward()
+        res[policy] = {"peak": mt.peak_bytes, "out": z_o.detach().clone(), "gz": tz.grad.clone(),
+                       "grads": {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}}
+    ref = res["none"]
+    out = {"peak": {k: v["peak"] for k, v in res.items()}}
+    for k in ("ops", "blocks"):
+        out[k + "_out_err"] = float((res[k]["out"] - ref["out"]).abs().max())
+        out[k + "_gz_err"] = float((res[k]["gz"] - ref["gz"]).abs().max() / ref["gz"].abs().max())
+        out[k + "_grad_err"] = _grad_err(res[k]["grads"], ref["grads"])
     return out
