@@ -202,6 +202,8 @@ class PairOpAdapter(nn.Module):
         for name, prm in op.named_parameters(recurse=False):
             self.register_parameter(name, prm)
         object.__setattr__(self, "op", op)
+        # an op that recomputes its own activations (TriangleAttention2D): not checkpointed again
+        self.recomputes_itself = bool(getattr(op, "recomputes_itself", False))
         try:
             self._sig = inspect.signature(original.forward)
         except (TypeError, ValueError):
@@ -393,7 +395,7 @@ class NativeOpAdapter(nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "op", op)
         self.kind = kind
-        # an op that checkpoints its own pieces (Transition2D): the graph emit does not wrap it again
+        # an op that recomputes its own activations (Transition2D): the graph emit does not wrap it again
         self.recomputes_itself = bool(getattr(op, "recomputes_itself", False))
         self._sig = inspect.signature(original.forward)
         self._op_sig = inspect.signature(op.forward)

@@ -196,7 +196,9 @@ def _param_sig(m: nn.Module):
 
 def find_repeated_blocks(model: nn.Module, registered: dict) -> dict:
     """``{group_id: [paths]}``: >= 2 structurally identical children of a ModuleList /
-    Sequential (outermost lists only; registered modules are not blocks)."""
+    Sequential (outermost lists only; registered modules are not blocks). A child that is
+    itself a ModuleList / ModuleDict (a layer stored as ``ModuleList([attn, ff])`` and
+    unpacked by the parent) is not callable: its members, grouped by position, are."""
     groups: dict = {}
     taken: list[str] = []
 
@@ -211,6 +213,15 @@ def find_repeated_blocks(model: nn.Module, registered: dict) -> dict:
         for cname, ch in mod.named_children():
             path = f"{name}.{cname}" if name else cname
             if path in registered or not any(True for _ in ch.parameters()):
+                continue
+            if isinstance(ch, (nn.ModuleList, nn.ModuleDict)):
+                # a container is iterated, not called (``for attn, ff in self.layers``):
+                # its members are the blocks, grouped by position across the siblings
+                for mname, m in ch.named_children():
+                    mpath = f"{path}.{mname}"
+                    if mpath in registered or not any(True for _ in m.parameters()):
+                        continue
+                    by_sig.setdefault((mname, _param_sig(m)), []).append(mpath)
                 continue
             by_sig.setdefault(_param_sig(ch), []).append(path)
         for i, paths in enumerate(by_sig.values()):

@@ -59,8 +59,9 @@ class _PairStack2D(nn.Module):
         self.reproduce_dropout = reproduce_dropout
         self.tri_mul_out = TriangleMultiplication2D(layer.tri_mul_out, mesh)
         self.tri_mul_in = TriangleMultiplication2D(layer.tri_mul_in, mesh)
-        self.tri_att_start = TriangleAttention2D(layer.tri_att_start, mesh)
-        self.tri_att_end = TriangleAttention2D(layer.tri_att_end, mesh)
+        # triangle attention recomputes its own projections (keeps z, its output and LSE)
+        self.tri_att_start = TriangleAttention2D(layer.tri_att_start, mesh, recompute=checkpoint_ops)
+        self.tri_att_end = TriangleAttention2D(layer.tri_att_end, mesh, recompute=checkpoint_ops)
         self.transition_z = Transition2D(layer.transition_z, mesh)
 
     def _residual(self, z, update, n, columnwise=False):
@@ -74,7 +75,7 @@ class _PairStack2D(nn.Module):
         """Run one triangle op; with ``checkpoint_ops`` only its input tile is kept for
         backward and its activations (projections, q/k/v, gates) are recomputed there, one
         op at a time (the ring communication is replayed in the same order on all ranks)."""
-        if self.checkpoint_ops and torch.is_grad_enabled():
+        if self.checkpoint_ops and torch.is_grad_enabled() and not getattr(op, "recomputes_itself", False):
             return checkpoint(lambda x, m: op(x, m, n_tokens=n), z, pair_mask, use_reentrant=False)
         return op(z, pair_mask, n_tokens=n)
 

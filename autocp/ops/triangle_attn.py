@@ -62,7 +62,11 @@ width ``D``, ``[x]`` = 1 if x else 0). See :func:`comm_bytes`.
   ``triattn.dbias = (p - 1 + [(r', c') != (1 mod p, 1 mod p)]) S_db``.
 * ``p = 1``: nothing.
 
-Memory per rank: saved for backward are only local tensors -- ``q [B, b, H, b, D]``,
+Memory per rank: with ``recompute=True`` (the default) backward keeps the input tile
+``z [B, b, b, C]``, the mask tile, the fp32 ring output ``[B, b, H, b, D]`` and its LSE
+``[B, b, H, b]`` (``O(B b^2 (C + H D + H))``) and recomputes LayerNorm and the projections
+from ``z`` (one forward attention pass and its rings fewer than checkpointing the op).
+With ``recompute=False`` saved for backward are only local tensors -- ``q [B, b, H, b, D]``,
 the packed ``kv [B, b, b, 2, H, D]`` (which is itself the K/V ring buffer), the bias tile
 ``[B, H, b, b]``, the key mask ``[B, b, b]``, the fp32 output ``[B, b, H, b, D]`` and LSE
 ``[B, b, H, b]`` -- i.e. ``O(B b^2 (4 H D + H + 1))`` = ``O(N^2 / P)``; received blocks are
@@ -273,99 +277,97 @@ class _TriAttnRing(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, kv, tri, mask, out, lse, masked = ctx.saved_tensors
-        view, n, rc = ctx.view, ctx.n, ctx.row_chunk
-        p = view.p
-        dev = q.device
-        B, bi, H, bj, D = q.shape
-        f32 = torch.float32
-        dout = dout.float()
-        delta = torch.empty(B, bi, H, bj, dtype=f32, device=dev)
-        for i0 in _row_starts(bi, rc, q):
+        dq, dkv, dtri = _ring_backward(q, kv, tri, mask, out, lse, masked, ctx.view, ctx.n, ctx.row_chunk, dout)
+        return dq, dkv, dtri, None, None, None, None
+
+
+def _ring_backward(q, kv, tri, mask, out, lse, masked, view: _MeshView, n: int, rc: int, dout):
+    """Backward ring of :class:`_TriAttnRing` -> ``(dq, dkv, dtri)`` in the dtypes of
+    ``q, kv, tri`` (the attention is recomputed block by block; see the module docstring)."""
+    p = view.p
+    dev = q.device
+    B, bi, H, bj, D = q.shape
+    f32 = torch.float32
+    dout = dout.float()
+    delta = torch.empty(B, bi, H, bj, dtype=f32, device=dev)
+    for i0 in _row_starts(bi, rc, q):
+        sl = slice(i0, min(i0 + rc, bi))
+        delta[:, sl] = (dout[:, sl] * out[:, sl]).sum(-1)
+    dq = torch.zeros(B, bi, bj, H, D, dtype=f32, device=dev).transpose(2, 3)
+
+    # rows on the uniform (fully masked) path, flattened over (B, b_i), in chunks
+    idx_all = masked.reshape(-1).nonzero().squeeze(1)
+    m_chunks = list(torch.split(idx_all, max(1, B * rc))) if idx_all.numel() else []
+    q_r, dout_r, delta_r, dq_r = (x.flatten(0, 1) for x in (q, dout, delta, dq))  # views
+
+    kv_t, h_kv = _post(kv, view.kv_skew(), "kv")
+    m_t, h_m = _post(mask, view.kv_skew(), "mask")
+    b_t, h_b = _post(tri, view.bias_skew(), "bias")
+    acc_kv = acc_b = h_acc_kv = h_acc_b = None
+    for s in range(p):
+        t = (view.r + view.c + s) % p
+        h_kv.wait()
+        h_m.wait()
+        h_b.wait()
+        cur_kv, cur_m, cur_b = kv_t, m_t, b_t
+        if s + 1 < p:
+            kv_t, h_kv = _post(cur_kv, view.row_next(), "kv")
+            m_t, h_m = _post(cur_m, view.row_next(), "mask")
+            b_t, h_b = _post(cur_b, view.col_next(), "bias")
+        real = token_valid(n, p, t, device=dev)
+        valid = cur_m.bool() & real
+        kval = _key_valid(valid)
+        kk, vv = _k_v(cur_kv)
+        bk = kk.shape[-2]
+        bias = cur_b.unsqueeze(1)
+        # [B, b_i, b_k, 2, H, D]; every slot is written by the row chunks below
+        dkv = torch.empty(cur_kv.shape, dtype=f32, device=dev)
+        dk_all, dv_all = _k_v(dkv)
+        dbias = torch.zeros(B, H, bj, bk, dtype=f32, device=dev)
+        for i0 in _row_starts(bi, rc, q):  # rows i are independent: chunk them
             sl = slice(i0, min(i0 + rc, bi))
-            delta[:, sl] = (dout[:, sl] * out[:, sl]).sum(-1)
-        dq = torch.zeros(B, bi, bj, H, D, dtype=f32, device=dev).transpose(2, 3)
-
-        # rows on the uniform (fully masked) path, flattened over (B, b_i), in chunks
-        idx_all = masked.reshape(-1).nonzero().squeeze(1)
-        m_chunks = list(torch.split(idx_all, max(1, B * rc))) if idx_all.numel() else []
-        q_r, dout_r, delta_r, dq_r = (x.flatten(0, 1) for x in (q, dout, delta, dq))  # views
-
-        kv_t, h_kv = _post(kv, view.kv_skew(), "kv")
-        m_t, h_m = _post(mask, view.kv_skew(), "mask")
-        b_t, h_b = _post(tri, view.bias_skew(), "bias")
-        acc_kv = acc_b = h_acc_kv = h_acc_b = None
-        for s in range(p):
-            t = (view.r + view.c + s) % p
-            h_kv.wait()
-            h_m.wait()
-            h_b.wait()
-            cur_kv, cur_m, cur_b = kv_t, m_t, b_t
-            if s + 1 < p:
-                kv_t, h_kv = _post(cur_kv, view.row_next(), "kv")
-                m_t, h_m = _post(cur_m, view.row_next(), "mask")
-                b_t, h_b = _post(cur_b, view.col_next(), "bias")
-            real = token_valid(n, p, t, device=dev)
-            valid = cur_m.bool() & real
-            kval = _key_valid(valid)
-            kk, vv = _k_v(cur_kv)
-            bk = kk.shape[-2]
-            bias = cur_b.unsqueeze(1)
-            # [B, b_i, b_k, 2, H, D]; every slot is written by the row chunks below
-            dkv = torch.empty(cur_kv.shape, dtype=f32, device=dev)
-            dk_all, dv_all = _k_v(dkv)
-            dbias = torch.zeros(B, H, bj, bk, dtype=f32, device=dev)
-            for i0 in _row_starts(bi, rc, q):  # rows i are independent: chunk them
-                sl = slice(i0, min(i0 + rc, bi))
-                dq_c, dk_c, dv_c, ds_c = kernels.tile_attention_bwd(
-                    q[:, sl], kk[:, sl], vv[:, sl], bias, None if kval is None else kval[:, sl], 1.0,
-                    lse[:, sl], dout[:, sl], delta[:, sl]
+            dq_c, dk_c, dv_c, ds_c = kernels.tile_attention_bwd(
+                q[:, sl], kk[:, sl], vv[:, sl], bias, None if kval is None else kval[:, sl], 1.0,
+                lse[:, sl], dout[:, sl], delta[:, sl]
+            )
+            dq[:, sl] += dq_c
+            dk_all[:, sl] = dk_c
+            dv_all[:, sl] = dv_c
+            dbias += ds_c.float().sum(1)
+            del dq_c, dk_c, dv_c, ds_c
+        if m_chunks:
+            kk_r, vv_r = kk.flatten(0, 1), vv.flatten(0, 1)
+            dk_r, dv_r = dk_all.flatten(0, 1), dv_all.flatten(0, 1)
+            for idx in m_chunks:
+                q_m = q_r[idx].float()
+                delta_m = delta_r[idx]
+                lse_m = torch.full_like(delta_m, math.log(n))
+                dq_m, _, dv_m, ds_m = kernels.tile_attention_bwd(
+                    torch.zeros_like(q_m), kk_r[idx], vv_r[idx], None, real, 1.0, lse_m, dout_r[idx], delta_m
                 )
-                dq[:, sl] += dq_c
-                dk_all[:, sl] = dk_c
-                dv_all[:, sl] = dv_c
-                dbias += ds_c.float().sum(1)
-                del dq_c, dk_c, dv_c, ds_c
-            if m_chunks:
-                kk_r, vv_r = kk.flatten(0, 1), vv.flatten(0, 1)
-                dk_r, dv_r = dk_all.flatten(0, 1), dv_all.flatten(0, 1)
-                for idx in m_chunks:
-                    q_m = q_r[idx].float()
-                    delta_m = delta_r[idx]
-                    lse_m = torch.full_like(delta_m, math.log(n))
-                    dq_m, _, dv_m, ds_m = kernels.tile_attention_bwd(
-                        torch.zeros_like(q_m), kk_r[idx], vv_r[idx], None, real, 1.0, lse_m, dout_r[idx], delta_m
-                    )
-                    dk_m = torch.matmul(ds_m.transpose(-1, -2), q_m)  # the q-term the zero query dropped
-                    dq_r.index_add_(0, idx, dq_m.float())
-                    dk_r.index_add_(0, idx, dk_m.float())
-                    dv_r.index_add_(0, idx, dv_m.float())
-                    dbias.index_add_(0, torch.div(idx, bi, rounding_mode="floor"), ds_m.float())
-                    del q_m, delta_m, lse_m, dq_m, dv_m, ds_m, dk_m
-            del cur_kv, cur_m, cur_b, kk, vv, bias, valid, dk_all, dv_all
-            if s > 0:  # add what the previous holders of this block accumulated (in place)
-                h_acc_kv.wait()
-                h_acc_b.wait()
-                dkv += acc_kv
-                dbias += acc_b
-                acc_kv = acc_b = None
-            if s + 1 < p:
-                acc_kv, h_acc_kv = _post(dkv, view.row_next(), "dkv")
-                acc_b, h_acc_b = _post(dbias, view.col_next(), "dbias")
-            else:  # complete: send home (fused un-skew; for the bias also the transpose back)
-                dkv_home, h1 = _post(dkv, view.kv_home(), "dkv")
-                db_home, h2 = _post(dbias, view.bias_home(), "dbias")
-                h1.wait()
-                h2.wait()
-            del dkv, dbias
-        return (
-            dq.to(q.dtype),
-            dkv_home.to(kv.dtype),
-            db_home.to(tri.dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+                dk_m = torch.matmul(ds_m.transpose(-1, -2), q_m)  # the q-term the zero query dropped
+                dq_r.index_add_(0, idx, dq_m.float())
+                dk_r.index_add_(0, idx, dk_m.float())
+                dv_r.index_add_(0, idx, dv_m.float())
+                dbias.index_add_(0, torch.div(idx, bi, rounding_mode="floor"), ds_m.float())
+                del q_m, delta_m, lse_m, dq_m, dv_m, ds_m, dk_m
+        del cur_kv, cur_m, cur_b, kk, vv, bias, valid, dk_all, dv_all
+        if s > 0:  # add what the previous holders of this block accumulated (in place)
+            h_acc_kv.wait()
+            h_acc_b.wait()
+            dkv += acc_kv
+            dbias += acc_b
+            acc_kv = acc_b = None
+        if s + 1 < p:
+            acc_kv, h_acc_kv = _post(dkv, view.row_next(), "dkv")
+            acc_b, h_acc_b = _post(dbias, view.col_next(), "dbias")
+        else:  # complete: send home (fused un-skew; for the bias also the transpose back)
+            dkv_home, h1 = _post(dkv, view.kv_home(), "dkv")
+            db_home, h2 = _post(dbias, view.bias_home(), "dbias")
+            h1.wait()
+            h2.wait()
+        del dkv, dbias
+    return dq.to(q.dtype), dkv_home.to(kv.dtype), db_home.to(tri.dtype)
 
 
 # ----------------------------------------------------------------------------- module
@@ -378,11 +380,14 @@ class TriangleAttention2D(nn.Module):
     ``z[:, T_r, T_c]`` on rank ``(r, c)``, ``mask_tile [B, b, b]`` the pair-mask tile
     (binary; ``None`` = all real tokens valid); returns the output tile ``[B, b, b, C]``,
     equal to ``module(z, mask, chunk_size=None)[:, T_r, T_c]`` (0 on padded slots).
-    Algorithm, communication and memory: see the module docstring.
+    Algorithm, communication and memory: see the module docstring. ``recompute=True``
+    (default): in training only ``z``, the mask tile, the fp32 ring output and its LSE are
+    kept for backward, the projections are recomputed there (``recomputes_itself``: the
+    compiler does not checkpoint it again); ``False``: autograd keeps the projections.
     """
 
     def __init__(self, module: nn.Module, mesh=None, row_chunk: Optional[int] = None,
-                 score_chunk_elems: Optional[int] = None):
+                 score_chunk_elems: Optional[int] = None, recompute: bool = True):
         super().__init__()
         missing = [a for a in ("layer_norm", "linear", "mha", "starting") if not hasattr(module, a)]
         if missing:
@@ -399,6 +404,9 @@ class TriangleAttention2D(nn.Module):
         self.mesh = SquareMesh.from_any(mesh)
         self.row_chunk = row_chunk
         self.score_chunk_elems = score_chunk_elems
+        # training: keep z, the ring output and its LSE; recompute the projections in
+        # backward (see _TriAttnRecompute). The compiler's recompute policy leaves it alone.
+        self.recomputes_itself = bool(recompute)
 
     def extra_repr(self) -> str:
         node = "starting" if self.starting else "ending"
@@ -423,46 +431,127 @@ class TriangleAttention2D(nn.Module):
             n_tokens = z.shape[1] if z.dim() == 4 else 0
         ctx = TileCtx(mesh, int(n_tokens))
         mask = check_pair_tile(z, mask, ctx, channels=self.c_in, op=name)
-        pair_valid = ctx.pair_valid(z.device)
-        view = _MeshView(mesh, transposed=not self.starting)
+        if self.recomputes_itself and torch.is_grad_enabled():
+            params = [q for q in self.parameters() if q.requires_grad]
+            if z.requires_grad or params:
+                return _TriAttnRecompute.apply(self, ctx.n, z, mask, *params)
+        st = self._project(z, mask, ctx.n)
+        if torch.is_grad_enabled():
+            o = _TriAttnRing.apply(st["q"], st["kv"], st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])
+        else:  # no_grad / inference_mode: no autograd Function, nothing saved; the local
+            box = [st.pop("kv")]  # K/V block is freed once sent (the box holds the only reference)
+            o = _ring_forward(st["q"], box, st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])[0]
+        del st["q"], st["tri"]  # (autograd keeps what backward needs)
+        return self._finish(o, st)
+
+    def _project(self, z, mask, n: int) -> dict:
+        """LayerNorm and projections of the (virtual) rank's tile: ``q`` (scaled), packed
+        ``kv``, bias ``tri``, uint8 ``key_mask``, gate input ``x``; the ending node works
+        on the transposed tile."""
+        view = _MeshView(self.mesh, transposed=not self.starting)
+        pair_valid = TileCtx(self.mesh, n).pair_valid(z.device)
         if not self.starting:  # ending node: starting node on z^T, on the transposed mesh view
             z = z.transpose(1, 2)
             mask = mask.transpose(1, 2)
             pair_valid = pair_valid.transpose(0, 1)
-
         H = self.no_heads
         mha = self.mha
         x = self.layer_norm(z)
         tri = self.linear(x).permute(0, 3, 1, 2)  # [B, H, b_j, b_k]
         B, bi, bj = x.shape[:3]
-
-        def heads(t):  # [B, b_i, b_j, H*D] -> [B, b_i, H, b_j, D]
-            return t.view(t.shape[:-1] + (H, -1)).transpose(-2, -3)
-
-        q = heads(mha.linear_q(x)) / math.sqrt(self.c_hidden)
+        q = self._heads(mha.linear_q(x)) / math.sqrt(self.c_hidden)
         # k and v packed [B, b_i, b_k, 2, H, D] in the projections' own layout: this is the
         # K/V ring buffer itself (k, v die right away; no second stacked copy during the ring)
         kv = torch.stack([mha.linear_k(x), mha.linear_v(x)], dim=3)
         kv = kv.view(B, bi, bj, 2, H, -1)
         key_mask = (mask > 0.5).to(torch.uint8).contiguous()
         rc = self.row_chunk or row_chunk_for(B, bi, H, bj, bj, self.score_chunk_elems)
+        return {"x": x, "q": q, "kv": kv, "tri": tri, "key_mask": key_mask, "view": view, "rc": rc,
+                "pair_valid": pair_valid}
 
-        if torch.is_grad_enabled():
-            o = _TriAttnRing.apply(q, kv, tri, key_mask, view, ctx.n, rc)
-        else:  # no_grad / inference_mode: no autograd Function, nothing saved; the local
-            box = [kv]  # K/V block is freed once sent (the box holds the only reference)
-            del kv
-            o = _ring_forward(q, box, tri, key_mask, view, ctx.n, rc)[0]
-        del q, tri  # (autograd keeps what backward needs; under checkpoint nothing)
+    def _heads(self, t):  # [B, b_i, b_j, H*D] -> [B, b_i, H, b_j, D]
+        return t.view(t.shape[:-1] + (self.no_heads, -1)).transpose(-2, -3)
+
+    def _finish(self, o, st: dict):
+        """Gate + output projection of the ring's fp32 output ``o [B, b_i, H, b_j, D]``;
+        padded slots zeroed; the ending node's tile transposed back."""
+        x, mha, H = st["x"], self.mha, self.no_heads
         o = o.to(x.dtype).transpose(-2, -3)  # [B, b_i, b_j, H, D]
         if mha.linear_g is not None:
             g = mha.sigmoid(mha.linear_g(x))
             o = o * g.view(g.shape[:-1] + (H, -1))
         o = mha.linear_o(o.flatten(-2))
-        o = o * pair_valid[..., None].to(o.dtype)
+        o = o * st["pair_valid"][..., None].to(o.dtype)
         if not self.starting:
             o = o.transpose(1, 2)
         return o
+
+
+class _TriAttnRecompute(torch.autograd.Function):
+    """The whole op with recomputation where it is cheaper than storage.
+
+    Saved for backward: the input tile ``z``, the pair-mask tile, the ring's fp32 output
+    ``o [B, b, H, b, D]`` and its LSE -- what flash-style backward needs that is costly to
+    recompute (a second attention pass with its two rings). LayerNorm, the q/k/v/g/bias
+    projections and the gating are recomputed from ``z`` in backward (cheap channel
+    matmuls); the attention itself then runs once more, in :func:`_ring_backward` (as in
+    the non-recomputing path). Compared with checkpointing the op (forward, replayed
+    forward, backward), the replayed forward's score pass and its three rings are saved.
+    Autocast state of the forward is restored for the recomputation."""
+
+    @staticmethod
+    def forward(ctx, op, n, z, mask, *params):
+        with torch.no_grad():
+            st = op._project(z, mask, n)
+            out, lse, masked = _ring_forward(st["q"], [st.pop("kv")], st["tri"], st["key_mask"], st["view"], n, st["rc"])
+            del st["q"], st["tri"]
+            res = op._finish(out, st)
+        ctx.save_for_backward(z, mask, out, lse, masked)
+        ctx.op, ctx.n = op, n
+        dev = z.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        return res
+
+    @staticmethod
+    def backward(ctx, dres):
+        z, mask, out, lse, masked = ctx.saved_tensors
+        op, n = ctx.op, ctx.n
+        names = [k for k, q in op.named_parameters() if q.requires_grad]
+        # detached aliases: the gradient below is taken w.r.t. these, so hooks on the real
+        # parameters (autocp's gradient reducer, DDP) fire once, when autograd accumulates
+        # what this backward returns -- not also inside it
+        own = dict(op.named_parameters())
+        params = [own[k].detach().requires_grad_() for k in names]
+        dev, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            z_ = z.detach().requires_grad_(z.requires_grad)
+            o_ = out.detach().requires_grad_()
+            res, st = torch.func.functional_call(_Replay(op), {f"op.{k}": w for k, w in zip(names, params)},
+                                                 (z_, mask, n, o_), strict=False)
+        (do,) = torch.autograd.grad(res, [o_], dres, retain_graph=True)
+        q, kv, tri = st["q"], st["kv"], st["tri"]
+        dq, dkv, dtri = _ring_backward(q.detach(), kv.detach(), tri.detach(), st["key_mask"], out, lse, masked,
+                                       st["view"], n, st["rc"], do)
+        del do
+        wrt = ([z_] if z.requires_grad else []) + params
+        grads = torch.autograd.grad([res, q, kv, tri], wrt, [dres, dq, dkv, dtri], allow_unused=True)
+        dz = grads[0] if z.requires_grad else None
+        gp = list(grads[1:] if z.requires_grad else grads)
+        gp = [torch.zeros_like(w) if g is None else g for g, w in zip(gp, params)]
+        return (None, None, dz, None, *gp)
+
+
+class _Replay(nn.Module):
+    """``_TriAttnRecompute``'s recomputation as a module call (so ``functional_call`` can
+    substitute the parameters): projections of ``z`` and the output from the saved ``o``."""
+
+    def __init__(self, op: "TriangleAttention2D"):
+        super().__init__()
+        self.op = op
+
+    def forward(self, z, mask, n, o):
+        st = self.op._project(z, mask, n)
+        return self.op._finish(o, st), st
 
 
 # ----------------------------------------------------------------------------- comm volume

@@ -96,7 +96,7 @@ def run_case(mesh: SquareMesh, case: dict) -> dict:
     module = build_module(starting)
     z, mask, w = make_inputs(n)
     lay = Pair2D()
-    op = TriangleAttention2D(module, mesh, row_chunk=case.get("row_chunk"))
+    op = TriangleAttention2D(module, mesh, row_chunk=case.get("row_chunk"), recompute=case.get("recompute", True))
     res = {"case": case}
     if kind == "eval":
         module.eval()
@@ -141,6 +141,8 @@ def cases_for(p: int, k: int):
             # padded N: query rows in uneven chunks of 3 inside each ring step (b = k + 1 = 4
             # or 6); the default chunk covers these tiny tiles whole
             cs.append({"starting": starting, "n": n, "kind": "train", "row_chunk": 3 if n == p * k + 1 else None})
+        # autograd keeping the projections (no recomputation in backward)
+        cs.append({"starting": starting, "n": p * k + 1, "kind": "train", "recompute": False})
         cs.append({"starting": starting, "n": p * k + 1, "kind": "eval", "row_chunk": 1})
         cs.append({"starting": starting, "n": p * k + 1, "kind": "bf16"})
     return cs
@@ -164,9 +166,9 @@ def _bad_inputs(mesh: SquareMesh, n: int) -> dict:
     return msgs
 
 
-def saved_bytes(mesh: SquareMesh, n: int, starting: bool) -> int:
+def saved_bytes(mesh: SquareMesh, n: int, starting: bool, recompute: bool = True) -> int:
     """Bytes of every tensor autograd saves during one forward of the op on this rank."""
-    op = TriangleAttention2D(build_module(starting), mesh)
+    op = TriangleAttention2D(build_module(starting), mesh, recompute=recompute)
     z, mask, _ = make_inputs(n)
     total = [0]
 
@@ -187,6 +189,7 @@ def _worker(rank, world, k):
     n = mesh.p * k + 1
     b = block_size(n, mesh.p)
     saved = {st: (saved_bytes(mesh, n, st), saved_bytes(SquareMesh.single(), b, st)) for st in (True, False)}
+    saved["no_recompute"] = saved_bytes(mesh, n, True, recompute=False)
     return {"coord": mesh.coord, "cases": out, "bad": _bad_inputs(mesh, n), "saved": saved}
 
 
@@ -262,7 +265,7 @@ def test_fp32_parity_forward_and_grads(p):
             for name, (e, s) in r["params"].items():
                 assert s > 0, name
                 assert e <= FP32_TOL * s, f"{_label(rr, case)}: grad {name} err {e} scale {s}"
-    assert seen == p * p * 6
+    assert seen == p * p * 8
 
 
 @pytest.mark.parametrize("p", [1, 2, 3])
@@ -310,7 +313,10 @@ def test_saved_tensors_are_tile_local(p):
     for an N = b problem (one tile): no received K/V/bias block is saved, so per-rank
     memory is O(N^2 / P) and does not grow with the number of ring steps."""
     for rr in mesh_results(p):
-        for starting, (dist_bytes, single_bytes) in rr["saved"].items():
+        saved = dict(rr["saved"])
+        # recomputing the projections keeps less than autograd keeping them
+        assert saved[True][0] < saved.pop("no_recompute"), rr["saved"]
+        for starting, (dist_bytes, single_bytes) in saved.items():
             assert dist_bytes > 0
             assert dist_bytes == single_bytes, (rr["coord"], starting, dist_bytes, single_bytes)
 
