@@ -150,7 +150,9 @@ class GraphView:
 # ----------------------------------------------------------------------------- helpers
 PASS_THROUGH = {"add", "sub", "mul", "div", "to", "_to_copy", "masked_fill", "where", "clone", "view", "reshape",
                 "_unsafe_view", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "expand",
-                "dropout", "native_dropout", "type_as", "float", "alias", "neg", "detach"}
+                "dropout", "native_dropout", "type_as", "float", "alias", "neg", "detach",
+                # in-place forms carry the same value flow (``scores += bias``)
+                "add_", "sub_", "mul_", "div_", "masked_fill_"}
 
 
 def _ancestors_until(node, stop, limit=12):

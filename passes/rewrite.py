@@ -282,9 +282,16 @@ def fallback_out_tags(meta, boundary, n):
     canon = _canonical_out_tags(meta, n)
     res = []
     for (shape, _d), c in zip(meta, canon):
-        hit = next((t for s, t in reversed(boundary or []) if tuple(s) == tuple(shape)), None)
+        hit = next((t for s, t in reversed(boundary or []) if tuple(s) == tuple(shape)
+                    and _token_tags_fit(t, s, n)), None)
         res.append(tuple(x if x in ("r", "c", "s", None) else None for x in hit) if hit else c)
     return res
+
+
+def _token_tags_fit(tags, shape, n) -> bool:
+    """A boundary layout is usable only if it puts the token tags 'r' / 'c' on dims of
+    length N (a layout analysed for a differently shaped value must not be reused)."""
+    return len(tags) == len(shape) and all(t not in ("r", "c") or s == n for t, s in zip(tags, shape))
 
 
 def _try_structural(entry, in_tags, out_tags, mesh, n_tokens):

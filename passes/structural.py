@@ -134,6 +134,8 @@ def tile_contract(a: torch.Tensor, b: torch.Tensor, x_operand: int, perm_x, perm
 MASK_NEG = -1e4
 _ATTN_SPECS: dict = {}
 _CASTS = {"to", "_to_copy", "clone", "alias", "contiguous", "type_as", "float"}
+#: in-place updates of the scores accepted like their out-of-place forms (see _attention_spec)
+_INPLACE_SCORE_OPS = {"add_", "sub_", "mul_", "div_", "masked_fill_"}
 
 
 @dataclass
@@ -231,6 +233,14 @@ def _attention_spec(sm) -> _AttnSpec:
         if _is_contraction(cur):
             qk = cur
             break
+        if nm in _INPLACE_SCORE_OPS:
+            # ``scores += bias`` (e.g. SDPA's math path: ``attn.add_(attn_mask)``): the same
+            # term as the out-of-place op when the scores are the tensor written into (and
+            # nothing else reads them: checked when the walk moves on to them)
+            if not (isinstance(cur.args[0], torch.fx.Node) and _reaches_contraction(cur.args[0])):
+                raise StructuralRewriteError(f"{where}: {cur.name} ({nm}) writes a score term into a "
+                                             f"non-score tensor (not supported)")
+            nm = nm[:-1]
         if len(cur.users) != 1:
             raise StructuralRewriteError(f"{where}: the scores {cur.name} are used elsewhere (not rewritten)")
         chain.append(cur)

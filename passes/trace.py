@@ -210,6 +210,7 @@ def find_repeated_blocks(model: nn.Module, registered: dict) -> dict:
         if any(name == r or name.startswith(r + ".") for r in registered):
             continue
         by_sig: dict = {}
+        unpacked: list = []
         for cname, ch in mod.named_children():
             path = f"{name}.{cname}" if name else cname
             if path in registered or not any(True for _ in ch.parameters()):
@@ -222,6 +223,7 @@ def find_repeated_blocks(model: nn.Module, registered: dict) -> dict:
                     if mpath in registered or not any(True for _ in m.parameters()):
                         continue
                     by_sig.setdefault((mname, _param_sig(m)), []).append(mpath)
+                unpacked.append(path)
                 continue
             by_sig.setdefault(_param_sig(ch), []).append(path)
         for i, paths in enumerate(by_sig.values()):
@@ -229,6 +231,8 @@ def find_repeated_blocks(model: nn.Module, registered: dict) -> dict:
                 gid = f"{paths[0]}[x{len(paths)}]"
                 groups[gid] = paths
                 taken.extend(paths)
+        if any(len(v) >= 2 for v in by_sig.values()):
+            taken.extend(unpacked)  # their members are grouped: the lists are not looked into again
     return groups
 
 

@@ -210,3 +210,31 @@ def test_register_module_binds_custom_class_to_2d_op():
 
     assert isinstance(pm._clone.outs[0].op, TriangleMultiplication2D)
     assert (pm(*inputs) - model(*inputs)).abs().max() < 1e-5
+
+
+class _UnpackedStack(nn.Module):
+    """alphafold3-pytorch's spelling: each layer is ``ModuleList([pair, single])``, unpacked
+    by the stack (``for pair, single in self.layers``), never called as one module."""
+
+    def __init__(self, depth=3, c=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleList([nn.Linear(c, c), nn.Linear(c, c)]) for _ in range(depth))
+
+    def forward(self, s, z):
+        for pair, single in self.layers:
+            z = z + pair(z)
+            s = s + single(s)
+        return s, z
+
+
+def test_blocks_inside_unpacked_layer_lists_are_grouped_by_position():
+    m = _UnpackedStack()
+    s, z = torch.randn(1, 5, 4), torch.randn(1, 5, 5, 4)
+    cap = capture(m, (s, z))  # was: "cannot unpack non-iterable Recorder object"
+    assert sorted(cap.blocks) == ["layers.0.0[x3]", "layers.0.1[x3]"]
+    assert cap.blocks["layers.0.0[x3]"].paths == ["layers.0.0", "layers.1.0", "layers.2.0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = parallelize(m, None, example_inputs=(s, z))
+    for a, b in zip(pm(s, z), m(s, z)):
+        torch.testing.assert_close(a, b)

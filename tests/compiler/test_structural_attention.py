@@ -5,7 +5,7 @@ of ``autocp.ops.triangle_attn`` on their own tiles (passes/structural.py), not g
 Spellings: af3like's ``RowAttention`` (matmul + permutes, scaled scores, ``masked_fill``;
 the ending node by transposing z outside the module) and ``EinsumTriAttn`` below (einsum,
 pre-scaled q, additive ``inf * (mask - 1)``, argument order (mask, z), the ending node
-spelled inside the module with the bias read transposed). 3x3 and 2x2 gloo meshes, N=7
+spelled inside the module with the bias read transposed; and in-place ``scores += bias``). 3x3 and 2x2 gloo meshes, N=7
 (not divisible by 2 or 3), a pair mask with a masked token (fully masked rows included),
 all parameters re-drawn; forward, input gradient and every parameter gradient (after
 sync_grads) against the single-device model. The plan must say "op" /
@@ -28,9 +28,9 @@ from tests.compiler.test_structural_rewrite import _check_case, _nograd_peaks, _
 class EinsumTriAttn(nn.Module):
     """Triangle attention via einsum, pre-scaled q, additive ``inf * (mask - 1)``."""
 
-    def __init__(self, c, heads=2, dim=4, starting=True):
+    def __init__(self, c, heads=2, dim=4, starting=True, inplace=False):
         super().__init__()
-        self.h, self.d, self.starting = heads, dim, starting
+        self.h, self.d, self.starting, self.inplace = heads, dim, starting, inplace
         self.norm = nn.LayerNorm(c)
         self.q = nn.Linear(c, heads * dim, bias=False)
         self.k = nn.Linear(c, heads * dim, bias=False)
@@ -48,7 +48,12 @@ class EinsumTriAttn(nn.Module):
         v = self.v(x).view(B, N, N, self.h, self.d)
         tri = self.b(x)  # [B, N, N, H]
         mb = self.inf * (mask - 1)
-        if self.starting:  # row i: query (i, j) attends keys (i, k), bias tri[j, k]
+        if self.starting and self.inplace:  # ``scores += bias`` (protenix; SDPA's math path)
+            s = torch.einsum("bijhd,bikhd->bihjk", q, k)
+            s += tri.permute(0, 3, 1, 2)[:, None]
+            s += mb[:, :, None, None, :]
+            o = torch.einsum("bihjk,bikhd->bijhd", s.softmax(-1), v)
+        elif self.starting:  # row i: query (i, j) attends keys (i, k), bias tri[j, k]
             s = torch.einsum("bijhd,bikhd->bihjk", q, k) + tri.permute(0, 3, 1, 2)[:, None]
             s = s + mb[:, :, None, None, :]
             o = torch.einsum("bihjk,bikhd->bijhd", s.softmax(-1), v)
@@ -69,6 +74,7 @@ class AttnLayer(nn.Module):
         self.att_col = RowAttention(c, 2, 4)
         self.e_start = EinsumTriAttn(c, starting=True)
         self.e_end = EinsumTriAttn(c, starting=False)
+        self.e_inplace = EinsumTriAttn(c, starting=True, inplace=True)
         self.ff = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c))
 
     def forward(self, z, pair_mask):
@@ -76,11 +82,13 @@ class AttnLayer(nn.Module):
         z = z + self.att_col(z.transpose(1, 2), pair_mask.transpose(1, 2)).transpose(1, 2)
         z = z + self.e_start(pair_mask, z)
         z = z + self.e_end(pair_mask, z)
+        z = z + self.e_inplace(pair_mask, z)
         return z + self.ff(z)
 
 
 EXPECTED = {"layer.att_row": "triangle_attn_start", "layer.att_col": "triangle_attn_end",
-            "layer.e_start": "triangle_attn_start", "layer.e_end": "triangle_attn_end"}
+            "layer.e_start": "triangle_attn_start", "layer.e_end": "triangle_attn_end",
+            "layer.e_inplace": "triangle_attn_start"}
 
 
 class AttnModel(nn.Module):
