@@ -427,6 +427,9 @@ def _rule(node, n, analysis, prefix, capture):
         return tuple(t), None
     if name in CHANNEL_LOCAL:
         return xt, None
+    if name == "glu":  # halves one dim: tile-local along a channel dim
+        d = (args[1] if len(args) > 1 else node.kwargs.get("dim", -1)) % len(xt)
+        return xt, (f"glu along token axis {xt[d]!r}" if xt[d] not in (None, "?") else None)
     if name in NORMS:
         shape_arg = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
         k = len(shape_arg) if isinstance(shape_arg, (list, tuple)) else 1

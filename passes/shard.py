@@ -913,6 +913,17 @@ RULES[aten.argmin.default] = _channel_only(1, 2)
 RULES[aten.logcumsumexp.default] = _channel_only(1)
 
 
+@rule(aten.glu.default)
+def _glu(s, node):
+    """``glu(x, dim=-1)``: halves ``dim`` -- tile-local along a channel dim (token dims keep
+    their tags), a token ``dim`` is made whole first."""
+    x = node.args[0]
+    nd = len(s.gshape(x))
+    d = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)) % nd
+    xv, nt = _whole_dims(s, x, {d})
+    s.set(node, s.emit(node.target, xv, d), nt)
+
+
 @rule(aten._softmax.default, aten.softmax.int, aten._log_softmax.default, aten.log_softmax.int,
       aten._safe_softmax.default)
 def _softmax(s, node):

@@ -6,15 +6,16 @@ from torch import nn
 
 
 class PairMaskGlue(nn.Module):
-    """The line that was silently wrong: a pair mask built from a token mask inside the model."""
+    """The line that was silently wrong: a pair mask built from a token mask inside the model
+    (and a GLU over channels, alphafold3-pytorch's projection)."""
 
     def __init__(self, c=8):
         super().__init__()
-        self.lin = nn.Linear(c, c)
+        self.lin = nn.Linear(c, 2 * c)
 
     def forward(self, z, mask):
         pm = mask[:, :, None] * mask[:, None, :]
-        return self.lin(z) * pm[..., None] + z.sum(dim=2, keepdim=True)
+        return F.glu(self.lin(z), dim=-1) * pm[..., None] + z.sum(dim=2, keepdim=True)
 
 
 class OuterSumRelpos(nn.Module):
