@@ -272,15 +272,8 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
             replacements[path] = act.builder(mod, sq) if act.builder is not None else lookup_module(mod).build(mod, sq)
         else:
             replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
-    for path, act in plan.actions.items():
-        if act.action == "fallback":
-            warnings.warn(
-                f"autocp: {path} ({act.module_cls}) runs gathered (gather -> original -> re-shard) because "
-                f"{act.why}; this materialises about {act.full_bytes / 2**20:.2f} MiB of full tensors per rank at "
-                f"N={n} (O(N^2), not O(N^2/P)). Fix: autocp.register_module({act.module_cls}, op_factory), or "
-                f"strict=True to make this an error.",
-                stacklevel=2,
-            )
+    if emit != "graph" or root_fallback:
+        _warn_fallbacks(plan, [p for p, a in plan.actions.items() if a.action == "fallback"], n)
     if root_fallback:
         warnings.warn(
             f"autocp: pair ops in the top-level python of {type(model).__name__} are not covered; the whole "
@@ -290,20 +283,41 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
         clone = GatherFallback(work, sq, input_tags, out_tags)
     else:
         clone = structural_clone(work, replacements)
-    report = build_report(model, cap, an, mr, plan, sq, n, tensors)
-    pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
-                        report=report, plan=plan, root_fallback=root_fallback)
+    graphs = None
     if emit == "graph" and not root_fallback:
         from .passes.graph_emit import build_graph_runner
 
         def builder(a, kw, n_, n_seq_):
-            return build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
-                                      strict=strict, reuse_blocks=reuse_blocks, recompute=recompute)
+            runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
+                                        strict=strict, reuse_blocks=reuse_blocks, recompute=recompute)
+            _warn_fallbacks(plan, runner.opaque_fallbacks, n_)
+            return runner
 
+        graphs = {(n, n_seq): builder(args, kwargs, n, n_seq)}
+        for path, act in plan.actions.items():  # unbound modules the shard pass ran op by op
+            if act.action == "fallback" and path not in graphs[(n, n_seq)].opaque_fallbacks:
+                act.action = "glue"
+    report = build_report(model, cap, an, mr, plan, sq, n, tensors)
+    pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
+                        report=report, plan=plan, root_fallback=root_fallback)
+    if graphs is not None:
         object.__setattr__(pm, "_graph_builder", builder)
-        object.__setattr__(pm, "_graphs", {(n, n_seq): builder(args, kwargs, n, n_seq)})
-        pm.output_tags = list(pm._graphs[(n, n_seq)].out_tags)
+        object.__setattr__(pm, "_graphs", graphs)
+        pm.output_tags = list(graphs[(n, n_seq)].out_tags)
     return guard.attach(pm, model, sq, args, kwargs, check_inputs=check_inputs)
+
+
+def _warn_fallbacks(plan, paths, n):
+    """One warning per module that runs gathered (gather -> original -> re-shard)."""
+    for path in paths:
+        act = plan.actions[path]
+        warnings.warn(
+            f"autocp: {path} ({act.module_cls}) runs gathered (gather -> original -> re-shard) because "
+            f"{act.why}; this materialises about {act.full_bytes / 2**20:.2f} MiB of full tensors per rank at "
+            f"N={n} (O(N^2), not O(N^2/P)). Fix: autocp.register_module({act.module_cls}, op_factory), or "
+            f"strict=True to make this an error.",
+            stacklevel=3,
+        )
 
 
 def _root_op(model, sq, input_tags, n, tensors):

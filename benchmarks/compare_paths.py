@@ -112,7 +112,7 @@ def _rank_worker(rank, world, n, impl, repeats):
             pm = autocp.parallelize(mod, mesh, example_inputs=full, input_layouts=dict(zip(
                 ("s", "z", "mask", "pair_mask"), lays)), recompute=recompute)
         info["warnings"] = len([w for w in wl if "autocp" in str(w.message)])
-        info["gathered"] = [k for k, a in pm.plan.actions.items() if a.action != "op"]
+        info["gathered"] = [k for k, a in pm.plan.actions.items() if a.action == "fallback"]
         del full
 
         def fwd():

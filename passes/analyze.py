@@ -491,6 +491,11 @@ def _rule(node, n, analysis, prefix, capture):
             dims = [i for i, ix in enumerate(idx) if ix is not None]
             bad = [xt[i] for i in dims if i < len(xt) and xt[i] not in (None, "?")]
             return (tuple([None] * len(out_shape)) if out_shape else None), (f"advanced indexing on token axis {bad}" if bad else None)
+        if name in ("flip", "roll"):  # dims lists (roll: shifts first)
+            dl = (args[2] if len(args) > 2 else node.kwargs.get("dims")) if name == "roll" else d
+            dl = [dl] if isinstance(dl, int) else list(dl or range(len(xt)))
+            bad = [xt[i % len(xt)] for i in dl if xt[i % len(xt)] not in (None, "?")]
+            return xt, (f"{name} along token axis {bad} (needs specific token positions)" if bad else None)
         d = d % len(xt)
         if name == "slice":
             start = args[2] if len(args) > 2 else 0

@@ -23,7 +23,7 @@ class Row:
     module_cls: str
     kind: str
     rule: str
-    action: str  # op | fallback | structural (report only) | local
+    action: str  # op | fallback | glue (unbound, sharded op by op) | structural (report only) | local
     in_layouts: str
     out_layouts: str
     comm_bytes: Optional[int]  # op: max over ranks of the bytes sent in one forward call
@@ -115,7 +115,9 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
             comm = act.full_bytes
         rep.rows.append(Row(
             path=path, module_cls=act.module_cls, kind=act.kind or "module",
-            rule=act.why if act.action == "op" else f"fallback ({act.why})", action=act.action,
+            rule=act.why if act.action == "op" else (
+                f"op by op by the shard pass (no 2D op: {act.why})" if act.action == "glue" else f"fallback ({act.why})"),
+            action=act.action,
             in_layouts=", ".join(layout_name(t) for t in act.in_tags),
             out_layouts=", ".join(layout_name(t) for t in act.out_tags),
             comm_bytes=comm, note=act.op_name, comm_per_rank=per_rank,
@@ -187,7 +189,9 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
     out += [line(d) for d in data]
     n_op = sum(1 for r in rep.rows if r.action == "op")
     n_fb = sum(1 for r in rep.rows if r.action == "fallback")
+    n_glue = sum(1 for r in rep.rows if r.action == "glue")
     out.append(f"{n_op} modules run as 2D ops, {n_fb} gathered (fallback), "
+               + (f"{n_glue} run op by op as glue, " if n_glue else "") +
                f"{sum(1 for r in rep.rows if r.action == 'structural')} structural matches")
     per_layer = {k: max(v.values()) for k, v in layer_comm(rep).items() if v and max(v.values())}
     if per_layer:

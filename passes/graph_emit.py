@@ -27,7 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .shard import shard_graph
+from .shard import ShardingError, shard_graph
 from .trace import capture
 
 __all__ = ["GraphRunner", "build_graph_runner", "RECOMPUTE_POLICIES"]
@@ -176,11 +176,28 @@ class GraphRunner:
 
 def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n_seq, mesh, *, strict=False,
                        reuse_blocks=True, recompute="ops"):
-    """Capture ``model`` with every planned module opaque, shard every graph, and return
-    the :class:`GraphRunner`. Warns once per gathered op (exact, but O(N^2/p) memory)."""
-    keep = frozenset(p for p in plan.actions if p)
-    cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=keep)
-    runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute)
+    """Capture ``model`` with every module the plan binds to a 2D op opaque, shard every
+    graph, and return the :class:`GraphRunner`. Warns once per gathered op (exact, but
+    O(N^2/p) memory).
+
+    Modules the planning analysis could not bind (``fallback`` / ``glue`` actions) are not
+    kept opaque: their ATen ops go through the sharding pass op by op like any glue (tile
+    local, redistributed, or gathered per op -- never the whole module's inputs). Only if
+    the sharding pass refuses one of their ops (:class:`ShardingError`, e.g. an in-place
+    write it cannot prove) are they captured opaque and run gathered as planned;
+    ``runner.opaque_fallbacks`` lists them."""
+    bound = frozenset(p for p, a in plan.actions.items() if p and a.action == "op")
+    planned = frozenset(p for p in plan.actions if p)
+    try:
+        cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=bound)
+        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute)
+        runner.opaque_fallbacks = []
+    except ShardingError:
+        if bound == planned:
+            raise
+        cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=planned)
+        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute)
+        runner.opaque_fallbacks = sorted(planned - bound)
     gathers = [nt for nt in runner.notes if nt.what in ("gather", "op-gather") and nt.pair]
     if gathers:
         lines = "; ".join(f"{g.op} ({g.detail}{', ' + g.source if g.source else ''})" for g in gathers[:4])

@@ -47,7 +47,7 @@ class UnsupportedPairOpError(RuntimeError):
 @dataclass
 class Action:
     path: str
-    action: str  # "op" | "fallback"
+    action: str  # "op" | "fallback" | "glue" (graph emit: unbound, sharded op by op)
     why: str
     kind: str = ""
     module_cls: str = ""

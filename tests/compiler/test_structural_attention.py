@@ -176,8 +176,8 @@ def test_one_process_plan_and_unfit_attention_falls_back():
             return z + self.att(m, z)
 
     bad = _redraw(T())
-    with pytest.warns(UserWarning, match=r"att \(TokenBiasAttn\) runs gathered"):
+    with pytest.warns(UserWarning, match=r"glue op\(s\) gather a pair tensor"):
         pb = parallelize(bad, None, example_inputs=(z, pm))
     act = pb.plan.actions["att"]
-    assert act.action == "fallback" and "structural rewrite" in act.why and "triangle bias" in act.why, act.why
+    assert act.action == "glue" and "structural rewrite" in act.why and "triangle bias" in act.why, act.why
     assert (pb(z, pm) - bad(z, pm)).abs().max() < 1e-5

@@ -52,3 +52,24 @@ def debug_wrapper_worker(rank, world, n=7):
     return {"code": g.prog.gm.code, "tags": g.user_tags, "out_tags": g.out_tags, "in": pm.input_tags,
             "err": [float((a - b).abs().max()) for a, b in zip(out, ref)],
             "blocks": [(k, p.gm.code[:3000]) for k, p in g.block_progs.items()]}
+
+
+def refused_glue_falls_back_worker(rank, world, n=7):
+    """An unbound module whose ops the shard pass refuses runs gathered whole (warned), exact."""
+    import warnings
+
+    import torch
+
+    import autocp
+    from tests.shard.programs import RetryModel, redraw
+
+    mesh = autocp.init_mesh()
+    model = redraw(RetryModel())
+    z = torch.randn(1, n, n, 8, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings(record=True) as wl:
+        warnings.simplefilter("always")
+        pm = autocp.parallelize(model, mesh, example_inputs=(z,))
+    out = pm(z)
+    ref = model(z)
+    return {"err": float((out - ref).abs().max() / ref.abs().max()), "action": pm.plan.actions["mix"].action,
+            "warned": any("mix (UnboundWithInplaceWrite) runs gathered" in str(w.message) for w in wl)}

@@ -141,3 +141,28 @@ class InplaceSliceWrite(nn.Module):
         part = z[:, 1:4]
         part.mul_(0.5)
         return z
+
+
+class UnboundWithInplaceWrite(nn.Module):
+    """An unregistered module with a full-tensor op (flip over a token axis) and an in-place
+    write the shard pass refuses: the whole module must fall back to a gathered run."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, z):
+        z = self.lin(z).flip(1) + z
+        part = z[:, 1:4]
+        part.mul_(0.5)
+        return z
+
+
+class RetryModel(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.mix = UnboundWithInplaceWrite(c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, z):
+        return self.out(self.mix(z))

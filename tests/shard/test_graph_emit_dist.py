@@ -29,3 +29,11 @@ def test_wrapper_that_builds_the_pair_mask(world):
 
     for r in run_distributed(wrapper_parity_worker, world, timeout=400):
         assert r["oerr"] < 1e-5 and r["gerr"] < 1e-4, r
+
+
+def test_unbound_module_the_shard_pass_refuses_runs_gathered():
+    from tests.shard._emit_workers import refused_glue_falls_back_worker
+
+    for r in run_distributed(refused_glue_falls_back_worker, 4, timeout=300):
+        assert r["action"] == "fallback" and r["warned"], r
+        assert r["err"] < 1e-5, r
