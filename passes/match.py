@@ -150,9 +150,10 @@ class GraphView:
 # ----------------------------------------------------------------------------- helpers
 PASS_THROUGH = {"add", "sub", "mul", "div", "to", "_to_copy", "masked_fill", "where", "clone", "view", "reshape",
                 "_unsafe_view", "permute", "transpose", "contiguous", "unsqueeze", "squeeze", "expand",
-                "dropout", "native_dropout", "type_as", "float", "alias", "neg", "detach",
-                # in-place forms carry the same value flow (``scores += bias``)
-                "add_", "sub_", "mul_", "div_", "masked_fill_"}
+                "dropout", "native_dropout", "type_as", "float", "alias", "neg", "detach"}
+#: in-place forms carrying the same value flow as their out-of-place ops (``scores += bias``)
+INPLACE_FORMS = {"add_", "sub_", "mul_", "div_", "masked_fill_"}
+PASS_THROUGH |= INPLACE_FORMS
 
 
 def _ancestors_until(node, stop, limit=12):

@@ -134,8 +134,6 @@ def tile_contract(a: torch.Tensor, b: torch.Tensor, x_operand: int, perm_x, perm
 MASK_NEG = -1e4
 _ATTN_SPECS: dict = {}
 _CASTS = {"to", "_to_copy", "clone", "alias", "contiguous", "type_as", "float"}
-#: in-place updates of the scores accepted like their out-of-place forms (see _attention_spec)
-_INPLACE_SCORE_OPS = {"add_", "sub_", "mul_", "div_", "masked_fill_"}
 
 
 @dataclass
@@ -217,7 +215,7 @@ def _attention_spec(sm) -> _AttnSpec:
     """Recognise ``softmax(mult * (q . k) + pair bias + mask) @ v`` around softmax node ``sm``
     (over a token axis) -- the triangle attention the ring of
     :mod:`autocp.ops.triangle_attn` computes -- or raise saying what does not fit."""
-    from .match import _is_contraction, _pair_derived
+    from .match import INPLACE_FORMS, _is_contraction, _pair_derived
 
     name = _name(sm.target)
     where = f"node {sm.name!r} (softmax over token axis {sm.meta.get('autocp.softmax_tag')!r})"
@@ -233,7 +231,7 @@ def _attention_spec(sm) -> _AttnSpec:
         if _is_contraction(cur):
             qk = cur
             break
-        if nm in _INPLACE_SCORE_OPS:
+        if nm in INPLACE_FORMS:
             # ``scores += bias`` (e.g. SDPA's math path: ``attn.add_(attn_mask)``): the same
             # term as the out-of-place op when the scores are the tensor written into (and
             # nothing else reads them: checked when the walk moves on to them)
