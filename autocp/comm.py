@@ -47,6 +47,8 @@ __all__ = [
     "all_reduce",
     "all_gather_axis",
     "reduce_scatter_axis",
+    "simulate",
+    "simulating",
 ]
 
 
@@ -99,6 +101,33 @@ def count_comm():
         STATS.add = prev_add  # type: ignore[method-assign]
 
 
+# ----------------------------------------------------------------------------- simulation
+# the global rank this process plays while simulating (``None``: real communication)
+_SIM_RANK = [None]
+
+
+@contextlib.contextmanager
+def simulate(mesh: SquareMesh):
+    """Run autocp's communication as shape-correct no-ops, as rank ``mesh.rank`` of ``mesh``.
+
+    For :func:`autocp.estimate`: the real tile programs run on FakeTensors on one process
+    with a :meth:`SquareMesh.simulated` mesh; every primitive allocates exactly the buffers
+    it allocates for real (receive buffers, gathered parts) and counts the bytes it would
+    send, but moves no data and needs no process group. Values are meaningless.
+    """
+    prev = _SIM_RANK[0]
+    _SIM_RANK[0] = mesh.rank
+    try:
+        yield
+    finally:
+        _SIM_RANK[0] = prev
+
+
+def simulating() -> bool:
+    """True inside :func:`simulate`."""
+    return _SIM_RANK[0] is not None
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -133,9 +162,13 @@ def start_exchange(
     send = send.contiguous()
     if recv is None:
         recv = torch.empty_like(send)
-    me = dist.get_rank() if dist.is_initialized() else 0
+    sim = _SIM_RANK[0]
+    me = sim if sim is not None else (dist.get_rank() if dist.is_initialized() else 0)
     if dst == me and src == me:
         return send, _Handle([])
+    if sim is not None:
+        STATS.add(name, _nbytes(send))
+        return recv, _Handle([])
     ops = [dist.P2POp(dist.isend, send, dst), dist.P2POp(dist.irecv, recv, src)]
     STATS.add(name, _nbytes(send))
     return recv, _Handle(dist.batch_isend_irecv(ops))
@@ -149,13 +182,18 @@ def exchange(send: torch.Tensor, dst: int, src: int, *, name: str = "exchange") 
 
 
 # ----------------------------------------------------------------------------- raw collectives
-def all_reduce_(x: torch.Tensor, mesh: SquareMesh, axis: str, *, name: str = "all_reduce") -> torch.Tensor:
-    """In-place sum over the ``axis`` group (ring all-reduce counted as 2(p-1)/p of x)."""
+def all_reduce_(x: torch.Tensor, mesh: SquareMesh, axis: str, *, name: str = "all_reduce",
+                op: str = "sum") -> torch.Tensor:
+    """In-place sum (``op="max"``: maximum) over the ``axis`` group (ring all-reduce counted
+    as 2(p-1)/p of x)."""
     _check_axis(axis)
+    if op not in ("sum", "max"):
+        raise ValueError(f"all_reduce_: given op={op!r}; required 'sum' or 'max'.")
     if mesh.p == 1:
         return x
     STATS.add(name, 2 * (mesh.p - 1) * _nbytes(x) // mesh.p)
-    dist.all_reduce(x, group=mesh.group(axis))
+    if not simulating():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=mesh.group(axis))
     return x
 
 
@@ -167,7 +205,8 @@ def all_gather(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, name: 
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(mesh.p)]
     STATS.add(name, (mesh.p - 1) * _nbytes(x))
-    dist.all_gather(parts, x, group=mesh.group(axis))
+    if not simulating():
+        dist.all_gather(parts, x, group=mesh.group(axis))
     order = mesh.group_order(axis)  # parts[j] comes from mesh index order[j]
     if order != list(range(mesh.p)):
         parts = [parts[order.index(i)] for i in range(mesh.p)]
@@ -192,7 +231,8 @@ def reduce_scatter(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, na
     chunks = torch.stack([pieces[i] for i in order], 0).contiguous()
     out = torch.empty_like(chunks)
     STATS.add(name, (p - 1) * _nbytes(chunks) // p)
-    dist.all_to_all_single(out, chunks, group=mesh.group(axis))
+    if not simulating():
+        dist.all_to_all_single(out, chunks, group=mesh.group(axis))
     return out.sum(0)
 
 

@@ -127,6 +127,25 @@ class SquareMesh:
         return cls(_single=True)
 
     @classmethod
+    def simulated(cls, p: int, coord=(0, 0)) -> "SquareMesh":
+        """A ``p x p`` mesh seen from rank ``coord`` without any process group (global
+        rank of ``(r, c)`` is ``r * p + c``). Only for runs under
+        :func:`autocp.comm.simulate` (the estimator's FakeTensor runs of the real tile
+        programs): a collective on it outside that context raises."""
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise MeshError(f"SquareMesh.simulated: given p={p!r}; required a positive int.")
+        r, c = (int(x) for x in coord)
+        if not (0 <= r < p and 0 <= c < p):
+            raise MeshError(f"SquareMesh.simulated: given coord={tuple(coord)}; required 0 <= r, c < p={p}.")
+        m = cls(_single=True)
+        m.p, m.r, m.c = p, r, c
+        m._ranks = [[i * p + j for j in range(p)] for i in range(p)]
+        m.is_simulated = True
+        return m
+
+    is_simulated = False
+
+    @classmethod
     def from_any(cls, mesh) -> "SquareMesh":
         """Accept a SquareMesh, a 2D DeviceMesh, or None (1x1 when not distributed)."""
         if isinstance(mesh, SquareMesh):

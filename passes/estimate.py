@@ -1,19 +1,20 @@
 """Per-rank peak memory of a parallelized model, from FakeTensor runs (no devices).
 
-How: the parallel module runs the model's own python on local tiles, so rank ``(0, 0)``
-of a ``p x p`` mesh is simulated by running a structural clone of the model on *fake*
-tiles (``b = ceil(N/p)`` tokens per block) under a live-bytes tracker:
+How: rank ``(0, 1)`` (an off-diagonal rank; ``(0, 0)`` on 1x1) of a ``p x p`` mesh is
+simulated on one process by running a structural clone of the model on *fake* tiles
+(``b = ceil(N/p)`` tokens per block) under a live-bytes tracker:
 
-* a registered module with a 2D op runs as the original module on the tile (the same
-  tile-local projections, gates and normalisations the op computes) plus the op's
-  communication buffers, charged while it runs: ``ring_buffers`` extra copies of its
-  largest input tile (Cannon / ring algorithms keep the tile being received next to
-  the one being used);
+* a registered module with a 2D op runs as **autocp's real op** built on a
+  :meth:`autocp.mesh.SquareMesh.simulated` mesh, inside :func:`autocp.comm.simulate`:
+  the op's own tile program (its chunking, ring and receive buffers, gathers) runs on the
+  fake tiles, every communication primitive allocates exactly the buffers it allocates for
+  real and moves nothing -- so a chunked op reports its true peak;
 * a module that the rewrite gathers (fallback) runs at full N on gathered inputs;
 * the rest of the glue runs as is.
 
-``estimate`` returns an :class:`Estimate` (``peak_bytes``, per-module peaks) and, given
-``device_bytes``, the smallest square mesh whose per-rank peak fits.
+``estimate`` returns an :class:`Estimate` (``peak_bytes``; ``per_module``: the peak while
+each replaced module ran; ``table()`` prints it) and, given ``device_bytes``, the smallest
+square mesh whose per-rank peak fits.
 """
 
 from __future__ import annotations
@@ -28,20 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .tags import map_tagged
 
-__all__ = ["Estimate", "estimate", "default_inputs", "RING_BUFFERS"]
-
-# extra input-tile copies an op holds while it runs (receive buffers of its ring/Cannon
-# schedule); see the algorithms in autocp.ops
-RING_BUFFERS = {
-    "triangle_mult_out": 2,
-    "triangle_mult_in": 2,
-    "triangle_attn_start": 2,
-    "triangle_attn_end": 2,
-    "pair_bias_attn": 1,
-    "outer_product_mean": 2,
-    "pair_weighted_averaging": 2,
-}
-
+__all__ = ["Estimate", "estimate", "default_inputs"]
 
 @dataclass
 class Estimate:
@@ -60,6 +48,17 @@ class Estimate:
         if self.fits is not None:
             s += f"; smallest mesh that fits: {self.fits[0]}x{self.fits[1]}"
         return s
+
+    def table(self, unit: str = "GiB") -> str:
+        """Peak per replaced module (the live bytes of rank ``(0, 1)`` while it ran, without
+        parameters) and its own transient bytes (peak minus what was live when it started)."""
+        scale = {"GiB": 2**30, "MiB": 2**20}[unit]
+        rows = [str(self), f"{'module':<44} {'kind':<24} {'peak ' + unit:>10} {'own ' + unit:>10}"]
+        for path, rec in sorted(self.per_module.items(), key=lambda kv: -kv[1]["peak_bytes"]):
+            rows.append(f"{path:<44} {rec['kind']:<24} {rec['peak_bytes'] / scale:>10.3f} "
+                        f"{rec['transient_bytes'] / scale:>10.3f}")
+        rows.append(f"{'parameters':<44} {'':<24} {self.params_bytes / scale:>10.3f}")
+        return "\n".join(rows)
 
 
 def default_inputs(model: nn.Module, n: int, dtype=torch.float32, batch: int = 1):
@@ -96,6 +95,7 @@ class _Tracker:
         self.peak = 0
         self.extra = 0
         self.seen = {}
+        self.per_module = {}
 
     def add(self, t):
         from torch._subclasses.fake_tensor import FakeTensor
@@ -156,41 +156,66 @@ def _mode(tracker):
     return Mode()
 
 
-class _SimOp(nn.Module):
-    """The original module on tiles + its ring buffers (charged while it runs)."""
+class _Watch:
+    """Per-module peak: live bytes at entry and the highest live bytes while it ran."""
 
-    def __init__(self, module, kind, tracker, p, b):
+    def __init__(self, tracker, path, kind):
+        self.tracker, self.path, self.kind = tracker, path, kind
+
+    def __enter__(self):
+        t = self.tracker
+        self.entry = t.live + t.extra
+        self.outer_peak = t.peak
+        t.peak = self.entry  # measure this module's own peak, then restore the running max
+        return self
+
+    def __exit__(self, *exc):
+        t = self.tracker
+        mine = t.peak
+        t.peak = max(self.outer_peak, mine)
+        rec = t.per_module.setdefault(self.path, {"kind": self.kind, "calls": 0, "peak_bytes": 0, "transient_bytes": 0})
+        rec["calls"] += 1
+        rec["peak_bytes"] = max(rec["peak_bytes"], mine)
+        rec["transient_bytes"] = max(rec["transient_bytes"], mine - self.entry)
+        return False
+
+
+class _SimOp(nn.Module):
+    """autocp's real 2D op for one rank of a simulated ``p x p`` mesh: its own tile
+    program (chunking, ring buffers, gathers) runs on the fake tiles with communication
+    replaced by shape-correct no-ops (:func:`autocp.comm.simulate`)."""
+
+    def __init__(self, op, kind, tracker, mesh, n, n_seq, path):
         super().__init__()
-        object.__setattr__(self, "inner", module)
-        self.kind = kind
-        self.p, self.b = p, b
+        object.__setattr__(self, "inner", op)
+        self.kind, self.path = kind, path
+        self.n, self.n_seq = n, n_seq
+        object.__setattr__(self, "mesh", mesh)
         object.__setattr__(self, "tracker", tracker)
 
     def forward(self, *a, **kw):
-        ts = [t for t in tree_flatten((a, kw))[0] if isinstance(t, torch.Tensor)]
-        big = max((t.numel() * t.element_size() for t in ts), default=0)
-        extra = RING_BUFFERS.get(self.kind, 1) * big if self.p > 1 else 0
-        self.tracker.charge(extra)
-        from ..mesh import SquareMesh
+        from .. import comm
         from .context import tile_context
 
-        try:
-            # the op's own tile computation (1x1 mesh at N = b: all of it, no comm)
-            with tile_context(SquareMesh.single(), self.b):
-                return self.inner(*a, **kw)
-        finally:
-            self.tracker.charge(-extra)
+        with _Watch(self.tracker, self.path, self.kind), comm.simulate(self.mesh), \
+                tile_context(self.mesh, self.n, self.n_seq):
+            return self.inner(*a, **kw)
 
 
 class _SimGather(nn.Module):
     """A fallback module: gathered (full) inputs, original module, local outputs."""
 
-    def __init__(self, module, in_tags, out_tags, n, b):
+    def __init__(self, module, in_tags, out_tags, n, b, tracker, path):
         super().__init__()
         object.__setattr__(self, "inner", module)
-        self.in_tags, self.out_tags, self.n, self.b = in_tags, out_tags, n, b
+        object.__setattr__(self, "tracker", tracker)
+        self.in_tags, self.out_tags, self.n, self.b, self.path = in_tags, out_tags, n, b, path
 
     def forward(self, *a, **kw):
+        with _Watch(self.tracker, self.path, "gathered"):
+            return self._run(*a, **kw)
+
+    def _run(self, *a, **kw):
         def full(x, tags):
             if not tags:
                 return x
@@ -229,20 +254,23 @@ def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, in
 
     from .trace import structural_clone
 
+    from ..mesh import SquareMesh
+    from ..registry import lookup_module
+
     tracker = _Tracker()
     b = -(-n // p)
+    # an off-diagonal rank when there is one: its transposes and skews really move tiles
+    sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
+    n_seq = _n_seq_of(inputs, input_tags)
     repl = {}
     for path, act in plan_actions.items():
         mod = model.get_submodule(path)
         if act.action == "op":
-            from ..mesh import SquareMesh
-            from ..registry import lookup_module
-
-            op = (act.builder(mod, SquareMesh.single()) if getattr(act, "builder", None) is not None
-                  else lookup_module(mod).build(mod, SquareMesh.single()))  # builder: structural rewrite
-            repl[path] = _SimOp(op, act.kind, tracker, p, b)
+            op = (act.builder(mod, sim) if getattr(act, "builder", None) is not None
+                  else lookup_module(mod).build(mod, sim))  # builder: structural rewrite
+            repl[path] = _SimOp(op, act.kind, tracker, sim, n, n_seq, path)
         else:
-            repl[path] = _SimGather(mod, act.in_tags, act.out_tags, n, b)
+            repl[path] = _SimGather(mod, act.in_tags, act.out_tags, n, b, tracker, path)
     clone = structural_clone(model, repl)
     clone.train(training)
     for m in repl.values():
@@ -279,7 +307,117 @@ def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, in
             else:
                 with torch.no_grad():
                     out = clone(*a, **kw)
-    return tracker.peak + (params_bytes if include_params else 0), params_bytes
+    per_module = {k: dict(v) for k, v in tracker.per_module.items()}
+    return tracker.peak + (params_bytes if include_params else 0), params_bytes, per_module
+
+
+class _WatchOp(nn.Module):
+    """A replacement module of the graph runner, with its per-module peak recorded."""
+
+    def __init__(self, op, tracker, path, kind):
+        super().__init__()
+        object.__setattr__(self, "inner", op)
+        object.__setattr__(self, "tracker", tracker)
+        self.path, self.kind = path, kind
+        self.recomputes_itself = bool(getattr(op, "recomputes_itself", False))
+        self._op_params = list(op.parameters())
+
+    def parameters(self, recurse: bool = True):
+        return iter(self._op_params)
+
+    def forward(self, *a, **kw):
+        with _Watch(self.tracker, self.path, self.kind):
+            return self.inner(*a, **kw)
+
+
+def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, recompute="ops"):
+    """The peak of what ``parallelize(model, emit="graph")`` runs on one rank: the model is
+    captured at the real N on FakeTensors, its graphs sharded, and the tile program runs on
+    fake tiles of rank ``(0, 1)`` of a simulated mesh with autocp's real ops (communication
+    simulated: :func:`autocp.comm.simulate`)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .. import comm
+    from ..mesh import SquareMesh
+    from ..registry import lookup_module
+    from .context import tile_context
+    from .graph_emit import build_graph_runner
+    from .rewrite import GatherFallback
+    from .shard import canonical_tags
+
+    tracker = _Tracker()
+    sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
+    n_seq = _n_seq_of(inputs, input_tags)
+    for act in plan.actions.values():
+        act.in_tags = [canonical_tags(t) for t in act.in_tags]
+        act.out_tags = [canonical_tags(t) for t in act.out_tags]
+    repl = {}
+    for path, act in plan.actions.items():
+        mod = model.get_submodule(path)
+        if act.action == "op":
+            op = act.builder(mod, sim) if getattr(act, "builder", None) is not None else lookup_module(mod).build(mod, sim)
+            repl[path] = _WatchOp(op, tracker, path, act.kind)
+        else:
+            repl[path] = _WatchOp(GatherFallback(mod, sim, act.in_tags, act.out_tags, path=path), tracker, path,
+                                  "gathered")
+    model.train(training)
+    for m in repl.values():
+        m.inner.train(training)
+    params_bytes = sum(q.numel() * torch.empty((), dtype=dtype).element_size() for q in model.parameters())
+    fm = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        with fm:
+            return (torch.empty(x.shape, dtype=x.dtype) if x.dtype.is_floating_point
+                    else torch.ones(x.shape, dtype=x.dtype))
+
+    full = tree_unflatten([fake(x) for x in tree_flatten(inputs)[0]], tree_flatten(inputs)[1])
+    fa, fkw = (full if isinstance(full, tuple) and len(full) == 2 and isinstance(full[1], dict) else (tuple(full), {}))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the real parallelize warns about gathers; the table shows them
+        runner = build_graph_runner(model, fa, fkw, plan, repl, input_tags, n, n_seq, sim, strict=False,
+                                    recompute=recompute)
+    del full, fa, fkw
+    local = _tile_inputs(inputs, input_tags, p, n)
+    fl, spec = tree_flatten(local)
+    fake_in = [fake(t) for t in fl]
+    a, kw = tree_unflatten(fake_in, spec) if isinstance(local, tuple) and len(local) == 2 and isinstance(local[1], dict) \
+        else (tuple(fake_in), {})
+    for t in fake_in:
+        if isinstance(t, torch.Tensor):
+            tracker.add(t)
+    for q in [*model.parameters(), *model.buffers()]:
+        tracker.ignore(fm.from_tensor(q))
+    with fm, _mode(tracker), comm.simulate(sim), tile_context(sim, n, n_seq):
+        if training:
+            saved = [(q, q.grad) for q in model.parameters()]
+            try:
+                out = runner(a, kw)
+                loss = sum(o.float().sum() for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+                del out
+                loss.backward()
+            finally:
+                for q, g in saved:
+                    q.grad = g
+        else:
+            with torch.no_grad():
+                out = runner(a, kw)
+            del out
+    per_module = {k: dict(v) for k, v in tracker.per_module.items()}
+    return tracker.peak + params_bytes, params_bytes, per_module
+
+
+def _n_seq_of(inputs, tags):
+    """Global MSA depth of the inputs (the dim tagged ``s``), or None."""
+    flat = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
+    for t, tg in zip(flat, tags or ()):
+        if tg and "s" in tg:
+            return int(t.shape[tg.index("s")])
+    return None
 
 
 def estimate(
@@ -293,6 +431,8 @@ def estimate(
     backward: Optional[bool] = None,
     device_bytes: Optional[int] = None,
     max_p: int = 64,
+    emit: str = "graph",
+    recompute: str = "ops",
 ) -> Estimate:
     """Per-rank peak bytes (parameters + live tensors) of ``parallelize(model)`` at
     ``n_tokens`` on ``mesh_shape`` (forward, no grad; ``training=True`` or ``backward=True``:
@@ -302,7 +442,12 @@ def estimate(
     ``make_inputs(n) -> tuple``: example inputs at token length ``n`` (meta tensors are
     fine); default: ``(s, z, mask, pair_mask)`` from the model's weights. With
     ``device_bytes``, also the smallest square mesh that fits (``Estimate.fits``).
+    ``emit`` / ``recompute``: as for :func:`autocp.parallelize` (``"graph"``: the model is
+    captured at N on FakeTensors and its sharded tile program runs; ``"python"``: the
+    model's own python runs on fake tiles around the real ops).
     """
+    if emit not in ("graph", "python"):
+        raise ValueError(f"estimate: given emit={emit!r}; required 'graph' (default) or 'python'.")
     if backward is not None:
         training = bool(backward)
     from ..api import _resolve_input_tags, compile_stages
@@ -338,15 +483,24 @@ def estimate(
                   (torch.ones(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t) for t in small)
     tags, n_chk = _resolve_input_tags(model, small, {}, None)
     cap, an, mr, plan = compile_stages(model, small, {}, tags, n_chk, SquareMesh.single(), strict=False)
+    run = model
+    if any(q.is_floating_point() and q.dtype != dtype for q in [*model.parameters(), *model.buffers()]):
+        import copy
+
+        run = copy.deepcopy(model).to(dtype)  # the model as it would run: weights in ``dtype``
     was = model.training
+    def peak_at(q):
+        if emit == "graph" and "" not in plan.fallback_paths:
+            return _peak_for_graph(run, plan, tags, make(n_tokens), q, n_tokens, dtype, training, recompute)
+        return _peak_for(run, plan.actions, tags, make(n_tokens), q, n_tokens, dtype, training)
+
     try:
-        peak, pbytes = _peak_for(model, plan.actions, tags, make(n_tokens), p, n_tokens, dtype, training)
-        per_module = {}
+        peak, pbytes, per_module = peak_at(p)
         fits = None
         if device_bytes is not None:
             q = 1
             while q <= max_p and q <= n_tokens:
-                pk, _ = _peak_for(model, plan.actions, tags, make(n_tokens), q, n_tokens, dtype, training)
+                pk, _, _ = peak_at(q)
                 if pk <= device_bytes:
                     fits = (q, q)
                     break

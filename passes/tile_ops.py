@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .. import comm
 from ..layout import block_size, pad_to
@@ -176,10 +175,7 @@ class _AllReduceMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, axis):
         y = x.clone()
-        if mesh.p > 1:
-            comm.STATS.add("all_reduce_max", 2 * (mesh.p - 1) * y.numel() * y.element_size() // mesh.p)
-            dist.all_reduce(y, op=dist.ReduceOp.MAX, group=mesh.group(axis))
-        return y
+        return comm.all_reduce_(y, mesh, axis, name="all_reduce_max", op="max")
 
     @staticmethod
     def backward(ctx, g):

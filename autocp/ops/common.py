@@ -14,6 +14,8 @@ itself, so it never leaks into real outputs.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,7 +24,46 @@ import torch
 from ..layout import LayoutError, block_size, token_valid
 from ..mesh import SquareMesh
 
-__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "adopt_module_state", "sync_grads"]
+__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "adopt_module_state", "sync_grads",
+           "chunking", "chunk_fraction", "chunk_spans"]
+
+# ----------------------------------------------------------------------------- memory knob
+#: The one memory knob of the chunked ops (triangle multiplication channel groups, triangle
+#: attention / transition / pair-bias row chunks): the temporaries of one chunk are about
+#: this fraction of the op's tile-sized tensors. Smaller: less memory, more (smaller) GEMMs
+#: and messages; the results do not depend on it.
+DEFAULT_CHUNK_FRACTION = 0.125
+_CHUNK = [DEFAULT_CHUNK_FRACTION]
+
+
+def chunk_fraction() -> float:
+    """The current chunk fraction (see :func:`chunking`)."""
+    return _CHUNK[0]
+
+
+@contextlib.contextmanager
+def chunking(fraction: float):
+    """``with autocp.chunking(1 / 16): pm(...)`` -- run the chunked ops with chunks of about
+    ``fraction`` of a tile (default :data:`DEFAULT_CHUNK_FRACTION` = 1/8; ``1.0``: one
+    chunk, Boltz's own unchunked formulation)."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"chunking: given fraction={fraction!r}; required a number in (0, 1] (the share of a "
+                         f"tile one chunk may hold). Fix: autocp.chunking(1 / 8).")
+    prev = _CHUNK[0]
+    _CHUNK[0] = float(fraction)
+    try:
+        yield
+    finally:
+        _CHUNK[0] = prev
+
+
+def chunk_spans(total: int, fraction: Optional[float] = None) -> list:
+    """``[(lo, hi), ...]``: ``range(total)`` in about ``1 / fraction`` near-equal pieces
+    (at most ``total``; default fraction: :func:`chunk_fraction`)."""
+    f = chunk_fraction() if fraction is None else float(fraction)
+    k = max(1, min(int(total), math.ceil(1.0 / f - 1e-9)))
+    edges = [total * i // k for i in range(k + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(k) if edges[i + 1] > edges[i]]
 
 
 @dataclass(frozen=True)

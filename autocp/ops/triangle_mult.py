@@ -76,7 +76,7 @@ from .. import comm
 from ..kernels import tri_mm
 from ..layout import LayoutError
 from ..mesh import COL, ROW, SquareMesh
-from .common import TileCtx, check_pair_tile, share_submodules
+from .common import TileCtx, check_pair_tile, chunk_spans, share_submodules
 
 __all__ = ["TriangleMultiplication2D", "trimul_contract", "trimul_comm_bytes", "COMM_NAME"]
 
@@ -341,6 +341,8 @@ class TriangleMultiplication2D(nn.Module):
         ctx = TileCtx(self.mesh, int(n_tokens))
         name = f"TriangleMultiplication2D({self.direction})"
         mask = check_pair_tile(z, mask, ctx, channels=self.dim, op=name)
+        if not (torch.is_grad_enabled() and (z.requires_grad or any(q.requires_grad for q in self.parameters()))):
+            return self._forward_grouped(z, mask, ctx)
 
         # tile-local: exactly Boltz's use_kernels=False path
         x = self.norm_in(z)
@@ -359,3 +361,73 @@ class TriangleMultiplication2D(nn.Module):
         if ctx.n != ctx.b * p:  # padded slots: LayerNorm bias would leak into them
             x = x * ctx.pair_valid(x.device).unsqueeze(-1).to(x.dtype)
         return x
+
+    def _forward_grouped(self, z: torch.Tensor, mask: torch.Tensor, ctx: TileCtx) -> torch.Tensor:
+        """Inference (no autograd): Boltz's formula one **channel group** at a time.
+
+        Per group of ``G`` hidden channels (:func:`autocp.ops.common.chunk_spans` of ``C``):
+        project + gate + mask only those ``2G`` channels of ``p_in``/``g_in``, ring them
+        through the Cannon contraction (group-sized buffers), fold the fp32 result into
+        running LayerNorm statistics (Chan's parallel mean/variance over channels, fp32)
+        and store it in ``z``'s dtype. The output stage then runs per row chunk:
+        ``norm_out`` from the stored result and the fp32 statistics, ``p_out``, and the
+        output gate from ``norm_in(z)`` recomputed for the chunk. Live at the peak: ``z``,
+        ``norm_in(z)``, the stored result and one group's buffers -- not ``2C`` fp32
+        projections of the whole tile. Same values as the ungrouped path (the LayerNorm
+        statistics are combined exactly; in fp32 only rounding differs).
+        """
+        mesh, p = self.mesh, self.mesh.p
+        C = self.dim
+        B, b = z.shape[0], z.shape[1]
+        xt, yt = _PLAN[self.direction]["fwd"]
+        x_in = self.norm_in(z)
+        maskf = mask.unsqueeze(-1).to(x_in.dtype)
+        wp, bp = self.p_in.weight, self.p_in.bias
+        wg, bg = self.g_in.weight, self.g_in.bias
+        store = torch.empty((B, C, b, b), dtype=z.dtype, device=z.device)
+        mean = m2 = None
+        count = 0
+        for g0, g1 in chunk_spans(C):
+            idx = torch.cat([torch.arange(g0, g1), torch.arange(C + g0, C + g1)]).to(wp.device)
+            pg = torch.nn.functional.linear(x_in, wp[idx], None if bp is None else bp[idx])
+            pg = pg * torch.nn.functional.linear(x_in, wg[idx], None if bg is None else bg[idx]).sigmoid()
+            pg = pg * maskf
+            ab = pg.float().permute(0, 3, 1, 2)  # [B, 2G, b, b]
+            del pg
+            a, bb = ab[:, : g1 - g0].contiguous(), ab[:, g1 - g0:].contiguous()
+            del ab
+            with torch.autocast(z.device.type, enabled=False):
+                res = _cannon(a, bb, mesh, xt, yt, self.ring_chunks) if p > 1 else _cannon(a, bb, mesh, xt, yt)
+            del a, bb
+            var, mu = torch.var_mean(res, dim=1, unbiased=False)  # [B, b, b] fp32
+            g = g1 - g0
+            if mean is None:
+                mean, m2 = mu, var * g
+            else:  # Chan et al.: combine (count, mean, M2) with the group's
+                tot = count + g
+                delta = mu - mean
+                mean = mean + delta * (g / tot)
+                m2 = m2 + var * g + delta * delta * (count * g / tot)
+            count += g
+            store[:, g0:g1] = res
+            del res, var, mu
+        del x_in, maskf
+        ln = self.norm_out
+        rstd = torch.rsqrt(m2 / count + ln.eps)
+        del m2
+        out = torch.empty_like(z)
+        valid = ctx.pair_valid(z.device) if ctx.n != ctx.b * p else None
+        for r0, r1 in chunk_spans(b):
+            y = store[:, :, r0:r1].permute(0, 2, 3, 1).float()  # [B, rows, b, C]
+            y = (y - mean[:, r0:r1, :, None]) * rstd[:, r0:r1, :, None]
+            if ln.weight is not None:
+                y = y * ln.weight.float()
+            if ln.bias is not None:
+                y = y + ln.bias.float()
+            y = self.p_out(y.to(self.p_out.weight.dtype))
+            y = y * self.g_out(self.norm_in(z[:, r0:r1])).sigmoid()
+            if valid is not None:  # padded slots: LayerNorm bias would leak into them
+                y = y * valid[r0:r1].unsqueeze(-1).to(y.dtype)
+            out[:, r0:r1] = y
+            del y
+        return out

@@ -105,10 +105,12 @@ def memory_worker(rank, world, n, version=2, cs=16, cz=16):
            RowToken().shard(mask, mesh).clone(), Pair2D().shard(pair_mask, mesh).clone()]
     from autocp.passes.context import tile_context
 
+    runner = pm._graph_for((s, z, mask, pair_mask), {}, n, None)  # the sharded tile program pm runs at N
+    del s, z, mask, pair_mask
     with torch.no_grad():
         with MemoryTracker(track=[*model.parameters(), *loc]) as mt:
             with tile_context(mesh, n):
-                pm._clone(*loc)
+                runner(loc, {})
     return mt.peak_bytes
 
 

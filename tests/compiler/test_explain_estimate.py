@@ -99,9 +99,11 @@ def train_memory_worker(rank, world, n, cs=16, cz=16):
     s, z, mask, pair_mask = pairformer_inputs(n, cs=cs, cz=cz)
     loc = [RowToken().shard(s, mesh).clone(), Pair2D().shard(z, mesh).clone(),
            RowToken().shard(mask, mesh).clone(), Pair2D().shard(pair_mask, mesh).clone()]
+    runner = pm._graph_for((s, z, mask, pair_mask), {}, n, None)  # the sharded tile program pm runs at N
+    del s, z, mask, pair_mask
     with MemoryTracker(track=[*model.parameters(), *loc]) as mt:
         with tile_context(mesh, n):
-            out = pm._clone(*loc)
+            out = runner(loc, {})
             loss = sum(o.float().sum() for o in out)
             del out
             loss.backward()
