@@ -11,6 +11,7 @@ from .memory import MemoryTracker
 from .mesh import MeshError, SquareMesh, init_mesh
 from .api import estimate, explain, parallelize
 from .registry import register_module, register_pattern
+from .ops.common import chunking
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "estimate",
     "register_module",
     "register_pattern",
+    "chunking",
     "comm",
     "layout",
 ]

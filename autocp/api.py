@@ -155,6 +155,7 @@ def parallelize(
     grad_sync: bool = True,
     grad_bucket_mb: float = 25.0,
     recompute: str = "ops",
+    pair_dtype=None,
 ) -> nn.Module:
     """The 2D-context-parallel version of ``model`` on the square ``mesh``.
 
@@ -187,7 +188,18 @@ def parallelize(
     there, as the hand-built ``Pairformer2D`` does; ``"blocks"`` -- each repeated block keeps
     only its inputs (least memory, one extra forward per block); ``"none"`` -- autograd keeps
     everything (fastest backward, most memory). Outputs and gradients are the same for all.
+
+    ``pair_dtype`` (e.g. ``torch.bfloat16``; ``emit="graph"``): the storage dtype of the glue's
+    pair tensors -- a pointwise op on a pair tile in that dtype computes in it instead of being
+    promoted to fp32 by a small fp32 operand (Boltz's dropout mask), and ``.float()`` of a
+    pair tile keeps it (the distributed ops accumulate in fp32 inside their chunks). Off by
+    default (the model's own dtype rules); see docs/memory.md. Independently, without
+    autograd the glue's residual updates write in place into dead fresh tiles
+    (:mod:`autocp.passes.storage`).
     """
+    if pair_dtype is not None and (not isinstance(pair_dtype, torch.dtype) or not pair_dtype.is_floating_point):
+        raise ValueError(f"parallelize: given pair_dtype={pair_dtype!r}; required None or a floating torch.dtype. "
+                         f"Fix: pair_dtype=torch.bfloat16.")
     if emit not in ("python", "graph"):
         raise ValueError(f"parallelize: given emit={emit!r}; required 'python' or 'graph'.")
     if recompute not in ("ops", "blocks", "none"):
@@ -198,7 +210,7 @@ def parallelize(
     mesh, dp_size, dp_world = _split_dp(mesh)
     sq = SquareMesh.from_any(mesh)
     pm = _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from,
-                      emit, recompute)
+                      emit, recompute, pair_dtype)
     if grad_sync:
         pm.enable_grad_sync(grad_bucket_mb, dp_size=dp_size, group=dp_world)
     return pm
@@ -235,7 +247,7 @@ def _split_dp(mesh):
 
 
 def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from, emit,
-                 recompute="ops"):
+                 recompute="ops", pair_dtype=None):
     from . import guard
 
     from .passes.emit import ParallelModule
@@ -289,7 +301,8 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
 
         def builder(a, kw, n_, n_seq_):
             runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
-                                        strict=strict, reuse_blocks=reuse_blocks, recompute=recompute)
+                                        strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
+                                        pair_dtype=pair_dtype)
             _warn_fallbacks(plan, runner.opaque_fallbacks, n_)
             return runner
 

@@ -536,7 +536,7 @@ def estimate_cmd(args) -> int:
     model.train(args.train)
     n = args.tokens
     what = "forward+backward (one training step)" if args.train else "forward (inference)"
-    print(f"autocp estimate: {desc}\nN={n:,} tokens, {args.dtype}, {what}; FakeTensor runs of rank (0,0), "
+    print(f"autocp estimate: {desc}\nN={n:,} tokens, {args.dtype}, {what}; FakeTensor runs of the tile program of rank (0,1), "
           f"nothing allocated", flush=True)
     cap = args.device_memory
     if cap is not None:

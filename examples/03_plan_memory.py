@@ -5,10 +5,12 @@ Pairformer at token length N on p x p meshes, and the smallest mesh that fits a 
     python examples/03_plan_memory.py --n 2048 --mesh 2 4 --gpu-gib 80 --train
 
 The numbers come from FakeTensor runs of the parallelized model (``autocp.estimate``):
-rank (0, 0) runs the model's python on fake tiles, each 2D op at tile size plus its ring
-buffers. Nothing is allocated, so N=30,000 is fine on a laptop. Checked against measured
-peaks in tests/compiler/test_estimate.py (forward) and tests/compiler/test_explain_estimate.py
-(forward + backward), within 15%.
+the model is captured at N on fake tensors and the tile program of rank (0, 1) runs with
+autocp's real 2D ops (their chunks, ring and receive buffers; communication simulated).
+Nothing is allocated, so N=30,000 is fine on a laptop. ``--bf16`` also keeps the glue's pair
+tensors in bf16 (``pair_dtype``). Checked against measured peaks in
+tests/compiler/test_estimate.py (forward) and tests/compiler/test_explain_estimate.py
+(forward + backward): equal.
 """
 
 import argparse
@@ -40,12 +42,14 @@ def main():
     print(f"Boltz-2 Pairformer, {args.blocks} block(s), token_s={args.token_s}, token_z={args.token_z}, "
           f"N={args.n:,}, {what}, {dtype}")
     for p in args.mesh:
-        e = estimate(model, n_tokens=args.n, mesh_shape=(p, p), dtype=dtype, backward=args.train)
+        e = estimate(model, n_tokens=args.n, mesh_shape=(p, p), dtype=dtype, backward=args.train,
+                     pair_dtype=dtype if args.bf16 else None)
         print(f"  {p}x{p} mesh ({p * p:3d} devices): per-rank peak {e.peak_bytes / 2**30:8.3f} GiB")
+        print("\n".join("      " + line for line in e.table().splitlines()[1:]))
     if not args.fit:
         return
     e = estimate(model, n_tokens=args.n, mesh_shape=(args.mesh[0],) * 2, dtype=dtype, backward=args.train,
-                 device_bytes=int(args.gpu_gib * 2**30), max_p=args.max_p)
+                 pair_dtype=dtype if args.bf16 else None, device_bytes=int(args.gpu_gib * 2**30), max_p=args.max_p)
     if e.fits:
         print(f"smallest square mesh within {args.gpu_gib} GiB per device: {e.fits[0]}x{e.fits[1]}")
     else:

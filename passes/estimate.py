@@ -330,7 +330,8 @@ class _WatchOp(nn.Module):
             return self.inner(*a, **kw)
 
 
-def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, recompute="ops"):
+def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, recompute="ops", pair_dtype=None,
+                    autocast=False):
     """The peak of what ``parallelize(model, emit="graph")`` runs on one rank: the model is
     captured at the real N on FakeTensors, its graphs sharded, and the tile program runs on
     fake tiles of rank ``(0, 1)`` of a simulated mesh with autocp's real ops (communication
@@ -363,7 +364,7 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
     model.train(training)
     for m in repl.values():
         m.inner.train(training)
-    params_bytes = sum(q.numel() * torch.empty((), dtype=dtype).element_size() for q in model.parameters())
+    params_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
     fm = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(x):
@@ -380,7 +381,7 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the real parallelize warns about gathers; the table shows them
         runner = build_graph_runner(model, fa, fkw, plan, repl, input_tags, n, n_seq, sim, strict=False,
-                                    recompute=recompute)
+                                    recompute=recompute, pair_dtype=pair_dtype)
     del full, fa, fkw
     local = _tile_inputs(inputs, input_tags, p, n)
     fl, spec = tree_flatten(local)
@@ -392,7 +393,8 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
             tracker.add(t)
     for q in [*model.parameters(), *model.buffers()]:
         tracker.ignore(fm.from_tensor(q))
-    with fm, _mode(tracker), comm.simulate(sim), tile_context(sim, n, n_seq):
+    amp = torch.autocast("cpu", dtype=dtype, enabled=bool(autocast))
+    with fm, _mode(tracker), comm.simulate(sim), tile_context(sim, n, n_seq), amp:
         if training:
             saved = [(q, q.grad) for q in model.parameters()]
             try:
@@ -433,6 +435,8 @@ def estimate(
     max_p: int = 64,
     emit: str = "graph",
     recompute: str = "ops",
+    pair_dtype=None,
+    autocast: Optional[bool] = None,
 ) -> Estimate:
     """Per-rank peak bytes (parameters + live tensors) of ``parallelize(model)`` at
     ``n_tokens`` on ``mesh_shape`` (forward, no grad; ``training=True`` or ``backward=True``:
@@ -444,7 +448,14 @@ def estimate(
     ``device_bytes``, also the smallest square mesh that fits (``Estimate.fits``).
     ``emit`` / ``recompute``: as for :func:`autocp.parallelize` (``"graph"``: the model is
     captured at N on FakeTensors and its sharded tile program runs; ``"python"``: the
-    model's own python runs on fake tiles around the real ops).
+    model's own python runs on fake tiles around the real ops). ``pair_dtype``: as for
+    :func:`autocp.parallelize` (graph emit only).
+
+    ``dtype`` bf16/fp16: by default (``autocast=None`` -> True) the model runs as Boltz runs
+    in bf16 ("bf16-mixed"): fp32 weights under ``torch.autocast(dtype)``, the inputs in
+    ``dtype``; ``autocast=False`` casts the weights to ``dtype`` instead (pure low precision;
+    note Boltz's own modules do not run that way: ``pre_norm_s(s.float())`` meets bf16
+    LayerNorm weights). fp32: weights as given.
     """
     if emit not in ("graph", "python"):
         raise ValueError(f"estimate: given emit={emit!r}; required 'graph' (default) or 'python'.")
@@ -483,15 +494,18 @@ def estimate(
                   (torch.ones(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t) for t in small)
     tags, n_chk = _resolve_input_tags(model, small, {}, None)
     cap, an, mr, plan = compile_stages(model, small, {}, tags, n_chk, SquareMesh.single(), strict=False)
+    low = dtype in (torch.bfloat16, torch.float16)
+    autocast = low if autocast is None else (bool(autocast) and low)
     run = model
-    if any(q.is_floating_point() and q.dtype != dtype for q in [*model.parameters(), *model.buffers()]):
+    if not autocast and any(q.is_floating_point() and q.dtype != dtype for q in [*model.parameters(), *model.buffers()]):
         import copy
 
         run = copy.deepcopy(model).to(dtype)  # the model as it would run: weights in ``dtype``
     was = model.training
     def peak_at(q):
         if emit == "graph" and "" not in plan.fallback_paths:
-            return _peak_for_graph(run, plan, tags, make(n_tokens), q, n_tokens, dtype, training, recompute)
+            return _peak_for_graph(run, plan, tags, make(n_tokens), q, n_tokens, dtype, training, recompute,
+                                   pair_dtype, autocast)
         return _peak_for(run, plan.actions, tags, make(n_tokens), q, n_tokens, dtype, training)
 
     try:

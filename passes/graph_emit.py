@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .shard import ShardingError, shard_graph
+from .storage import apply_storage_passes
 from .trace import capture
 
 __all__ = ["GraphRunner", "build_graph_runner", "RECOMPUTE_POLICIES"]
@@ -95,10 +96,13 @@ class _BlockCall:
 
 
 class GraphRunner:
-    def __init__(self, model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute="ops"):
+    def __init__(self, model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute="ops",
+                 pair_dtype=None):
         if recompute not in RECOMPUTE_POLICIES:
             raise ValueError(f"autocp: given recompute={recompute!r}; required one of {RECOMPUTE_POLICIES}.")
         self.recompute = recompute
+        self.pair_dtype = pair_dtype
+        self.storage = {"pair_dtype": 0, "inplace": 0}  # nodes rewritten by autocp.passes.storage
         self.model, self.cap, self.plan, self.repl = model, cap, plan, replacements
         self.n, self.n_seq, self.p, self.strict = n, n_seq, mesh.p, strict
         self.block_progs = {}
@@ -114,6 +118,7 @@ class GraphRunner:
         self.prog = shard_graph(cap.top, self.user_tags, n=n, n_seq=n_seq, p=self.p, resolver=self._resolve,
                                 strict=strict, what=f"model {type(model).__name__}")
         self.notes.extend(self.prog.notes)
+        self._storage(self.prog)
         self.consts = _consts(cap.ep, model)
         self.ops = [self._op_for(e, "") for e in self.prog.op_keys]
         self.out_spec = cap.ep.call_spec.out_spec
@@ -127,8 +132,18 @@ class GraphRunner:
             prog = shard_graph(blk.gm, list(in_tags), n=self.n, n_seq=self.n_seq, p=self.p,
                                resolver=self._resolve, strict=self.strict, what=f"block {blk.rep}")
             self.notes.extend(prog.notes)
+            self._storage(prog)
             self.block_progs[key] = prog
         return self.block_progs[key]
+
+    def _storage(self, prog):
+        """Pair storage dtype + in-place reuse (autocp.passes.storage) on one tile program."""
+        trusted = []
+        for e in prog.op_keys:
+            act = self.plan.actions.get(e.path)
+            trusted.append(e.kind != "block" and act is not None and act.action == "op")
+        for k, v in apply_storage_passes(prog, trusted, self.pair_dtype).items():
+            self.storage[k] += v
 
     def _resolve(self, entry, in_tags):
         if entry.kind == "block":
@@ -175,7 +190,7 @@ class GraphRunner:
 
 
 def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n_seq, mesh, *, strict=False,
-                       reuse_blocks=True, recompute="ops"):
+                       reuse_blocks=True, recompute="ops", pair_dtype=None):
     """Capture ``model`` with every module the plan binds to a 2D op opaque, shard every
     graph, and return the :class:`GraphRunner`. Warns once per gathered op (exact, but
     O(N^2/p) memory).
@@ -190,13 +205,15 @@ def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n
     planned = frozenset(p for p in plan.actions if p)
     try:
         cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=bound)
-        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute)
+        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,
+                             pair_dtype=pair_dtype)
         runner.opaque_fallbacks = []
     except ShardingError:
         if bound == planned:
             raise
         cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=planned)
-        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute)
+        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,
+                             pair_dtype=pair_dtype)
         runner.opaque_fallbacks = sorted(planned - bound)
     gathers = [nt for nt in runner.notes if nt.what in ("gather", "op-gather") and nt.pair]
     if gathers:

@@ -266,6 +266,8 @@ class _Sharder:
                               for t in tags) + "]"
 
     def set(self, node, value, tags, alias=True):
+        if isinstance(value, fx.Node) and value.graph is self.g:
+            value.meta["autocp.tags"] = tags  # for the passes that run on the tile program (autocp.passes.storage)
         self.env[node] = value
         self.tags[node] = tags
         self.alias_ok[node] = alias

@@ -33,7 +33,10 @@ __all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "adopt
 #: this fraction of the op's tile-sized tensors. Smaller: less memory, more (smaller) GEMMs
 #: and messages; the results do not depend on it.
 DEFAULT_CHUNK_FRACTION = 0.125
-_CHUNK = [DEFAULT_CHUNK_FRACTION]
+#: ... but a chunk is never made smaller than this (bytes of the chunked tile-sized tensor
+#: per chunk): small tiles run as one chunk (fewer GEMMs and messages, nothing to save)
+DEFAULT_MIN_CHUNK_BYTES = 16 * 2**20
+_CHUNK = [DEFAULT_CHUNK_FRACTION, DEFAULT_MIN_CHUNK_BYTES]
 
 
 def chunk_fraction() -> float:
@@ -42,26 +45,35 @@ def chunk_fraction() -> float:
 
 
 @contextlib.contextmanager
-def chunking(fraction: float):
+def chunking(fraction: float = DEFAULT_CHUNK_FRACTION, min_bytes: Optional[int] = None):
     """``with autocp.chunking(1 / 16): pm(...)`` -- run the chunked ops with chunks of about
     ``fraction`` of a tile (default :data:`DEFAULT_CHUNK_FRACTION` = 1/8; ``1.0``: one
-    chunk, Boltz's own unchunked formulation)."""
+    chunk, Boltz's own unchunked formulation), but none smaller than ``min_bytes`` of the
+    chunked tile (default :data:`DEFAULT_MIN_CHUNK_BYTES` = 16 MiB; ``0``: always
+    ``1 / fraction`` chunks)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"chunking: given fraction={fraction!r}; required a number in (0, 1] (the share of a "
                          f"tile one chunk may hold). Fix: autocp.chunking(1 / 8).")
-    prev = _CHUNK[0]
+    if min_bytes is not None and (isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0):
+        raise ValueError(f"chunking: given min_bytes={min_bytes!r}; required an int >= 0. Fix: min_bytes=0.")
+    prev = list(_CHUNK)
     _CHUNK[0] = float(fraction)
+    if min_bytes is not None:
+        _CHUNK[1] = int(min_bytes)
     try:
         yield
     finally:
-        _CHUNK[0] = prev
+        _CHUNK[:] = prev
 
 
-def chunk_spans(total: int, fraction: Optional[float] = None) -> list:
+def chunk_spans(total: int, nbytes: Optional[int] = None, fraction: Optional[float] = None) -> list:
     """``[(lo, hi), ...]``: ``range(total)`` in about ``1 / fraction`` near-equal pieces
-    (at most ``total``; default fraction: :func:`chunk_fraction`)."""
+    (at most ``total``; default fraction: :func:`chunk_fraction`); ``nbytes``: the size of
+    the tensor being chunked -- at most ``nbytes / min_bytes`` pieces (see :func:`chunking`)."""
     f = chunk_fraction() if fraction is None else float(fraction)
     k = max(1, min(int(total), math.ceil(1.0 / f - 1e-9)))
+    if nbytes is not None and _CHUNK[1] > 0:
+        k = max(1, min(k, math.ceil(int(nbytes) / _CHUNK[1])))
     edges = [total * i // k for i in range(k + 1)]
     return [(edges[i], edges[i + 1]) for i in range(k) if edges[i + 1] > edges[i]]
 

@@ -35,15 +35,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layout import LayoutError, block_size, pad_to
 from ..mesh import SquareMesh
-from .common import share_submodules
+from .common import chunk_fraction, chunk_spans, share_submodules
 
-__all__ = ["Transition2D", "dropout_mask", "default_chunk_rows"]
-
-
-def default_chunk_rows(x: torch.Tensor, hidden: int, budget_elems: int = 1 << 19) -> int:
-    """Rows of dim 1 per chunk so one hidden chunk has at most ``budget_elems`` elements."""
-    per_row = max(1, x[:, :1].numel() // max(1, x.shape[-1]) * hidden)
-    return max(1, min(x.shape[1], budget_elems // per_row))
+__all__ = ["Transition2D", "dropout_mask"]
 
 
 class Transition2D(nn.Module):
@@ -51,8 +45,9 @@ class Transition2D(nn.Module):
 
     ``forward(x)``: ``x [B, b, ..., C]`` (any tile: Pair2D ``[B, b, b, C]`` on rank (r, c),
     RowToken ``[B, b, C]``, MsaTiles ``[B, S_b, b, C]``) -> same shape. Same parameters
-    and ``state_dict`` keys as the Boltz module. ``chunk_rows=None`` picks chunks of about
-    ``2**19`` hidden elements; ``recompute=False`` keeps Boltz's autograd behaviour.
+    and ``state_dict`` keys as the Boltz module. ``chunk_rows=None`` picks row chunks whose
+    hidden tensors are about :func:`autocp.chunking`'s fraction of the input (none below its
+    ``min_bytes``); ``recompute=False`` keeps Boltz's autograd behaviour.
     """
 
     def __init__(self, module: nn.Module, mesh: Optional[SquareMesh] = None, chunk_rows: Optional[int] = None,
@@ -74,11 +69,24 @@ class Transition2D(nn.Module):
                 f"Transition2D: input has {x.shape[-1]} channels, the module expects "
                 f"{self.norm.normalized_shape[0]}."
             )
-        rows = self.chunk_rows or default_chunk_rows(x, self.hidden)
+        if self.chunk_rows:
+            spans = [(i, min(i + self.chunk_rows, x.shape[1])) for i in range(0, x.shape[1], self.chunk_rows)]
+        else:  # the hidden chunk (fc1 and fc2 outputs, 2 * hidden / C of the input) ~ chunk_fraction() of x
+            ratio = 2.0 * self.hidden / x.shape[-1]
+            spans = chunk_spans(x.shape[1], int(x.numel() * x.element_size() * ratio), chunk_fraction() / ratio)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not grad:  # inference: chunks written into one preallocated output (no list + cat copy)
+            out = None
+            for i, j in spans:
+                y = self._mlp(x[:, i:j])
+                if out is None:
+                    out = torch.empty(x.shape[:-1] + y.shape[-1:], dtype=y.dtype, device=y.device)
+                out[:, i:j] = y
+                del y
+            return out
         outs = []
-        for i in range(0, x.shape[1], rows):
-            xi = x[:, i:i + rows]
+        for i, j in spans:
+            xi = x[:, i:j]
             if grad and self.recompute:
                 outs.append(checkpoint(self._mlp, xi, use_reentrant=False))
             else:

@@ -92,7 +92,7 @@ from .. import comm
 from .. import kernels
 from ..layout import LayoutError, token_valid
 from ..mesh import SquareMesh
-from .common import TileCtx, check_pair_tile, merge_lse, share_submodules
+from .common import TileCtx, check_pair_tile, chunk_spans, merge_lse, share_submodules
 
 __all__ = ["TriangleAttention2D", "comm_bytes", "row_chunk_for", "SCORE_CHUNK_ELEMS", "NAME"]
 
@@ -199,11 +199,28 @@ def _key_valid(valid: torch.Tensor):
     return valid.unsqueeze(2)
 
 
-def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int):
+def _gather_bias(tri, view: _MeshView) -> list:
+    """Every bias block this rank's queries use: ``blocks[t] = tri[T_c, T_t]`` (the tile of
+    rank ``(c, t)``), by the forward's own bias ring (skew + column shifts) run once."""
+    p = view.p
+    blocks = [None] * p
+    b_t, h_b = _post(tri, view.bias_skew(), "bias")
+    for s in range(p):
+        h_b.wait()
+        cur = b_t
+        if s + 1 < p:
+            b_t, h_b = _post(cur, view.col_next(), "bias")
+        blocks[(view.r + view.c + s) % p] = cur
+    return blocks
+
+
+def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int, bias_blocks=None):
     """Forward ring of :class:`_TriAttnRing` -> ``(out, lse, masked)`` (see there).
 
     ``kv_box = [kv]``: the list is emptied, so when the caller keeps no other reference
     (no-grad inference) the local K/V block is freed as soon as its skew send is done.
+    ``bias_blocks``: the blocks of :func:`_gather_bias` (``tri`` is then unused and no bias
+    travels) -- the row-chunked inference path rings K/V once per row chunk.
     """
     p = view.p
     dev = q.device
@@ -211,7 +228,10 @@ def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int):
     kv = kv_box.pop()
     kv_t, h_kv = _post(kv, view.kv_skew(), "kv")
     m_t, h_m = _post(mask, view.kv_skew(), "mask")
-    b_t, h_b = _post(tri, view.bias_skew(), "bias")
+    if bias_blocks is None:
+        b_t, h_b = _post(tri, view.bias_skew(), "bias")
+    else:
+        b_t, h_b = None, _DONE
     out = torch.zeros(B, bi, bj, H, D, dtype=torch.float32, device=dev).transpose(2, 3)
     lse = torch.empty(B, bi, H, bj, dtype=torch.float32, device=dev)
     vsum = torch.zeros(B, bi, H, D, dtype=torch.float32, device=dev)
@@ -222,11 +242,13 @@ def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int):
         h_m.wait()
         h_b.wait()
         kv = None  # the caller's K/V block is sent: our reference goes (see kv_box)
-        cur_kv, cur_m, cur_b = kv_t, m_t, b_t
+        cur_kv, cur_m = kv_t, m_t
+        cur_b = b_t if bias_blocks is None else bias_blocks[t]
         if s + 1 < p:  # double buffering: post the next block before computing
             kv_t, h_kv = _post(cur_kv, view.row_next(), "kv")
             m_t, h_m = _post(cur_m, view.row_next(), "mask")
-            b_t, h_b = _post(cur_b, view.col_next(), "bias")
+            if bias_blocks is None:
+                b_t, h_b = _post(cur_b, view.col_next(), "bias")
         real = token_valid(n, p, t, device=dev)
         realf = real[:, None].float()
         valid = cur_m.bool() & real  # [B, b_i, b_k]
@@ -435,14 +457,58 @@ class TriangleAttention2D(nn.Module):
             params = [q for q in self.parameters() if q.requires_grad]
             if z.requires_grad or params:
                 return _TriAttnRecompute.apply(self, ctx.n, z, mask, *params)
+        if not torch.is_grad_enabled() or not (z.requires_grad or any(q.requires_grad for q in self.parameters())):
+            return self._forward_rows(z, mask, ctx.n)
         st = self._project(z, mask, ctx.n)
-        if torch.is_grad_enabled():
-            o = _TriAttnRing.apply(st["q"], st["kv"], st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])
-        else:  # no_grad / inference_mode: no autograd Function, nothing saved; the local
-            box = [st.pop("kv")]  # K/V block is freed once sent (the box holds the only reference)
-            o = _ring_forward(st["q"], box, st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])[0]
+        o = _TriAttnRing.apply(st["q"], st["kv"], st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])
         del st["q"], st["tri"]  # (autograd keeps what backward needs)
         return self._finish(o, st)
+
+    def _forward_rows(self, z, mask, n: int) -> torch.Tensor:
+        """Inference (no autograd), one chunk of query rows ``i`` at a time
+        (:func:`autocp.ops.common.chunk_spans` of ``b``): rows are independent in triangle
+        attention, so each chunk's LayerNorm, q/k/v/gate projections, K/V ring and output
+        projection run on ``rows x b`` slots only, written into the output tile. The bias
+        ``tri[T_c, T_t]`` of every key block (``[B, H, b, b]`` each, ``H / C`` of a tile) is
+        ringed once and kept. Live at the peak: ``z``, the output tile, the ``p`` bias blocks
+        and one row chunk's tensors. Communication: the same K/V and mask bytes (in more,
+        smaller messages) and the same bias bytes as the whole-tile ring."""
+        view = _MeshView(self.mesh, transposed=not self.starting)
+        pair_valid = TileCtx(self.mesh, n).pair_valid(z.device)
+        zt, mt = z, mask
+        if not self.starting:  # ending node: starting node on z^T, on the transposed mesh view
+            zt, mt = z.transpose(1, 2), mask.transpose(1, 2)
+            pair_valid = pair_valid.transpose(0, 1)
+        B, bi, bj = zt.shape[:3]
+        H, mha = self.no_heads, self.mha
+        spans = chunk_spans(bi, 4 * zt.numel() * zt.element_size())  # q + packed k/v + output per chunk
+        tri = None
+        for r0, r1 in spans:  # the bias tile [B, H, b_j, b_k] (its rows j are the tile's rows)
+            t_c = self.linear(self.layer_norm(zt[:, r0:r1])).permute(0, 3, 1, 2)
+            if tri is None:
+                tri = torch.empty((B, H, bi, bj), dtype=t_c.dtype, device=z.device)
+            tri[:, :, r0:r1] = t_c
+            del t_c
+        blocks = _gather_bias(tri, view) if view.p > 1 else [tri]
+        del tri
+        out = None
+        for r0, r1 in spans:
+            x = self.layer_norm(zt[:, r0:r1])
+            q = self._heads(mha.linear_q(x)) / math.sqrt(self.c_hidden)
+            kv = torch.stack([mha.linear_k(x), mha.linear_v(x)], dim=3).view(B, r1 - r0, bj, 2, H, -1)
+            key_mask = (mt[:, r0:r1] > 0.5).to(torch.uint8).contiguous()
+            rc = self.row_chunk or row_chunk_for(B, r1 - r0, H, bj, bj, self.score_chunk_elems)
+            box = [kv]
+            del kv
+            o = _ring_forward(q, box, None, key_mask, view, n, rc, bias_blocks=blocks)[0]
+            del q, key_mask
+            o = self._finish(o, {"x": x, "pair_valid": pair_valid[r0:r1]}, transpose=False)
+            del x
+            if out is None:
+                out = torch.empty((B, bi, bj, o.shape[-1]), dtype=o.dtype, device=z.device)
+            out[:, r0:r1] = o
+            del o
+        return out if self.starting else out.transpose(1, 2)
 
     def _project(self, z, mask, n: int) -> dict:
         """LayerNorm and projections of the (virtual) rank's tile: ``q`` (scaled), packed
@@ -472,9 +538,9 @@ class TriangleAttention2D(nn.Module):
     def _heads(self, t):  # [B, b_i, b_j, H*D] -> [B, b_i, H, b_j, D]
         return t.view(t.shape[:-1] + (self.no_heads, -1)).transpose(-2, -3)
 
-    def _finish(self, o, st: dict):
+    def _finish(self, o, st: dict, transpose: bool = True):
         """Gate + output projection of the ring's fp32 output ``o [B, b_i, H, b_j, D]``;
-        padded slots zeroed; the ending node's tile transposed back."""
+        padded slots zeroed; the ending node's tile transposed back (``transpose``)."""
         x, mha, H = st["x"], self.mha, self.no_heads
         o = o.to(x.dtype).transpose(-2, -3)  # [B, b_i, b_j, H, D]
         if mha.linear_g is not None:
@@ -482,7 +548,7 @@ class TriangleAttention2D(nn.Module):
             o = o * g.view(g.shape[:-1] + (H, -1))
         o = mha.linear_o(o.flatten(-2))
         o = o * st["pair_valid"][..., None].to(o.dtype)
-        if not self.starting:
+        if not self.starting and transpose:
             o = o.transpose(1, 2)
         return o
 

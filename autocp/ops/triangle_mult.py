@@ -369,7 +369,9 @@ class TriangleMultiplication2D(nn.Module):
         project + gate + mask only those ``2G`` channels of ``p_in``/``g_in``, ring them
         through the Cannon contraction (group-sized buffers), fold the fp32 result into
         running LayerNorm statistics (Chan's parallel mean/variance over channels, fp32)
-        and store it in ``z``'s dtype. The output stage then runs per row chunk:
+        and store it in ``z``'s dtype (under autocast: in the autocast dtype, like
+        ``norm_in(z)``, which is computed per row chunk). The output stage then runs per
+        row chunk:
         ``norm_out`` from the stored result and the fp32 statistics, ``p_out``, and the
         output gate from ``norm_in(z)`` recomputed for the chunk. Live at the peak: ``z``,
         ``norm_in(z)``, the stored result and one group's buffers -- not ``2C`` fp32
@@ -380,14 +382,26 @@ class TriangleMultiplication2D(nn.Module):
         C = self.dim
         B, b = z.shape[0], z.shape[1]
         xt, yt = _PLAN[self.direction]["fwd"]
-        x_in = self.norm_in(z)
+        dev = z.device.type
+        # under autocast the LayerNorm output only feeds autocast Linears (which cast it to the
+        # autocast dtype anyway): store it, and the contraction result, in that dtype
+        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        tile = z.numel() * z.element_size()
+        x_in = None
+        for r0, r1 in chunk_spans(b, tile):
+            xr = self.norm_in(z[:, r0:r1])
+            if x_in is None:
+                x_in = torch.empty(z.shape, dtype=low or xr.dtype, device=z.device)
+            x_in[:, r0:r1] = xr
+            del xr
         maskf = mask.unsqueeze(-1).to(x_in.dtype)
         wp, bp = self.p_in.weight, self.p_in.bias
         wg, bg = self.g_in.weight, self.g_in.bias
-        store = torch.empty((B, C, b, b), dtype=z.dtype, device=z.device)
+        store = torch.empty((B, C, b, b), dtype=low or z.dtype, device=z.device)
         mean = m2 = None
         count = 0
-        for g0, g1 in chunk_spans(C):
+        groups = chunk_spans(C, 4 * tile)  # a group's fp32 projections are 2G/C of 2 fp32 tiles
+        for g0, g1 in groups:
             idx = torch.cat([torch.arange(g0, g1), torch.arange(C + g0, C + g1)]).to(wp.device)
             pg = torch.nn.functional.linear(x_in, wp[idx], None if bp is None else bp[idx])
             pg = pg * torch.nn.functional.linear(x_in, wg[idx], None if bg is None else bg[idx]).sigmoid()
@@ -397,7 +411,8 @@ class TriangleMultiplication2D(nn.Module):
             a, bb = ab[:, : g1 - g0].contiguous(), ab[:, g1 - g0:].contiguous()
             del ab
             with torch.autocast(z.device.type, enabled=False):
-                res = _cannon(a, bb, mesh, xt, yt, self.ring_chunks) if p > 1 else _cannon(a, bb, mesh, xt, yt)
+                # one group is already a fraction of a tile: ring it whole unless it is the only one
+                res = _cannon(a, bb, mesh, xt, yt, self.ring_chunks if len(groups) == 1 else 1)
             del a, bb
             var, mu = torch.var_mean(res, dim=1, unbiased=False)  # [B, b, b] fp32
             g = g1 - g0
@@ -415,9 +430,9 @@ class TriangleMultiplication2D(nn.Module):
         ln = self.norm_out
         rstd = torch.rsqrt(m2 / count + ln.eps)
         del m2
-        out = torch.empty_like(z)
+        out = None
         valid = ctx.pair_valid(z.device) if ctx.n != ctx.b * p else None
-        for r0, r1 in chunk_spans(b):
+        for r0, r1 in chunk_spans(b, tile):
             y = store[:, :, r0:r1].permute(0, 2, 3, 1).float()  # [B, rows, b, C]
             y = (y - mean[:, r0:r1, :, None]) * rstd[:, r0:r1, :, None]
             if ln.weight is not None:
@@ -428,6 +443,8 @@ class TriangleMultiplication2D(nn.Module):
             y = y * self.g_out(self.norm_in(z[:, r0:r1])).sigmoid()
             if valid is not None:  # padded slots: LayerNorm bias would leak into them
                 y = y * valid[r0:r1].unsqueeze(-1).to(y.dtype)
+            if out is None:  # the dtype Boltz's output has (autocast: the Linear's)
+                out = torch.empty(z.shape[:-1] + y.shape[-1:], dtype=y.dtype, device=z.device)
             out[:, r0:r1] = y
             del y
         return out

@@ -149,7 +149,8 @@ def test_estimate_smallest_mesh():
     assert m, res.stdout
     p = int(m.group(1))
     assert rows[p] <= 2**20 and rows[p - 1] > 2**20, rows  # smallest: the next smaller side was evaluated
-    assert rows[1] > rows[2] > rows[4] >= rows[8], rows  # per-rank peak falls with the mesh
+    sides = sorted(rows)
+    assert len(sides) >= 3 and all(rows[a] > rows[b] for a, b in zip(sides, sides[1:])), rows  # falls with p
 
 
 def test_estimate_table_only_bf16_train():

@@ -24,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+import autocp
 from autocp import LayoutError, Pair2D, init_mesh
 from autocp.comm import count_comm
 from autocp.mesh import SquareMesh
@@ -166,12 +167,17 @@ def parity_worker(rank, world, cases):
                 case[f"chunks{chunks}_err"] = max(_max_err(outk, out), _max_err(zk.grad, zg.grad))
                 case[f"chunks{chunks}_bytes"] = dict(ck.bytes)
 
-        # --- eval, fp32, no_grad
+        # --- eval, fp32, no_grad (the channel-group path; forced into 3 groups / row chunks
+        # here, small tiles run as one chunk by default)
         op.eval()
         with torch.no_grad(), count_comm() as ce:
             out_e = op(zt, mt, n_tokens=n)
         case["eval_err"] = _max_err(out_e, lay.shard(cs["out_eval"], mesh))
         case["eval_bytes"] = dict(ce.bytes)
+        with torch.no_grad(), count_comm() as cg, autocp.chunking(1 / 3, min_bytes=0):
+            out_g = op(zt, mt, n_tokens=n)
+        case["eval_err"] = max(case["eval_err"], _max_err(out_g, lay.shard(cs["out_eval"], mesh)))
+        case["grouped_bytes"] = dict(cg.bytes)
         op.train()
 
         # --- train, bf16 autocast, forward + dL/dz (vs the fp32 reference)
@@ -327,6 +333,7 @@ def test_comm_bytes_match_formula(p):
             assert case["fwd_bytes"] == {COMM_NAME: fwd}, (p, r, c, case["direction"])
             assert case["bwd_bytes"] == {COMM_NAME: bwd}, (p, r, c, case["direction"])
             assert case["eval_bytes"] == {COMM_NAME: fwd}
+            assert case["grouped_bytes"] == {COMM_NAME: fwd}  # channel groups: same bytes, more messages
             if "chunks3_bytes" in case:  # grouping the ring changes messages, not bytes
                 assert case["chunks1_bytes"] == case["chunks3_bytes"] == {COMM_NAME: fwd + bwd}
     # the formula itself: ~2p tiles forward, ~4p backward, per rank

@@ -38,7 +38,19 @@ def parity_worker(rank, world, name, n):
     gerr = max(float((p.grad - rg[k]).abs().max()) / max(float(rg[k].abs().max()), 1e-2 * big)
                for k, p in model.named_parameters())
     notes = [(nt.what, nt.detail, nt.pair) for nt in prog.notes]
-    return {"oerr": oerr, "gerr": gerr, "notes": notes, "moved": float(ref[0].abs().max())}
+    # inference with the storage passes (in-place reuse of dead fresh tiles): same outputs,
+    # the caller's inputs untouched
+    from autocp.passes.storage import apply_storage_passes
+
+    prog2, _ = compile_tile_program(model, inputs, tags, n=n, p=mesh.p)
+    counts = apply_storage_passes(prog2, [getattr(e, "kind", None) == "module" for e in prog2.op_keys])
+    ins = [x.clone() for x in inputs]
+    with torch.no_grad():
+        outs2 = run_tile_program(prog2, mesh, ins, tags, n)
+    nerr = max(float((a - b.detach()).abs().max() / (b.detach().abs().max() + 1e-12)) for a, b in zip(outs2, ref))
+    ierr = max(float((a - b).abs().max()) for a, b in zip(ins, inputs))
+    return {"oerr": oerr, "gerr": gerr, "notes": notes, "moved": float(ref[0].abs().max()),
+            "nograd_err": nerr, "input_changed": ierr, "inplace": counts["inplace"]}
 
 
 def strict_worker(rank, world):

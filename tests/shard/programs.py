@@ -101,6 +101,26 @@ def redraw(m, seed=0):
     return m
 
 
+class ResidualAliasHazard(nn.Module):
+    """Residual updates where writing in place would be wrong: ``a`` is still read later
+    through a transposed *view*; the input ``z`` belongs to the caller; ``b`` and ``c`` are
+    dead fresh tiles (the in-place storage pass may reuse them)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+        self.gate = nn.Linear(c, c)
+
+    def forward(self, z, mask):
+        a = self.lin(z)
+        t = a.transpose(1, 2)  # a view of a, read at the end
+        b = a + z  # a must not be overwritten here
+        d = (torch.rand(z.shape[0], z.shape[1], 1, 1) >= 0.0) * 1.0  # Boltz's fp32 dropout mask
+        c = b + d * self.gate(b)  # dead fresh operands
+        c = c * mask[:, :, None, None]
+        return c + t
+
+
 def cases(n):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1, n, n, 8, generator=g)
@@ -117,6 +137,7 @@ def cases(n):
         "trimul_einsum": (TriMulEinsum(), (z, pm), [P, (None, "r", "c")]),
         "trimul_matmul_sdpa": (TriMulMatmul(), (z, mask), [P, (None, "r")]),
         "token_attention": (TokenAttention(), (s8, z6, mask), [R, P, (None, "r")]),
+        "residual_alias_hazard": (ResidualAliasHazard(), (z, mask), [P, (None, "r")]),
     }
 
 

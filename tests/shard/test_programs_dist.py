@@ -21,11 +21,14 @@ NO_PAIR_GATHER = {"pair_mask_glue", "outer_sum_relpos", "token_attention"}
 @pytest.mark.parametrize("world", [1, 4, 9])
 def test_tile_programs_match_single_device(world):
     res = run_distributed(all_cases_worker, world, 7, timeout=400)
+    assert sum(c["inplace"] for c in res[0].values()) > 0  # the in-place pass rewrote something
     for rank, r in enumerate(res):
         for name, c in r.items():
             assert c["moved"] > 1e-2, name
             assert c["oerr"] < 1e-5, (world, rank, name, c["oerr"])
             assert c["gerr"] < 1e-4, (world, rank, name, c["gerr"])
+            assert c["nograd_err"] < 1e-5, (world, rank, name, c["nograd_err"])  # in-place storage pass
+            assert c["input_changed"] == 0.0, (world, rank, name)
             if name in NO_PAIR_GATHER:
                 assert not any(pair for what, _, pair in c["notes"] if what == "gather"), (name, c["notes"])
 
