@@ -61,6 +61,9 @@ width ``D``, ``[x]`` = 1 if x else 0). See :func:`comm_bytes`.
   ``triattn.dkv = (p - 1 + [r' != 1 mod p]) S_dkv`` and
   ``triattn.dbias = (p - 1 + [(r', c') != (1 mod p, 1 mod p)]) S_db``.
 * ``p = 1``: nothing.
+* with ``g`` head groups in backward (large tiles; :func:`autocp.chunking`), the key mask
+  travels once per group: ``triattn.mask`` backward is ``g`` times the above (``S_m`` is
+  ``1 / (2 H D E)`` of ``S_kv``); every other volume is unchanged.
 
 Memory per rank: with ``recompute=True`` (the default) backward keeps the input tile
 ``z [B, b, b, C]``, the mask tile, the fp32 ring output ``[B, b, H, b, D]`` and its LSE
@@ -464,7 +467,7 @@ class TriangleAttention2D(nn.Module):
         del st["q"], st["tri"]  # (autograd keeps what backward needs)
         return self._finish(o, st)
 
-    def _forward_rows(self, z, mask, n: int) -> torch.Tensor:
+    def _forward_rows(self, z, mask, n: int, keep: bool = False):
         """Inference (no autograd), one chunk of query rows ``i`` at a time
         (:func:`autocp.ops.common.chunk_spans` of ``b``): rows are independent in triangle
         attention, so each chunk's LayerNorm, q/k/v/gate projections, K/V ring and output
@@ -472,7 +475,9 @@ class TriangleAttention2D(nn.Module):
         ``tri[T_c, T_t]`` of every key block (``[B, H, b, b]`` each, ``H / C`` of a tile) is
         ringed once and kept. Live at the peak: ``z``, the output tile, the ``p`` bias blocks
         and one row chunk's tensors. Communication: the same K/V and mask bytes (in more,
-        smaller messages) and the same bias bytes as the whole-tile ring."""
+        smaller messages) and the same bias bytes as the whole-tile ring. ``keep``: also
+        return the ring's fp32 output ``[B, b, H, b, D]``, its LSE and the fully-masked rows
+        (what :class:`_TriAttnRecompute` saves for backward), assembled chunk by chunk."""
         view = _MeshView(self.mesh, transposed=not self.starting)
         pair_valid = TileCtx(self.mesh, n).pair_valid(z.device)
         zt, mt = z, mask
@@ -500,15 +505,23 @@ class TriangleAttention2D(nn.Module):
             rc = self.row_chunk or row_chunk_for(B, r1 - r0, H, bj, bj, self.score_chunk_elems)
             box = [kv]
             del kv
-            o = _ring_forward(q, box, None, key_mask, view, n, rc, bias_blocks=blocks)[0]
+            o, l_c, m_c = _ring_forward(q, box, None, key_mask, view, n, rc, bias_blocks=blocks)
             del q, key_mask
+            if keep:
+                if r0 == 0:
+                    keep_o = torch.empty((B, bi, bj, H, o.shape[-1]), dtype=o.dtype, device=z.device).transpose(2, 3)
+                    keep_l = torch.empty((B, bi, H, bj), dtype=l_c.dtype, device=z.device)
+                    keep_m = torch.empty((B, bi), dtype=m_c.dtype, device=z.device)
+                keep_o[:, r0:r1], keep_l[:, r0:r1], keep_m[:, r0:r1] = o, l_c, m_c
+            del l_c, m_c
             o = self._finish(o, {"x": x, "pair_valid": pair_valid[r0:r1]}, transpose=False)
             del x
             if out is None:
                 out = torch.empty((B, bi, bj, o.shape[-1]), dtype=o.dtype, device=z.device)
             out[:, r0:r1] = o
             del o
-        return out if self.starting else out.transpose(1, 2)
+        res = out if self.starting else out.transpose(1, 2)
+        return (res, keep_o, keep_l, keep_m) if keep else res
 
     def _project(self, z, mask, n: int) -> dict:
         """LayerNorm and projections of the (virtual) rank's tile: ``q`` (scaled), packed
@@ -567,11 +580,8 @@ class _TriAttnRecompute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, n, z, mask, *params):
-        with torch.no_grad():
-            st = op._project(z, mask, n)
-            out, lse, masked = _ring_forward(st["q"], [st.pop("kv")], st["tri"], st["key_mask"], st["view"], n, st["rc"])
-            del st["q"], st["tri"]
-            res = op._finish(out, st)
+        with torch.no_grad():  # the row-chunked inference path, keeping what backward needs
+            res, out, lse, masked = op._forward_rows(z, mask, n, keep=True)
         ctx.save_for_backward(z, mask, out, lse, masked)
         ctx.op, ctx.n = op, n
         dev = z.device.type
@@ -596,8 +606,16 @@ class _TriAttnRecompute(torch.autograd.Function):
                                                  (z_, mask, n, o_), strict=False)
         (do,) = torch.autograd.grad(res, [o_], dres, retain_graph=True)
         q, kv, tri = st["q"], st["kv"], st["tri"]
-        dq, dkv, dtri = _ring_backward(q.detach(), kv.detach(), tri.detach(), st["key_mask"], out, lse, masked,
-                                       st["view"], n, st["rc"], do)
+        # heads are independent: the backward ring runs one head group at a time, so its K/V
+        # buffers and fp32 gradient accumulators are head-group sized (same bytes sent)
+        dq, dkv, dtri = torch.empty_like(q), torch.empty_like(kv), torch.empty_like(tri)
+        H = q.shape[2]
+        for h0, h1 in chunk_spans(H, 8 * kv.numel() * kv.element_size()):
+            g = _ring_backward(q[:, :, h0:h1].detach(), kv[..., h0:h1, :].detach(), tri[:, h0:h1].detach(),
+                               st["key_mask"], out[:, :, h0:h1], lse[:, :, h0:h1], masked, st["view"], n, st["rc"],
+                               do[:, :, h0:h1])
+            dq[:, :, h0:h1], dkv[..., h0:h1, :], dtri[:, h0:h1] = g
+            del g
         del do
         wrt = ([z_] if z.requires_grad else []) + params
         grads = torch.autograd.grad([res, q, kv, tri], wrt, [dres, dq, dkv, dtri], allow_unused=True)

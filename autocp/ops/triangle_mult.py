@@ -296,7 +296,8 @@ class TriangleMultiplication2D(nn.Module):
     messages, more = less memory; the bytes sent are the same).
     """
 
-    def __init__(self, module: nn.Module, mesh=None, direction: Optional[str] = None, ring_chunks: int = 2):
+    def __init__(self, module: nn.Module, mesh=None, direction: Optional[str] = None, ring_chunks: int = 2,
+                 recompute: bool = True):
         super().__init__()
         found = _detect_direction(module)
         if direction is None:
@@ -324,6 +325,9 @@ class TriangleMultiplication2D(nn.Module):
         self.mesh = SquareMesh.from_any(mesh)
         share_submodules(self, module, _SUBMODULES)
         self.dim = self.p_in.in_features
+        # training: _TriMulGrouped keeps z, the mask and the contraction result and recomputes
+        # the rest group by group in backward; the compiler's recompute policy leaves it alone
+        self.recomputes_itself = bool(recompute)
 
     def extra_repr(self) -> str:
         return f"direction={self.direction!r}, dim={self.dim}, p={self.mesh.p}, ring_chunks={self.ring_chunks}"
@@ -343,6 +347,9 @@ class TriangleMultiplication2D(nn.Module):
         mask = check_pair_tile(z, mask, ctx, channels=self.dim, op=name)
         if not (torch.is_grad_enabled() and (z.requires_grad or any(q.requires_grad for q in self.parameters()))):
             return self._forward_grouped(z, mask, ctx)
+        if self.recomputes_itself:
+            params = [q for q in self.parameters() if q.requires_grad]
+            return _TriMulGrouped.apply(self, ctx, z, mask, *params)
 
         # tile-local: exactly Boltz's use_kernels=False path
         x = self.norm_in(z)
@@ -362,7 +369,7 @@ class TriangleMultiplication2D(nn.Module):
             x = x * ctx.pair_valid(x.device).unsqueeze(-1).to(x.dtype)
         return x
 
-    def _forward_grouped(self, z: torch.Tensor, mask: torch.Tensor, ctx: TileCtx) -> torch.Tensor:
+    def _forward_grouped(self, z: torch.Tensor, mask: torch.Tensor, ctx: TileCtx, keep_store: bool = False):
         """Inference (no autograd): Boltz's formula one **channel group** at a time.
 
         Per group of ``G`` hidden channels (:func:`autocp.ops.common.chunk_spans` of ``C``):
@@ -387,13 +394,7 @@ class TriangleMultiplication2D(nn.Module):
         # autocast dtype anyway): store it, and the contraction result, in that dtype
         low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
         tile = z.numel() * z.element_size()
-        x_in = None
-        for r0, r1 in chunk_spans(b, tile):
-            xr = self.norm_in(z[:, r0:r1])
-            if x_in is None:
-                x_in = torch.empty(z.shape, dtype=low or xr.dtype, device=z.device)
-            x_in[:, r0:r1] = xr
-            del xr
+        x_in = self._norm_in_chunks(z, low)
         maskf = mask.unsqueeze(-1).to(x_in.dtype)
         wp, bp = self.p_in.weight, self.p_in.bias
         wg, bg = self.g_in.weight, self.g_in.bias
@@ -447,4 +448,149 @@ class TriangleMultiplication2D(nn.Module):
                 out = torch.empty(z.shape[:-1] + y.shape[-1:], dtype=y.dtype, device=z.device)
             out[:, r0:r1] = y
             del y
+        return (out, store) if keep_store else out
+
+    def _norm_in_chunks(self, z, low):
+        """``norm_in(z)`` computed per row chunk into one buffer (``low``: its dtype)."""
+        x = None
+        for r0, r1 in chunk_spans(z.shape[1], z.numel() * z.element_size()):
+            xr = self.norm_in(z[:, r0:r1])
+            if x is None:
+                x = torch.empty(z.shape, dtype=low or xr.dtype, device=z.device)
+            x[:, r0:r1] = xr
+            del xr
+        return x
+
+    def _backward_grouped(self, z, mask, store, dout, ctx: TileCtx, need_dz: bool):
+        """Backward of :meth:`_forward_grouped` (see :class:`_TriMulGrouped`): returns
+        ``(dz or None, {parameter name: grad})``."""
+        F = torch.nn.functional
+        mesh, p = self.mesh, self.mesh.p
+        C = self.dim
+        B, b = z.shape[0], z.shape[1]
+        dev = z.device.type
+        low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        own = dict(self.named_parameters())
+        al = {k: q.detach().requires_grad_(q.requires_grad) for k, q in own.items()}
+        grads = {}
+
+        def take(names, gs):
+            for k, g in zip(names, gs):
+                if g is not None:
+                    grads[k] = g if k not in grads else grads[k] + g
+
+        def live(*names):
+            return [k for k in names if k in al and al[k].requires_grad]
+
+        tile = z.numel() * z.element_size()
+        with torch.no_grad():
+            x = self._norm_in_chunks(z, low)
+        dx = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
+        d_res = torch.empty((B, C, b, b), dtype=torch.float32, device=z.device)
+        valid = ctx.pair_valid(z.device) if ctx.n != ctx.b * p else None
+        ln = self.norm_out
+        names_a = live("norm_out.weight", "norm_out.bias", "p_out.weight", "p_out.bias", "g_out.weight", "g_out.bias")
+        # (A) output stage, per row chunk: d(contraction result) and the gate's d(norm_in(z))
+        for r0, r1 in chunk_spans(b, tile):
+            with torch.enable_grad():
+                rc = store[:, :, r0:r1].permute(0, 2, 3, 1).float().requires_grad_()
+                xc = x[:, r0:r1].detach().requires_grad_()
+                y = F.layer_norm(rc, (C,), al.get("norm_out.weight"), al.get("norm_out.bias"), ln.eps)
+                y = F.linear(y.to(al["p_out.weight"].dtype), al["p_out.weight"], al.get("p_out.bias"))
+                y = y * F.linear(xc, al["g_out.weight"], al.get("g_out.bias")).sigmoid()
+                if valid is not None:
+                    y = y * valid[r0:r1].unsqueeze(-1).to(y.dtype)
+                gs = torch.autograd.grad(y, [rc, xc] + [al[k] for k in names_a], dout[:, r0:r1].to(y.dtype),
+                                         allow_unused=True)
+            d_res[:, :, r0:r1] = gs[0].permute(0, 3, 1, 2)
+            if gs[1] is not None:
+                dx[:, r0:r1] += gs[1]
+            take(names_a, gs[2:])
+            del rc, xc, y, gs
+        # (B) per channel group: recompute the gated projections, ring the two operand
+        # gradients (the forward's backward Cannon products), backprop into norm_in(z) / p_in / g_in
+        plan = _PLAN[self.direction]
+        maskf = mask.unsqueeze(-1).to(x.dtype)
+        names_b = live("p_in.weight", "p_in.bias", "g_in.weight", "g_in.bias")
+        groups = chunk_spans(C, 4 * tile)
+        k = self.ring_chunks if len(groups) == 1 else 1
+        for g0, g1 in groups:
+            idx = torch.cat([torch.arange(g0, g1), torch.arange(C + g0, C + g1)]).to(z.device)
+            with torch.enable_grad():
+                xl = x.detach().requires_grad_()
+                bp, bg = al.get("p_in.bias"), al.get("g_in.bias")
+                pg = F.linear(xl, al["p_in.weight"][idx], None if bp is None else bp[idx])
+                pg = pg * F.linear(xl, al["g_in.weight"][idx], None if bg is None else bg[idx]).sigmoid()
+                ab = (pg * maskf).float().permute(0, 3, 1, 2)
+                a_, b_ = ab[:, : g1 - g0], ab[:, g1 - g0:]
+            with torch.no_grad(), torch.autocast(dev, enabled=False):
+                ac, bc = a_.detach().contiguous(), b_.detach().contiguous()
+                gg = d_res[:, g0:g1].contiguous()
+                if self.direction == "outgoing":
+                    da = _cannon(gg, bc, mesh, *plan["da"], chunks=k)  # dA = G B
+                    db = _cannon(gg, ac, mesh, *plan["db"], chunks=k)  # dB = G^T A
+                else:
+                    da = _cannon(bc, gg, mesh, *plan["da"], chunks=k)  # dA = B G^T
+                    db = _cannon(ac, gg, mesh, *plan["db"], chunks=k)  # dB = A G
+                del ac, bc, gg
+            gs = torch.autograd.grad([a_, b_], [xl] + [al[k_] for k_ in names_b], [da, db], allow_unused=True)
+            if gs[0] is not None:
+                dx += gs[0]
+            take(names_b, gs[1:])
+            del xl, pg, ab, a_, b_, da, db, gs
+        del d_res, x
+        # (C) norm_in, per row chunk
+        names_c = live("norm_in.weight", "norm_in.bias")
+        dz = torch.empty_like(z) if need_dz else None
+        for r0, r1 in chunk_spans(b, tile):
+            with torch.enable_grad():
+                zc = z[:, r0:r1].detach().requires_grad_(need_dz)
+                xc = F.layer_norm(zc, (C,), al.get("norm_in.weight"), al.get("norm_in.bias"), self.norm_in.eps)
+                wrt = ([zc] if need_dz else []) + [al[k_] for k_ in names_c]
+                if not wrt:
+                    break
+                gs = torch.autograd.grad(xc, wrt, dx[:, r0:r1].to(xc.dtype), allow_unused=True)
+            if need_dz:
+                dz[:, r0:r1] = gs[0]
+                gs = gs[1:]
+            take(names_c, gs)
+        return dz, grads
+
+
+class _TriMulGrouped(torch.autograd.Function):
+    """Training path of :class:`TriangleMultiplication2D` (``recompute=True``, default).
+
+    Forward: the channel-group algorithm of ``_forward_grouped`` without autograd. Saved:
+    the input tile ``z``, the mask tile and the contraction result (``[B, C, b, b]`` in z's
+    dtype; the autocast dtype under autocast) -- not Boltz's ~10 whole-tile intermediates.
+    Backward, all in chunks: (A) per row chunk the output stage is recomputed and
+    differentiated (``norm_out`` from the stored result, ``p_out``, the gate from
+    ``norm_in(z)``) -> the contraction result's gradient ``G`` (fp32) and part of
+    ``d norm_in(z)``; (B) per channel group the gated projections are recomputed and the
+    two operand gradients are the usual backward Cannon products (same bytes as the
+    whole-tile backward), backpropagated into ``norm_in(z)``, ``p_in``, ``g_in``; (C) per
+    row chunk ``norm_in``'s backward gives ``dz``. Parameter gradients are returned by
+    this Function (hooks on the real parameters fire once). The forward's rings are not
+    replayed."""
+
+    @staticmethod
+    def forward(ctx, op, tctx, z, mask, *params):
+        with torch.no_grad():
+            out, store = op._forward_grouped(z, mask, tctx, keep_store=True)
+        ctx.save_for_backward(z, mask, store)
+        ctx.op, ctx.tctx = op, tctx
+        dev = z.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        z, mask, store = ctx.saved_tensors
+        op = ctx.op
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            dz, grads = op._backward_grouped(z, mask, store, dout, ctx.tctx, ctx.needs_input_grad[2])
+        names = [k for k, q in op.named_parameters() if q.requires_grad]
+        own = dict(op.named_parameters())
+        gp = [grads[k].to(own[k].dtype) if k in grads else torch.zeros_like(own[k]) for k in names]
+        return (None, None, dz, None, *gp)

@@ -155,6 +155,19 @@ def parity_worker(rank, world, cases):
         case["bwd_bytes"] = dict(cb.bytes)
         m.zero_grad(set_to_none=True)
 
+        # --- train by channel groups / row chunks (forced: 3 pieces; small tiles run as one)
+        zq = zt.clone().requires_grad_(True)
+        with autocp.chunking(1 / 3, min_bytes=0), count_comm() as cq:
+            outq = op(zq, mt, n_tokens=n)
+            (outq * wt).sum().backward()
+        sync_grads(m, mesh)
+        case["grouped_train_err"] = max(
+            _max_err(outq, lay.shard(cs["out_ref"], mesh)) / case["scale"],
+            _max_err(zq.grad, lay.shard(cs["gz_ref"], mesh)) / _scale(cs["gz_ref"]),
+            max(_max_err(p_.grad, cs["gp_ref"][k_]) / _scale(cs["gp_ref"][k_]) for k_, p_ in m.named_parameters()))
+        case["grouped_train_bytes"] = dict(cq.bytes)
+        m.zero_grad(set_to_none=True)
+
         # --- ring_chunks (1 = whole tiles, 3 = uneven groups) give the same numbers
         if direction == "incoming" and n % mesh.p:
             for chunks in (1, 3):
@@ -334,6 +347,8 @@ def test_comm_bytes_match_formula(p):
             assert case["bwd_bytes"] == {COMM_NAME: bwd}, (p, r, c, case["direction"])
             assert case["eval_bytes"] == {COMM_NAME: fwd}
             assert case["grouped_bytes"] == {COMM_NAME: fwd}  # channel groups: same bytes, more messages
+            assert case["grouped_train_bytes"] == {COMM_NAME: fwd + bwd}
+            assert case["grouped_train_err"] < FP32_TOL, case["grouped_train_err"]
             if "chunks3_bytes" in case:  # grouping the ring changes messages, not bytes
                 assert case["chunks1_bytes"] == case["chunks3_bytes"] == {COMM_NAME: fwd + bwd}
     # the formula itself: ~2p tiles forward, ~4p backward, per rank
