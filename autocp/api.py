@@ -10,7 +10,6 @@ The pipeline (``autocp.passes``): trace -> analyze -> match -> rewrite -> emit.
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .mesh import SquareMesh
+from .passes.pipeline import compile_stages, n_seq_of, resolve_input_tags
 
 __all__ = ["parallelize", "explain", "estimate", "compile_stages"]
 
@@ -36,109 +36,6 @@ def _split_example(example_inputs):
         f"example_inputs: given {type(example_inputs).__name__}; required a tuple of positional inputs, a dict of "
         f"keyword inputs, or (args_tuple, kwargs_dict). Fix: example_inputs=(s, z, mask, pair_mask)."
     )
-
-
-def _resolve_input_tags(model, args, kwargs, input_layouts):
-    from .passes.analyze import infer_input_layouts, tags_of_layout
-
-    leaves, _ = tree_flatten((args, kwargs))
-    tensors = [l for l in leaves if isinstance(l, torch.Tensor)]
-    tags, n = infer_input_layouts(tensors) if input_layouts is None else (None, None)
-    if input_layouts is None:
-        return tags, n
-    # explicit: {arg name: Layout} (names of model.forward's parameters) or a list per tensor
-    if isinstance(input_layouts, (list, tuple)):
-        lays = list(input_layouts)
-        if len(lays) != len(tensors):
-            raise ValueError(
-                f"input_layouts: given {len(lays)} layouts; required one per tensor input ({len(tensors)}). "
-                f"Fix: pass a list aligned with the tensors of example_inputs, or a dict by argument name."
-            )
-        pairs = list(zip(tensors, lays))
-    else:
-        sig = inspect.signature(model.forward)
-        bound = sig.bind(*args, **kwargs).arguments
-        unknown = set(input_layouts) - set(bound)
-        if unknown:
-            raise ValueError(
-                f"input_layouts: given names {sorted(unknown)} that are not arguments of "
-                f"{type(model).__name__}.forward{tuple(bound)}. Fix: use those argument names."
-            )
-        pairs = []
-        for name, val in bound.items():
-            for leaf in tree_flatten(val)[0]:
-                if isinstance(leaf, torch.Tensor):
-                    pairs.append((leaf, input_layouts.get(name)))
-    tags = []
-    n = None
-    for t, lay in pairs:
-        if lay is None:
-            tags.append(tuple([None] * t.dim()))
-            continue
-        tg = tags_of_layout(lay, t.dim())
-        tags.append(tg)
-        for d, x in enumerate(tg):
-            if x in ("r", "c"):
-                if n is not None and n != t.shape[d]:
-                    raise ValueError(f"input_layouts: token axes disagree on N ({n} vs {t.shape[d]}).")
-                n = int(t.shape[d])
-    if n is None:
-        raise ValueError("input_layouts: no input has a token axis (Pair2D/RowToken/ColToken/MsaTiles).")
-    return tags, n
-
-
-def _n_seq(tensors, tags):
-    for t, tg in zip(tensors, tags):
-        if tg and "s" in tg:
-            return int(t.shape[tg.index("s")])
-    return None
-
-
-def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, reuse_blocks=True):
-    """trace -> analyze -> match -> rewrite-plan; returns ``(capture, analysis, matches, plan)``."""
-    from .passes.analyze import analyze
-    from .passes.match import match
-    from .passes.rewrite import plan_rewrite
-    from .passes.trace import capture
-
-    def run(fallback, boundary=None):
-        cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=fallback)
-        if boundary:
-            from .passes.rewrite import fallback_out_tags
-
-            for e in cap.opaque.values():
-                if e.kind == "fallback":
-                    e.out_tags = fallback_out_tags(e.out_meta or [], boundary.get(e.path), n)
-        an = analyze(cap, input_tags, n)
-        mr = match(cap, an)
-        # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
-        # triangle multiplication), so downstream ops see them
-        an = analyze(cap, input_tags, n)
-        mr = match(cap, an)
-        return cap, an, mr
-
-    cap, an, mr = run(frozenset())
-    first_capture = [cap]
-    plan = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
-    if plan.fallback_paths and "" not in plan.fallback_paths:
-        first = mr
-        cap, an, mr = run(frozenset(plan.fallback_paths), plan.boundary)
-        plan2 = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n, reasons=plan.reasons)
-        # the structural matches inside the (now opaque) fallback modules, for the report
-        import dataclasses
-
-        first_cap = first_capture[0]
-        for m in first.matches:
-            if not m.rule.startswith("structural:"):
-                continue
-            blk = next((b for b in first_cap.blocks.values() if b.rep == m.graph), None) if m.graph else None
-            if blk is not None and m.path.startswith(blk.rep):
-                for inst in blk.paths:
-                    mr.matches.append(dataclasses.replace(m, path=inst + m.path[len(blk.rep):], graph=""))
-            else:
-                mr.matches.append(dataclasses.replace(m, graph=""))
-        plan = plan2
-    return cap, an, mr, plan
 
 
 def parallelize(
@@ -258,10 +155,10 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
     args, kwargs = _split_example(example_inputs)
     args, kwargs = guard.prepare_parallelize(model, sq, args, kwargs, broadcast_from=broadcast_from)  # autocp.guard
     work = guard.private_tree(model)  # ops are built on a private tree: the caller's modules are never mutated
-    input_tags, n = _resolve_input_tags(model, args, kwargs, input_layouts)
+    input_tags, n = resolve_input_tags(model, args, kwargs, input_layouts)
     sq.check_tokens(n, "N (token length of example_inputs)")
     tensors = [l for l in tree_flatten((args, kwargs))[0] if isinstance(l, torch.Tensor)]
-    n_seq = _n_seq(tensors, input_tags)
+    n_seq = n_seq_of(tensors, input_tags)
     root = _root_op(work, sq, input_tags, n, tensors)
     if root is not None:
         return guard.attach(root, model, sq, args, kwargs, check_inputs=check_inputs)
@@ -355,7 +252,7 @@ def _root_op(model, sq, input_tags, n, tensors):
                               out_tags=list(out_tags), op_name=getattr(rule.op_factory, "__qualname__", ""))
     report = build_root_report(model, rule, plan, sq, n, tensors)
     return ParallelModule(model, op, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n,
-                          n_seq=_n_seq(tensors, input_tags), report=report, plan=plan)
+                          n_seq=n_seq_of(tensors, input_tags), report=report, plan=plan)
 
 
 def explain(pm, **kw) -> str:

@@ -536,8 +536,9 @@ def estimate_cmd(args) -> int:
     model.train(args.train)
     n = args.tokens
     what = "forward+backward (one training step)" if args.train else "forward (inference)"
-    print(f"autocp estimate: {desc}\nN={n:,} tokens, {args.dtype}, {what}; FakeTensor runs of the tile program of rank (0,1), "
-          f"nothing allocated", flush=True)
+    low = dtype != torch.float32
+    print(f"autocp estimate: {desc}\nN={n:,} tokens, {args.dtype}{' (autocast, pair tensors stored in ' + args.dtype + ')' if low else ''}, "
+          f"{what}; FakeTensor runs of the tile program of rank (0,1), nothing allocated", flush=True)
     cap = args.device_memory
     if cap is not None:
         print(f"device memory: {_fmt_bytes(cap)}", flush=True)
@@ -547,7 +548,8 @@ def estimate_cmd(args) -> int:
         if p not in cache:
             t = time.time()
             e = autocp.estimate(model, n_tokens=n, mesh_shape=(p, p), dtype=dtype, backward=args.train,
-                                make_inputs=lambda k: make(k, meta=True, dtype=dtype))
+                                make_inputs=lambda k: make(k, meta=True, dtype=dtype),
+                                pair_dtype=dtype if low else None)
             cache[p] = e.peak_bytes
             print(f"  ... {p}x{p}: {_fmt_bytes(e.peak_bytes)} per rank ({time.time() - t:.1f} s)", flush=True)
         return cache[p]

@@ -22,7 +22,7 @@ def main():
     args = ap.parse_args()
     from boltz.model.layers.pairformer import PairformerModule
 
-    from autocp.api import _resolve_input_tags, compile_stages
+    from autocp.passes.pipeline import compile_stages, resolve_input_tags
     from autocp.mesh import SquareMesh
 
     t0 = time.perf_counter()
@@ -31,7 +31,7 @@ def main():
     n = args.n
     inputs = (torch.randn(1, n, 384), torch.randn(1, n, n, 128), torch.ones(1, n), torch.ones(1, n, n))
     t0 = time.perf_counter()
-    tags, nn_ = _resolve_input_tags(model, inputs, {}, None)
+    tags, nn_ = resolve_input_tags(model, inputs, {}, None)
     cap, an, mr, plan = compile_stages(model, inputs, {}, tags, nn_, SquareMesh.single())
     t_compile = time.perf_counter() - t0
     res = {

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .pipeline import compile_stages, n_seq_of, resolve_input_tags
 from .tags import map_tagged
 
 __all__ = ["Estimate", "estimate", "default_inputs"]
@@ -261,7 +262,7 @@ def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, in
     b = -(-n // p)
     # an off-diagonal rank when there is one: its transposes and skews really move tiles
     sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
-    n_seq = _n_seq_of(inputs, input_tags)
+    n_seq = n_seq_of([t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)], input_tags)
     repl = {}
     for path, act in plan_actions.items():
         mod = model.get_submodule(path)
@@ -348,7 +349,7 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
 
     tracker = _Tracker()
     sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
-    n_seq = _n_seq_of(inputs, input_tags)
+    n_seq = n_seq_of([t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)], input_tags)
     for act in plan.actions.values():
         act.in_tags = [canonical_tags(t) for t in act.in_tags]
         act.out_tags = [canonical_tags(t) for t in act.out_tags]
@@ -413,15 +414,6 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
     return tracker.peak + params_bytes, params_bytes, per_module
 
 
-def _n_seq_of(inputs, tags):
-    """Global MSA depth of the inputs (the dim tagged ``s``), or None."""
-    flat = [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)]
-    for t, tg in zip(flat, tags or ()):
-        if tg and "s" in tg:
-            return int(t.shape[tg.index("s")])
-    return None
-
-
 def estimate(
     model: nn.Module,
     n_tokens: int,
@@ -461,7 +453,6 @@ def estimate(
         raise ValueError(f"estimate: given emit={emit!r}; required 'graph' (default) or 'python'.")
     if backward is not None:
         training = bool(backward)
-    from ..api import _resolve_input_tags, compile_stages
     from ..mesh import MeshError, SquareMesh
 
     # argument validation (autocp.guard conventions: given / required / fix)
@@ -492,7 +483,7 @@ def estimate(
     small = tuple(torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t for t in small)
     small = tuple(torch.randn(t.shape) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dim() >= 3 else
                   (torch.ones(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t) for t in small)
-    tags, n_chk = _resolve_input_tags(model, small, {}, None)
+    tags, n_chk = resolve_input_tags(model, small, {}, None)
     cap, an, mr, plan = compile_stages(model, small, {}, tags, n_chk, SquareMesh.single(), strict=False)
     low = dtype in (torch.bfloat16, torch.float16)
     autocast = low if autocast is None else (bool(autocast) and low)

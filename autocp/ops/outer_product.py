@@ -95,6 +95,8 @@ class OuterProductMean2D(nn.Module):
         a = comm.transpose_exchange(a, mesh)          # a[S_c, T_r]
         a = comm.ring_shift(a, mesh, ROW, r)          # a[S_{r+c}, T_r]
         bb = comm.ring_shift(bb, mesh, COL, c)        # b[S_{r+c}, T_c]
+        if not (torch.is_grad_enabled() and (m.requires_grad or any(q.requires_grad for q in self.parameters()))):
+            return self._forward_rows(a, bb, m)
         acc = cnt = None
         for step in range(p):
             if step:
@@ -107,3 +109,45 @@ class OuterProductMean2D(nn.Module):
         B, b = acc.shape[0], acc.shape[1]
         z = acc.reshape(B, b, b, ch * ch) / cnt.clamp(min=1).unsqueeze(-1)
         return self.proj_o(z.to(m))
+
+    def _forward_rows(self, a, bb, m):
+        """Inference (no autograd): the ring's ``p`` MSA blocks of ``a`` and ``b`` are kept
+        (``[B, S, b, c_hidden + 1]`` in all, MSA-sized), then the output is built one chunk
+        of rows ``i`` at a time: ``sum_t a_t[:, :, i]^T b_t`` as ``[B, rows, b, c_hidden^2]``
+        fp32, normalised, projected by ``proj_o`` and written into the output tile -- the
+        whole-tile ``[B, b, b, c_hidden^2]`` fp32 accumulator (``c_hidden^2 / C`` times z's
+        size, 8x for Boltz-2) never exists. Same bytes sent as the training ring."""
+        from .common import chunk_fraction, chunk_spans
+
+        mesh, p, ch = self.mesh, self.mesh.p, self.c_hidden
+        blocks_a, blocks_b = [a], [bb]
+        for _ in range(1, p):
+            blocks_a.append(comm.ring_shift(blocks_a[-1], mesh, ROW, 1))
+            blocks_b.append(comm.ring_shift(blocks_b[-1], mesh, COL, 1))
+        del a, bb
+        B, b = m.shape[0], m.shape[2]
+        c_out = self.proj_o.out_features
+        out = None
+        acc_bytes = B * b * b * ch * ch * 4
+        out_bytes = B * b * b * c_out * m.element_size()
+        ratio = max(1.0, acc_bytes / max(1, out_bytes))
+        for r0, r1 in chunk_spans(b, acc_bytes, chunk_fraction() / ratio):
+            acc = cnt = None
+            for ta, tb in zip(blocks_a, blocks_b):
+                prod = torch.einsum("bsic,bsjd->bijcd", ta[:, :, r0:r1, :ch].float(), tb[..., :ch].float())
+                num = torch.einsum("bsi,bsj->bij", ta[:, :, r0:r1, ch].float(), tb[..., ch].float())
+                if acc is None:
+                    acc, cnt = prod, num
+                else:
+                    acc += prod
+                    cnt += num
+                del prod, num
+            z = acc.reshape(B, r1 - r0, b, ch * ch) / cnt.clamp(min=1).unsqueeze(-1)
+            del acc, cnt
+            y = self.proj_o(z.to(m))
+            del z
+            if out is None:
+                out = torch.empty((B, b, b, y.shape[-1]), dtype=y.dtype, device=y.device)
+            out[:, r0:r1] = y
+            del y
+        return out

@@ -509,7 +509,11 @@ class TriangleAttention2D(nn.Module):
             del q, key_mask
             if keep:
                 if r0 == 0:
-                    keep_o = torch.empty((B, bi, bj, H, o.shape[-1]), dtype=o.dtype, device=z.device).transpose(2, 3)
+                    # under autocast kept in the autocast dtype (as flash attention keeps O): the
+                    # backward only forms delta = sum(dO * O) and the gated projection from it
+                    dev = z.device.type
+                    odt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else o.dtype
+                    keep_o = torch.empty((B, bi, bj, H, o.shape[-1]), dtype=odt, device=z.device).transpose(2, 3)
                     keep_l = torch.empty((B, bi, H, bj), dtype=l_c.dtype, device=z.device)
                     keep_m = torch.empty((B, bi), dtype=m_c.dtype, device=z.device)
                 keep_o[:, r0:r1], keep_l[:, r0:r1], keep_m[:, r0:r1] = o, l_c, m_c

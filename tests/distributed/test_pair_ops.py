@@ -86,6 +86,13 @@ def _compare(mesh, mod, ref_call, op_call, inputs, out_layout, dtype, seed, dep_
 
     both("out", tile_err(out_layout, out, out32, mesh, _sizes(out_layout, n, S)),
          rel_err(outbf, out32) if dtype != torch.float32 else 0.0)
+    # the inference path (no autograd: chunked formulations), forced into 3 chunks
+    import autocp
+
+    with torch.no_grad(), autocp.chunking(1 / 3, min_bytes=0):
+        out_ng = op_call[1](op, {k: (t.detach() if isinstance(t, torch.Tensor) else t) for k, t in tiles.items()}, n, S)
+    both("out_nograd", tile_err(out_layout, out_ng, out32, mesh, _sizes(out_layout, n, S)),
+         rel_err(outbf, out32) if dtype != torch.float32 else 0.0)
     for k, (v, lay, d) in inputs.items():
         if not d:
             continue
