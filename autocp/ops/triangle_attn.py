@@ -61,9 +61,10 @@ width ``D``, ``[x]`` = 1 if x else 0). See :func:`comm_bytes`.
   ``triattn.dkv = (p - 1 + [r' != 1 mod p]) S_dkv`` and
   ``triattn.dbias = (p - 1 + [(r', c') != (1 mod p, 1 mod p)]) S_db``.
 * ``p = 1``: nothing.
-* with ``g`` head groups in backward (large tiles; :func:`autocp.chunking`), the key mask
-  travels once per group: ``triattn.mask`` backward is ``g`` times the above (``S_m`` is
-  ``1 / (2 H D E)`` of ``S_kv``); every other volume is unchanged.
+* backward with ``k`` row chunks (large tiles; :func:`autocp.chunking`): the bias tile
+  and its gradient go round once per chunk, so ``triattn.bias`` and ``triattn.dbias`` of
+  the backward are ``k`` times the above (``S_b`` is ``1 / (2 D)`` of ``S_kv``); K/V,
+  mask and dK/dV travel chunk by chunk (the same bytes in ``k`` times the messages).
 
 Memory per rank: with ``recompute=True`` (the default) backward keeps the input tile
 ``z [B, b, b, C]``, the mask tile, the fp32 ring output ``[B, b, H, b, D]`` and its LSE
@@ -580,7 +581,15 @@ class _TriAttnRecompute(torch.autograd.Function):
     matmuls); the attention itself then runs once more, in :func:`_ring_backward` (as in
     the non-recomputing path). Compared with checkpointing the op (forward, replayed
     forward, backward), the replayed forward's score pass and its three rings are saved.
-    Autocast state of the forward is restored for the recomputation."""
+    Autocast state of the forward is restored for the recomputation. Backward, by chunks of
+    query rows (independent rows of the triangle): the chunk's LayerNorm, q / packed k,v and
+    gated output are replayed with autograd; the ring output's gradient comes from the gate
+    replay; the backward ring runs for the chunk's rows only (K/V and their gradient
+    accumulators travel chunk-sized; the small ``[B, H, b, b]`` bias tile and its fp32
+    gradient accumulator travel whole, once per chunk, and the bias gradients of all
+    chunks are summed); the replay is differentiated against ``(dres, dq, dkv)``; last, the
+    bias projection is replayed per chunk against the summed bias gradient. No whole-tile
+    q / k / v, autograd graph or ring buffer exists in backward."""
 
     @staticmethod
     def forward(ctx, op, n, z, mask, *params):
@@ -601,45 +610,102 @@ class _TriAttnRecompute(torch.autograd.Function):
         # parameters (autocp's gradient reducer, DDP) fire once, when autograd accumulates
         # what this backward returns -- not also inside it
         own = dict(op.named_parameters())
-        params = [own[k].detach().requires_grad_() for k in names]
+        al = {k: own[k].detach().requires_grad_() for k in names}
+        sub = {f"op.{k}": w for k, w in al.items()}
+        need_dz = z.requires_grad
         dev, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
-            z_ = z.detach().requires_grad_(z.requires_grad)
-            o_ = out.detach().requires_grad_()
-            res, st = torch.func.functional_call(_Replay(op), {f"op.{k}": w for k, w in zip(names, params)},
-                                                 (z_, mask, n, o_), strict=False)
-        (do,) = torch.autograd.grad(res, [o_], dres, retain_graph=True)
-        q, kv, tri = st["q"], st["kv"], st["tri"]
-        # heads are independent: the backward ring runs one head group at a time, so its K/V
-        # buffers and fp32 gradient accumulators are head-group sized (same bytes sent)
-        dq, dkv, dtri = torch.empty_like(q), torch.empty_like(kv), torch.empty_like(tri)
-        H = q.shape[2]
-        for h0, h1 in chunk_spans(H, 8 * kv.numel() * kv.element_size()):
-            g = _ring_backward(q[:, :, h0:h1].detach(), kv[..., h0:h1, :].detach(), tri[:, h0:h1].detach(),
-                               st["key_mask"], out[:, :, h0:h1], lse[:, :, h0:h1], masked, st["view"], n, st["rc"],
-                               do[:, :, h0:h1])
-            dq[:, :, h0:h1], dkv[..., h0:h1, :], dtri[:, h0:h1] = g
-            del g
-        del do
-        wrt = ([z_] if z.requires_grad else []) + params
-        grads = torch.autograd.grad([res, q, kv, tri], wrt, [dres, dq, dkv, dtri], allow_unused=True)
-        dz = grads[0] if z.requires_grad else None
-        gp = list(grads[1:] if z.requires_grad else grads)
-        gp = [torch.zeros_like(w) if g is None else g for g, w in zip(gp, params)]
+        replay = _ChunkReplay(op)
+        view = _MeshView(op.mesh, transposed=not op.starting)
+        pv = TileCtx(op.mesh, n).pair_valid(z.device)
+        zt, mt, dr = z, mask, dres
+        if not op.starting:  # the view's coordinates (see _project)
+            zt, mt, dr, pv = z.transpose(1, 2), mask.transpose(1, 2), dres.transpose(1, 2), pv.transpose(0, 1)
+        B, bi, bj = zt.shape[:3]
+        H = op.no_heads
+        spans = chunk_spans(bi, 4 * zt.numel() * zt.element_size())
+        grads = {}
+
+        def take(gs):
+            for k, g in zip(names, gs):
+                if g is not None:
+                    grads[k] = g if k not in grads else grads[k] + g
+
+        dz = torch.empty_like(z) if need_dz else None
+        dzt = (dz if op.starting else dz.transpose(1, 2)) if need_dz else None
+        wrt_p = list(al.values())
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            with torch.no_grad():  # the local bias tile (every query row uses all of it)
+                tri = None
+                for r0, r1 in spans:
+                    tc = op.linear(op.layer_norm(zt[:, r0:r1])).permute(0, 3, 1, 2)
+                    if tri is None:
+                        tri = torch.empty((B, H, bi, bj), dtype=tc.dtype, device=z.device)
+                    tri[:, :, r0:r1] = tc
+                    del tc
+            dtri = torch.zeros(tri.shape, dtype=torch.float32, device=z.device)
+            for r0, r1 in spans:
+                # (1) this row chunk replayed with autograd: LayerNorm, q / packed k,v, gated output
+                with torch.enable_grad():
+                    zc = zt[:, r0:r1].detach().requires_grad_(need_dz)
+                    oc = out[:, r0:r1].detach().requires_grad_()
+                    res, qc, kvc, _ = torch.func.functional_call(replay, sub, (zc, oc, pv[r0:r1], True), strict=False)
+                    (do,) = torch.autograd.grad(res, [oc], dr[:, r0:r1], retain_graph=True)
+                # (2) the backward ring of these query rows (K/V and dK/dV travel per chunk;
+                # the bias tile and its gradient accumulator travel whole, once per chunk)
+                with torch.no_grad():
+                    key_mask = (mt[:, r0:r1] > 0.5).to(torch.uint8).contiguous()
+                    rc = op.row_chunk or row_chunk_for(B, r1 - r0, H, bj, bj, op.score_chunk_elems)
+                    dq, dkv, dt = _ring_backward(qc.detach(), kvc.detach().contiguous(), tri, key_mask, out[:, r0:r1],
+                                                 lse[:, r0:r1], masked[:, r0:r1], view, n, rc, do)
+                    dtri += dt
+                    del do, key_mask, dt
+                # (3) differentiate the chunk's replay against (dres, dq, dkv)
+                wrt = ([zc] if need_dz else []) + wrt_p
+                gs = torch.autograd.grad([res, qc, kvc], wrt, [dr[:, r0:r1], dq, dkv], allow_unused=True)
+                if need_dz:
+                    dzt[:, r0:r1] = gs[0]
+                    gs = gs[1:]
+                take(gs)
+                del zc, oc, res, qc, kvc, dq, dkv, gs
+            del tri
+            # (4) the bias projection's backward, per row chunk (its rows are the tile's rows)
+            for r0, r1 in spans:
+                with torch.enable_grad():
+                    zc = zt[:, r0:r1].detach().requires_grad_(need_dz)
+                    tc = torch.func.functional_call(replay, sub, (zc, None, pv[r0:r1], "bias"), strict=False)[3]
+                    wrt = ([zc] if need_dz else []) + wrt_p
+                    gs = torch.autograd.grad([tc], wrt, [dtri[:, :, r0:r1].to(tc.dtype)], allow_unused=True)
+                if need_dz:
+                    dzt[:, r0:r1] += gs[0]
+                    gs = gs[1:]
+                take(gs)
+                del zc, tc, gs
+        gp = [grads[k] if k in grads else torch.zeros_like(own[k]) for k in names]
         return (None, None, dz, None, *gp)
 
 
-class _Replay(nn.Module):
-    """``_TriAttnRecompute``'s recomputation as a module call (so ``functional_call`` can
-    substitute the parameters): projections of ``z`` and the output from the saved ``o``."""
+class _ChunkReplay(nn.Module):
+    """One row chunk of the op replayed as a module call (so ``functional_call`` can
+    substitute the parameters): ``forward(z_rows, o_rows, pair_valid_rows, project)`` ->
+    ``(gated output of o_rows or None, q, packed kv, bias rows)`` in the (virtual) rank's
+    coordinates (``z_rows`` already transposed for the ending node)."""
 
     def __init__(self, op: "TriangleAttention2D"):
         super().__init__()
         self.op = op
 
-    def forward(self, z, mask, n, o):
-        st = self.op._project(z, mask, n)
-        return self.op._finish(o, st), st
+    def forward(self, z, o, pair_valid, project):
+        op, mha = self.op, self.op.mha
+        x = op.layer_norm(z)
+        if project == "bias":
+            return None, None, None, op.linear(x).permute(0, 3, 1, 2)
+        res = op._finish(o, {"x": x, "pair_valid": pair_valid}, transpose=False) if o is not None else None
+        if not project:
+            return res, None, None, None
+        B, rows, bj = x.shape[:3]
+        q = op._heads(mha.linear_q(x)) / math.sqrt(op.c_hidden)
+        kv = torch.stack([mha.linear_k(x), mha.linear_v(x)], dim=3).view(B, rows, bj, 2, op.no_heads, -1)
+        return res, q, kv, None
 
 
 # ----------------------------------------------------------------------------- comm volume

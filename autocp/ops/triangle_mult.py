@@ -486,7 +486,8 @@ class TriangleMultiplication2D(nn.Module):
         with torch.no_grad():
             x = self._norm_in_chunks(z, low)
         dx = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
-        d_res = torch.empty((B, C, b, b), dtype=torch.float32, device=z.device)
+        # the contraction result's gradient (in the autocast dtype under autocast, like the result)
+        d_res = torch.empty((B, C, b, b), dtype=low or torch.float32, device=z.device)
         valid = ctx.pair_valid(z.device) if ctx.n != ctx.b * p else None
         ln = self.norm_out
         names_a = live("norm_out.weight", "norm_out.bias", "p_out.weight", "p_out.bias", "g_out.weight", "g_out.bias")
@@ -508,36 +509,56 @@ class TriangleMultiplication2D(nn.Module):
             take(names_a, gs[2:])
             del rc, xc, y, gs
         # (B) per channel group: recompute the gated projections, ring the two operand
-        # gradients (the forward's backward Cannon products), backprop into norm_in(z) / p_in / g_in
+        # gradients (the forward's backward Cannon products), backprop into norm_in(z) / p_in /
+        # g_in by hand (addmm into dx; no whole-tile autograd temporaries)
         plan = _PLAN[self.direction]
         maskf = mask.unsqueeze(-1).to(x.dtype)
         names_b = live("p_in.weight", "p_in.bias", "g_in.weight", "g_in.bias")
         groups = chunk_spans(C, 4 * tile)
         k = self.ring_chunks if len(groups) == 1 else 1
+        wp, wg = own["p_in.weight"].detach(), own["g_in.weight"].detach()
+        bp = own["p_in.bias"].detach() if "p_in.bias" in own else None
+        bg = own["g_in.bias"].detach() if "g_in.bias" in own else None
+        full = {k_: torch.zeros_like(own[k_], dtype=torch.float32) for k_ in names_b}
         for g0, g1 in groups:
+            G = g1 - g0
             idx = torch.cat([torch.arange(g0, g1), torch.arange(C + g0, C + g1)]).to(z.device)
-            with torch.enable_grad():
-                xl = x.detach().requires_grad_()
-                bp, bg = al.get("p_in.bias"), al.get("g_in.bias")
-                pg = F.linear(xl, al["p_in.weight"][idx], None if bp is None else bp[idx])
-                pg = pg * F.linear(xl, al["g_in.weight"][idx], None if bg is None else bg[idx]).sigmoid()
-                ab = (pg * maskf).float().permute(0, 3, 1, 2)
-                a_, b_ = ab[:, : g1 - g0], ab[:, g1 - g0:]
-            with torch.no_grad(), torch.autocast(dev, enabled=False):
-                ac, bc = a_.detach().contiguous(), b_.detach().contiguous()
-                gg = d_res[:, g0:g1].contiguous()
-                if self.direction == "outgoing":
-                    da = _cannon(gg, bc, mesh, *plan["da"], chunks=k)  # dA = G B
-                    db = _cannon(gg, ac, mesh, *plan["db"], chunks=k)  # dB = G^T A
-                else:
-                    da = _cannon(bc, gg, mesh, *plan["da"], chunks=k)  # dA = B G^T
-                    db = _cannon(ac, gg, mesh, *plan["db"], chunks=k)  # dB = A G
-                del ac, bc, gg
-            gs = torch.autograd.grad([a_, b_], [xl] + [al[k_] for k_ in names_b], [da, db], allow_unused=True)
-            if gs[0] is not None:
-                dx += gs[0]
-            take(names_b, gs[1:])
-            del xl, pg, ab, a_, b_, da, db, gs
+            with torch.no_grad():
+                # the group's gated projection, as in the forward (h = P * sigmoid(Q) * mask)
+                pr = F.linear(x, wp[idx], None if bp is None else bp[idx])
+                sg = F.linear(x, wg[idx], None if bg is None else bg[idx]).sigmoid()
+                ab = (pr * sg * maskf).float().permute(0, 3, 1, 2)
+                ac, bc = ab[:, :G].contiguous(), ab[:, G:].contiguous()
+                del ab
+                with torch.autocast(dev, enabled=False):
+                    gg = d_res[:, g0:g1].float().contiguous()
+                    if self.direction == "outgoing":
+                        da = _cannon(gg, bc, mesh, *plan["da"], chunks=k)  # dA = G B
+                        db = _cannon(gg, ac, mesh, *plan["db"], chunks=k)  # dB = G^T A
+                    else:
+                        da = _cannon(bc, gg, mesh, *plan["da"], chunks=k)  # dA = B G^T
+                        db = _cannon(ac, gg, mesh, *plan["db"], chunks=k)  # dB = A G
+                    del ac, bc, gg
+                    # by hand (group-sized temporaries only): dh -> dP = dh m s, dQ = dh m P s (1 - s)
+                    dh = torch.cat([da, db], dim=1).permute(0, 2, 3, 1) * maskf.float()  # [B, b, b, 2G]
+                    del da, db
+                    sf = sg.float()
+                    dp = dh * sf
+                    dq = dh * pr.float() * sf * (1 - sf)
+                    del dh, sf, pr, sg
+                    dp2, dq2 = dp.reshape(-1, 2 * G), dq.reshape(-1, 2 * G)
+                    dx.view(-1, C).addmm_(dp2, wp[idx].float()).addmm_(dq2, wg[idx].float())
+                x2 = x.reshape(-1, C)
+                if "p_in.weight" in full:
+                    full["p_in.weight"][idx] += (dp2.to(x.dtype).t() @ x2).float()
+                if "g_in.weight" in full:
+                    full["g_in.weight"][idx] += (dq2.to(x.dtype).t() @ x2).float()
+                if "p_in.bias" in full:
+                    full["p_in.bias"][idx] += dp2.sum(0)
+                if "g_in.bias" in full:
+                    full["g_in.bias"][idx] += dq2.sum(0)
+                del dp, dq, dp2, dq2, x2
+        take(list(full), list(full.values()))
         del d_res, x
         # (C) norm_in, per row chunk
         names_c = live("norm_in.weight", "norm_in.bias")

@@ -118,8 +118,8 @@ def run_case(mesh: SquareMesh, case: dict) -> dict:
     zt = lay.shard(z, mesh).to(dtype).clone().requires_grad_(True)
     import autocp
 
-    # "chunks": row chunks (forward) and head groups (backward ring) forced to 3 / 2 pieces;
-    # tiles this small run as one chunk by default
+    # "chunks": query rows in 3 chunks (forward and backward); tiles this small run as one
+    # chunk by default
     knob = autocp.chunking(1 / 3, min_bytes=0) if case.get("chunks") else contextlib.nullcontext()
     with knob:
         with comm.count_comm() as st_f:
@@ -302,10 +302,13 @@ def test_comm_volume_matches_formula(p):
                 continue
             assert r["comm_fwd"] == r["formula_fwd"], _label(rr, r["case"])
             bwd, want = dict(r["comm_bwd"]), dict(r["formula_bwd"])
-            if r["case"].get("chunks") and "triattn.mask" in want:
-                # head groups in backward: the (uint8) key mask goes round once per group
-                groups = 2  # H = 2 heads at chunking(1/3)
-                assert bwd.pop("triattn.mask") == groups * want.pop("triattn.mask"), _label(rr, r["case"])
+            if r["case"].get("chunks") and p > 1:
+                # backward by 3 row chunks: K/V, mask and dK/dV travel chunk by chunk (same
+                # bytes); the bias tile and its gradient go round once per chunk
+                k = min(3, block_size(r["case"]["n"], p))
+                for name in ("triattn.bias", "triattn.dbias"):
+                    if name in want:
+                        assert bwd.pop(name) == k * want.pop(name), (name, _label(rr, r["case"]))
             assert bwd == want, _label(rr, r["case"])
             if p == 1:
                 assert r["comm_fwd"] == {} and r["comm_bwd"] == {}
