@@ -138,10 +138,11 @@ class GraphRunner:
 
     def _storage(self, prog):
         """Pair storage dtype + in-place reuse (autocp.passes.storage) on one tile program."""
-        trusted = []
+        trusted = []  # registered distributed ops: never return or keep an alias of an input
         for e in prog.op_keys:
             act = self.plan.actions.get(e.path)
-            trusted.append(e.kind != "block" and act is not None and act.action == "op")
+            trusted.append(e.kind == "module" and act is not None and act.action == "op"
+                           and getattr(act, "builder", None) is None)
         for k, v in apply_storage_passes(prog, trusted, self.pair_dtype).items():
             self.storage[k] += v
 

@@ -32,7 +32,7 @@ __all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "adopt
 #: attention / transition / pair-bias row chunks): the temporaries of one chunk are about
 #: this fraction of the op's tile-sized tensors. Smaller: less memory, more (smaller) GEMMs
 #: and messages; the results do not depend on it.
-DEFAULT_CHUNK_FRACTION = 0.125
+DEFAULT_CHUNK_FRACTION = 1 / 16
 #: ... but a chunk is never made smaller than this (bytes of the chunked tile-sized tensor
 #: per chunk): small tiles run as one chunk (fewer GEMMs and messages, nothing to save)
 DEFAULT_MIN_CHUNK_BYTES = 16 * 2**20
@@ -47,13 +47,13 @@ def chunk_fraction() -> float:
 @contextlib.contextmanager
 def chunking(fraction: float = DEFAULT_CHUNK_FRACTION, min_bytes: Optional[int] = None):
     """``with autocp.chunking(1 / 16): pm(...)`` -- run the chunked ops with chunks of about
-    ``fraction`` of a tile (default :data:`DEFAULT_CHUNK_FRACTION` = 1/8; ``1.0``: one
+    ``fraction`` of a tile (default :data:`DEFAULT_CHUNK_FRACTION` = 1/16; ``1.0``: one
     chunk, Boltz's own unchunked formulation), but none smaller than ``min_bytes`` of the
     chunked tile (default :data:`DEFAULT_MIN_CHUNK_BYTES` = 16 MiB; ``0``: always
     ``1 / fraction`` chunks)."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"chunking: given fraction={fraction!r}; required a number in (0, 1] (the share of a "
-                         f"tile one chunk may hold). Fix: autocp.chunking(1 / 8).")
+                         f"tile one chunk may hold). Fix: autocp.chunking(1 / 16).")
     if min_bytes is not None and (isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0):
         raise ValueError(f"chunking: given min_bytes={min_bytes!r}; required an int >= 0. Fix: min_bytes=0.")
     prev = list(_CHUNK)

@@ -38,7 +38,8 @@ def test_simulated_comm_allocates_and_counts():
 
 
 def test_chunking_knob():
-    assert chunk_spans(10) == [(0, 1), (1, 2), (2, 3), (3, 5), (5, 6), (6, 7), (7, 8), (8, 10)]
+    assert chunk_spans(10) == [(i, i + 1) for i in range(10)]  # default 1/16: at most 16 pieces
+    assert chunk_spans(40, fraction=1 / 8) == [(5 * i, 5 * i + 5) for i in range(8)]
     assert chunk_spans(10, nbytes=2**20) == [(0, 10)]  # a 1 MiB tensor: one chunk (min 16 MiB)
     assert len(chunk_spans(10, nbytes=40 * 2**20)) == 3
     with autocp.chunking(1 / 8, min_bytes=0):
