@@ -25,6 +25,7 @@ import os
 import time
 
 import torch
+from pairformer_setup import build_pairformer, pairformer_inputs
 
 MB = 1e6  # the figures are in MB = 10^6 bytes
 CFG = dict(token_s=64, token_z=32, num_blocks=2, num_heads=4, dropout=0.0, pairwise_head_width=32,
@@ -32,23 +33,11 @@ CFG = dict(token_s=64, token_z=32, num_blocks=2, num_heads=4, dropout=0.0, pairw
 
 
 def _build(seed=0):
-    from boltz.model.layers.pairformer import PairformerModule
-
-    torch.manual_seed(seed)
-    mod = PairformerModule(**CFG)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # non-zero output projections (AF3 init zeroes them)
-        for prm in mod.parameters():
-            prm.copy_(torch.randn(prm.shape, generator=g) * 0.05 + (1.0 if prm.dim() == 1 else 0.0))
-    return mod.train()
+    return build_pairformer(CFG, seed).train()
 
 
 def _inputs(n, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(1, n, CFG["token_s"], generator=g)
-    z = torch.randn(1, n, n, CFG["token_z"], generator=g)
-    mask = torch.ones(1, n)
-    return s, z, mask, mask[:, :, None] * mask[:, None, :]
+    return pairformer_inputs(CFG, n, seed)
 
 
 def _measure(fn_fwd, track):

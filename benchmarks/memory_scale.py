@@ -24,29 +24,18 @@ import os
 import time
 
 import torch
+from pairformer_setup import build_pairformer, pairformer_inputs
 
 GIB = 2**30
 CFG = dict(token_s=384, token_z=128, num_blocks=1, v2=True)
 
 
 def _build(seed=0):
-    from boltz.model.layers.pairformer import PairformerModule
-
-    torch.manual_seed(seed)
-    mod = PairformerModule(**CFG)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # non-zero output projections (Boltz zero-inits them)
-        for prm in mod.parameters():
-            prm.copy_(torch.randn(prm.shape, generator=g) * 0.05 + (1.0 if prm.dim() == 1 else 0.0))
-    return mod.eval()
+    return build_pairformer(CFG, seed).eval()
 
 
 def _inputs(n, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(1, n, CFG["token_s"], generator=g)
-    z = torch.randn(1, n, n, CFG["token_z"], generator=g)
-    mask = torch.ones(1, n)
-    return s, z, mask, mask[:, :, None] * mask[:, None, :]
+    return pairformer_inputs(CFG, n, seed)
 
 
 def measure_worker(rank, world, ns):
