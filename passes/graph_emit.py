@@ -106,6 +106,7 @@ class GraphRunner:
         self.model, self.cap, self.plan, self.repl = model, cap, plan, replacements
         self.n, self.n_seq, self.p, self.strict = n, n_seq, mesh.p, strict
         self.block_progs = {}
+        self.block_layout = {}  # block instance path -> key of its program in block_progs
         self.notes = []
         specs = _user_specs(cap.ep)
         tags_iter = iter(input_tags)
@@ -149,6 +150,7 @@ class GraphRunner:
     def _resolve(self, entry, in_tags):
         if entry.kind == "block":
             prog = self._block_prog(entry.group, in_tags)
+            self.block_layout[entry.path] = (entry.group, tuple(tuple(t) if t is not None else None for t in in_tags))
             return {"in_tags": list(in_tags), "out_tags": prog.out_tags, "prog": prog}
         path = entry.path
         act = self.plan.actions.get(path)
@@ -159,12 +161,12 @@ class GraphRunner:
 
     def _op_for(self, entry, inst_prefix_map):
         if entry.kind == "block":
-            in_tags = None
-            # find the program built for this instance's call (same group, its input tags)
-            progs = [p for (g, _), p in self.block_progs.items() if g == entry.group]
-            if len(progs) != 1:
-                raise RuntimeError(f"autocp graph emit: block group {entry.group} has {len(progs)} layouts")
-            prog = progs[0]
+            # the program built for this instance's call (its group and input layouts: the
+            # instances of a group may be called with different layouts, one program each)
+            key = self.block_layout.get(entry.path)
+            if key is None or key not in self.block_progs:
+                raise RuntimeError(f"autocp graph emit: no tile program for block {entry.path} ({entry.group})")
+            prog = self.block_progs[key]
             blk = self.cap.blocks[entry.group]
             inst = self.model.get_submodule(entry.path)
             consts = _consts(blk.ep, inst, prefix_strip="block.")

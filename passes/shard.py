@@ -49,6 +49,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import block_size
 from . import tile_ops as T
+from .structural import (StructuralRewriteError, attention_nodes, einsum_letters, fill_nodes, match_attention,
+                         tile_attention)
 
 __all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque"]
 
@@ -296,6 +298,8 @@ class _Sharder:
             new = self.g.placeholder(ph.name)
             const_nodes.append(new)
             self.set(ph, new, None)
+            ph.meta["autocp.param"] = True  # parameters / buffers: never a key mask (match_attention)
+        self._scan_attention()
         self.ops_ph = self.g.placeholder("autocp_ops")
         for ph, tg in zip(users, self.in_tags):
             new = self.g.placeholder(ph.name)
@@ -307,7 +311,11 @@ class _Sharder:
             if node.op == "placeholder":
                 continue
             self.cur = node
-            if node.op == "get_attr":
+            if node in self.deferred:  # part of an attention region: handled at its attn @ v node
+                continue
+            if node in self.attn_at:
+                self.attention(node)
+            elif node.op == "get_attr":
                 obj = getattr(self.src, node.target)
                 setattr(self.owner, node.target, obj)
                 new = self.g.get_attr(node.target)
@@ -326,6 +334,57 @@ class _Sharder:
         self.g.lint()
         gm = fx.GraphModule(self.owner, self.g)
         return TileProgram(gm, [], self.op_keys, self.out_tags, self.notes, len(self.g.nodes))
+
+    # ------------------------------------------------------------------ attention regions
+    def _scan_attention(self):
+        """``softmax(q.k + terms) @ v`` regions (by structure): their nodes are deferred to
+        the ``attn @ v`` node, where the layouts of q, k, v and the terms are known."""
+        self.deferred, self.attn_at = set(), {}
+        for nd in self.src.graph.nodes:
+            res = attention_nodes(nd) if nd.op == "call_function" else None
+            if res is None:
+                continue
+            covered, av = res
+            if av in self.attn_at or any(x in self.deferred or x in self.attn_at for x in (*covered, av)):
+                continue
+            self.deferred.update(covered)
+            self.attn_at[av] = (nd, covered)
+
+    def _match_layout(self, node):
+        t = self.tg(node)
+        if not isinstance(t, tuple):
+            return t
+        return tuple(x if x in (None, "r", "c") else "?" for x in t)
+
+    def attention(self, av):
+        """A triangle attention over a block-sharded key axis: the ring of
+        :func:`autocp.passes.structural.tile_attention` (keys over all N tokens, O(N^2/P)).
+        Any other region runs op by op through the rules."""
+        sm, covered = self.attn_at[av]
+        try:
+            sp, key = match_attention(sm, self._match_layout)
+        except StructuralRewriteError as e:
+            sp = None
+            self.note("attention-unmatched", str(e))
+        if sp is None:
+            for x in covered:
+                self.cur = x
+                self.call(x)
+            self.cur = av
+            self.call(av)
+            return
+        tq = dict(zip(sp.lq, self._match_layout(sp.q)))
+        def term(nd):  # whole token dims sliced to the required blocks; repeated rows narrowed
+            v = self.to_tags(nd, sp.term_tags.get(nd, self.tg(nd)))
+            if nd in sp.term_narrow:
+                v = self.emit(torch.narrow, v, sp.term_narrow[nd], 0, 1)
+            return v
+
+        out = self.emit(tile_attention, self.env[sp.q], self.env[sp.k], self.env[sp.v],
+                        [term(b) for b, _a, _m in sp.biases], [term(m) for _k, m, _a, _v in sp.masks], key,
+                        [self.full(f) for f in fill_nodes(sp)])
+        self.note("ring", f"triangle attention: {sp.detail}")
+        self.set(av, out, tuple(tq[sp.i] if l == sp.i else (tq[sp.j] if l == sp.j else None) for l in sp.lout))
 
     def call(self, node):
         tgt = node.target
@@ -795,6 +854,10 @@ def _cat(s, node):
             if i != dim_in or node.target == aten.stack.default:
                 if common[i] is None and t is not None:
                     common[i] = t
+    real = [a for a in tensors if s.gshape(a) != (0,)]
+    if node.target == aten.cat.default and len(real) == 1:  # one tensor (einops pack): a copy, tags kept
+        s.set(node, s.emit(torch.clone, s.env[real[0]]), s.tg(real[0]))
+        return
     if node.target == aten.cat.default:
         common[dim_in] = None
     common = s.fix_axes(common)
@@ -904,15 +967,42 @@ RULES[aten.argsort.stable] = _channel_only(2)
 RULES[aten.topk.default] = _channel_only(2)
 RULES[aten.flip.default] = _channel_only(1)
 RULES[aten.roll.default] = _channel_only(2)
-RULES[aten.var.correction] = _channel_only(1, 3)
-RULES[aten.var_mean.correction] = _channel_only(1, 3)
-RULES[aten.std.correction] = _channel_only(1, 3)
 RULES[aten.linalg_vector_norm.default] = _channel_only(2, 3)
 RULES[aten.max.dim] = _channel_only(1, 2)
 RULES[aten.min.dim] = _channel_only(1, 2)
 RULES[aten.argmax.default] = _channel_only(1, 2)
 RULES[aten.argmin.default] = _channel_only(1, 2)
 RULES[aten.logcumsumexp.default] = _channel_only(1)
+
+
+@rule(aten.var.correction, aten.var_mean.correction, aten.std.correction, aten.std_mean.correction,
+      aten.var.dim, aten.var_mean.dim, aten.std.dim, aten.std_mean.dim)
+def _var(s, node):
+    """var / std / var_mean: over whole dims tile-local; over block-sharded dims the global
+    mean and the sum of squared deviations are all-reduced (:func:`tile_ops.reduce_var`)."""
+    x = node.args[0]
+    shp, t = s.gshape(x), s.tg(x)
+    nd = len(shp)
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = _red_dims(d, nd)
+    name = node.target.overloadpacket.__name__  # var / std / var_mean / std_mean
+    if node.target.overloadpacket in (aten.var, aten.std, aten.var_mean, aten.std_mean) and \
+            node.target._overloadname == "dim":  # (self, dim, unbiased=True, keepdim=False)
+        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+        keep = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
+        corr = 1 if unbiased else 0
+    else:
+        keep = bool(node.kwargs.get("keepdim", False))
+        corr = node.kwargs.get("correction")
+        corr = 1 if corr is None else corr
+    tagged = [(i, t[i]) for i in dims if t[i] is not None]
+    if not tagged or any(isinstance(tt, tuple) for _, tt in tagged):
+        return _channel_only(1, 3)(s, node)
+    out = s.emit(T.reduce_var, s.env[x], dims, keep, tagged, corr, _numel([shp[i] for i in dims]), name)
+    ot = tuple(None if i in dims else v for i, v in enumerate(t)) if keep else \
+        tuple(v for i, v in enumerate(t) if i not in dims)
+    s.note("all-reduce", f"{name} over sharded dim(s) {[i for i, _ in tagged]}")
+    s.set(node, out, [ot, ot] if name.endswith("_mean") else ot)
 
 
 @rule(aten.glu.default)
@@ -1002,7 +1092,11 @@ def _letters_contract(s: _Sharder, node, operands, letters, out_letters, emit_fn
     """Generic contraction: ``operands`` (src nodes) with index letters; letters absent
     from ``out_letters`` are summed. Chooses one tag per letter, converts the operands,
     emits ``emit_fn(*local_operands)`` (wrapped in a partial sum + all-reduce when a summed
-    letter is sharded). Returns the output tags."""
+    letter is sharded). Returns the output tags. A triangle contraction (two pair tensors
+    sharing one summed token letter) runs on the Cannon ring instead (:func:`_pair_contract`)."""
+    pc = _pair_contract(s, node, operands, letters, out_letters)
+    if pc is not None:
+        return pc
     sizes = {}
     for a, ls in zip(operands, letters):
         for l, sz in zip(ls, s.gshape(a)):
@@ -1051,6 +1145,52 @@ def _letters_contract(s: _Sharder, node, operands, letters, out_letters, emit_fn
     out = s.emit(T.contract, s.const(_EmitFn(emit_fn, s)), vals[0], vals[1], dims_tags[0], dims_tags[1],
                  [chosen[l] for l in summed])
     return out, out_t
+
+
+def _pair_contract(s: _Sharder, node, operands, letters, out_letters):
+    """``sum_k A[.., x, k] B[.., y, k]`` (any letter order) where both operands are pair
+    tensors (two r/c-tagged letters each) sharing the summed token letter ``k`` and ``x``,
+    ``y`` are output letters: every rank's output tile needs one block row of A and one
+    block column of B, so a local partial + all-reduce cannot do it and gathering costs
+    O(N^2/p). It runs on the Cannon ring (:func:`tile_ops.pair_contract`, O(N^2/P)).
+    Other letters must be untagged and in both operands (batch / channel; summed ones are
+    summed after the ring). Returns ``(out, out_tags)`` or None when the pattern does not fit."""
+    if len(operands) != 2 or len(set(out_letters)) != len(out_letters):
+        return None
+    tok, tags = [], []
+    for a, ls in zip(operands, letters):
+        t = s.tg(a)
+        if t is None or len(t) != len(ls) or len(set(ls)) != len(ls):
+            return None
+        if any(isinstance(x, tuple) or x == "s" for x in t):
+            return None
+        tok.append([l for l, x in zip(ls, t) if x is not None])
+        tags.append(dict(zip(ls, t)))
+    if len(tok[0]) != 2 or len(tok[1]) != 2:
+        return None
+    shared = [l for l in tok[0] if l in tok[1]]
+    if len(shared) != 1 or shared[0] in out_letters:
+        return None
+    k = shared[0]
+    x = next(l for l in tok[0] if l != k)
+    y = next(l for l in tok[1] if l != k)
+    if x == y or x not in out_letters or y not in out_letters:
+        return None
+    la, lb = letters
+    batch = [l for l in dict.fromkeys(la + lb) if l not in (x, y, k)]
+    if any(l not in la or l not in lb for l in batch):
+        return None
+    if any(s.gshape(a)[ls.index(l)] != s.n for a, ls, l in ((operands[0], la, x), (operands[0], la, k),
+                                                             (operands[1], lb, y), (operands[1], lb, k))):
+        return None
+    incoming = tags[0][k] == "r" and tags[0][x] == "c" and tags[1][k] == "r" and tags[1][y] == "c"
+    direction = "incoming" if incoming else "outgoing"
+    want = {"outgoing": ({x: "r", k: "c"}, {y: "r", k: "c"}), "incoming": ({x: "c", k: "r"}, {y: "c", k: "r"})}
+    vals = [s.to_tags(a, tuple(w.get(l) for l in ls)) for a, ls, w in zip(operands, letters, want[direction])]
+    s.note("ring", f"triangle contraction over token letter {k!r} ({direction}, Cannon ring)")
+    out = s.emit(T.pair_contract, vals[0], vals[1], la, lb, out_letters, "".join(batch), x, y, k, direction,
+                 _val(node).dtype)
+    return out, tuple("r" if l == x else ("c" if l == y else None) for l in out_letters)
 
 
 class _EmitFn:
@@ -1129,11 +1269,11 @@ def _addmm(s, node):
 @rule(aten.einsum.default)
 def _einsum(s, node):
     eq, ops = node.args[0], list(node.args[1])
-    eq = eq.replace(" ", "")
-    if "..." in eq or "->" not in eq:
-        return _fallback(s, node, "einsum with an ellipsis or implicit output")
-    lhs, rhs = eq.split("->")
-    letters = lhs.split(",")
+    spec = einsum_letters(eq, [len(s.gshape(a)) for a in ops])
+    if spec is None:
+        return _fallback(s, node, "einsum with an implicit output")
+    letters, rhs = spec
+    eq = ",".join(letters) + "->" + rhs
     out, ot = _letters_contract(s, node, ops, letters, rhs, _EinsumEmit(s, eq))
     s.set(node, out, ot)
 

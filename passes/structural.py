@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..ops.common import adopt_module_state
 
 __all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract",
-           "tile_attention"]
+           "tile_attention", "attention_nodes", "match_attention", "fill_nodes", "einsum_letters"]
 
 
 class StructuralRewriteError(RuntimeError):
@@ -134,6 +134,8 @@ def tile_contract(a: torch.Tensor, b: torch.Tensor, x_operand: int, perm_x, perm
 MASK_NEG = -1e4
 _ATTN_SPECS: dict = {}
 _CASTS = {"to", "_to_copy", "clone", "alias", "contiguous", "type_as", "float"}
+_SHAPE_ONLY = {"new_ones", "new_zeros", "new_full", "new_empty", "ones_like", "zeros_like", "full_like",
+               "empty_like", "sym_size", "size"}
 
 
 @dataclass
@@ -160,10 +162,12 @@ class _AttnSpec:
     hm: list  # other batch letters (ring H)
     qk_mult: float
     biases: list  # [(node, letters aligned with the node's dims ('' = broadcast), mult)]
-    masks: list  # [("add" | "fill", node, letters, mult or fill value)]
+    masks: list  # [("add" | "fill" | "keep", node, letters, mult or fill value or (fill node, mult))]
     transposed: bool  # keys along the row-token axis (ending node): transposed mesh view
     out_dtype: Any
     detail: str
+    term_tags: dict = field(default_factory=dict)  # bias / mask node -> the tags it must have
+    term_narrow: dict = field(default_factory=dict)  # bias node -> a broadcast dim to take index 0 of
 
 
 def _scalar(a) -> bool:
@@ -198,6 +202,56 @@ def _reaches_contraction(node, limit=16) -> bool:
     return any(_is_contraction(a) for a in _ancestors_until(node, _is_contraction, limit=limit))
 
 
+def broadcast_dim(node, d: int, depth: int = 12) -> bool:
+    """True when ``node``'s values provably do not change along dim ``d``: the dim was made
+    by an ``expand`` of size 1 (through views, reshapes that merge it only with size-1 dims,
+    unsqueeze, permute, clone / casts). E.g. einops ``repeat(bias, 'b ... -> (b r) ...')``
+    with b = 1."""
+    v = node.meta.get("val")
+    if depth <= 0 or not isinstance(v, torch.Tensor) or node.op != "call_function":
+        return False
+    d = d % v.dim()
+    nm = _name(node.target)
+    a0 = node.args[0] if node.args else None
+    if not isinstance(a0, torch.fx.Node) or not isinstance(a0.meta.get("val"), torch.Tensor):
+        return False
+    src = a0.meta["val"]
+    if nm in ("expand", "expand_copy"):
+        off = v.dim() - src.dim()
+        if d < off:
+            return True
+        return src.shape[d - off] == 1 or broadcast_dim(a0, d - off, depth - 1)
+    if nm in _CASTS:
+        return broadcast_dim(a0, d, depth - 1)
+    if nm == "unsqueeze":
+        u = node.args[1] % v.dim()
+        return d == u or broadcast_dim(a0, d - (d > u), depth - 1)
+    if nm == "permute":
+        return broadcast_dim(a0, list(node.args[1])[d] % v.dim(), depth - 1)
+    if nm in ("view", "reshape", "_unsafe_view"):
+        # the input dims whose product is output dim d (ignoring size-1 factors)
+        out_shape, in_shape = list(v.shape), list(src.shape)
+        i = j = 0
+        while i < len(out_shape) or j < len(in_shape):
+            if i < len(out_shape) and out_shape[i] == 1 and i != d:
+                i += 1
+                continue
+            if j < len(in_shape) and in_shape[j] == 1:
+                j += 1
+                continue
+            if i >= len(out_shape) or j >= len(in_shape):
+                return False
+            if out_shape[i] == in_shape[j]:
+                if i == d:
+                    return broadcast_dim(a0, j, depth - 1)
+                i += 1
+                j += 1
+                continue
+            return False  # a real merge / split: not followed
+        return False
+    return False
+
+
 def _has_param_ancestor(node, limit=64) -> bool:
     work, seen = [node], set()
     while work and len(seen) < 4096:
@@ -207,30 +261,29 @@ def _has_param_ancestor(node, limit=64) -> bool:
         seen.add(nd)
         if nd.op == "placeholder" and nd.meta.get("autocp.param"):
             return True
+        if nd.op == "call_function" and _name(nd.target) in _SHAPE_ONLY:
+            continue  # reads only the shape / dtype of its tensor argument
         work.extend(nd.all_input_nodes)
     return False
 
 
-def _attention_spec(sm) -> _AttnSpec:
-    """Recognise ``softmax(mult * (q . k) + pair bias + mask) @ v`` around softmax node ``sm``
-    (over a token axis) -- the triangle attention the ring of
-    :mod:`autocp.ops.triangle_attn` computes -- or raise saying what does not fit."""
-    from .match import INPLACE_FORMS, _is_contraction, _pair_derived
+def _layout_meta(node):
+    return node.meta.get("autocp.layout")
 
-    name = _name(sm.target)
-    where = f"node {sm.name!r} (softmax over token axis {sm.meta.get('autocp.softmax_tag')!r})"
-    if name not in ("softmax", "_softmax", "_safe_softmax"):
-        raise StructuralRewriteError(f"{where}: {name} (SDPA / log_softmax) is not rewritten")
-    # 1. walk back from the softmax input to q.k: scalar scales, additive terms, masked_fill
+
+def _walk_scores(sm, where):
+    """From the softmax input back to the q.k contraction: ``(qk, chain, mult, terms, fills)``
+    (scalar scales, additive terms, masked_fill); raises when a step does not fit."""
+    from .match import INPLACE_FORMS, _is_contraction
+
     mult, terms, fills, chain = 1.0, [], [], []
     cur = sm.args[0]
     while True:
-        if cur.op != "call_function":
+        if not isinstance(cur, torch.fx.Node) or cur.op != "call_function":
             raise StructuralRewriteError(f"{where}: no q.k contraction feeds it")
         nm = _name(cur.target)
         if _is_contraction(cur):
-            qk = cur
-            break
+            return cur, chain, mult, terms, fills
         if nm in INPLACE_FORMS:
             # ``scores += bias`` (e.g. SDPA's math path: ``attn.add_(attn_mask)``): the same
             # term as the out-of-place op when the scores are the tensor written into (and
@@ -265,13 +318,98 @@ def _attention_spec(sm) -> _AttnSpec:
             if terms:  # masked_fill under an additive term: masked scores are no longer constant
                 raise StructuralRewriteError(f"{where}: masked_fill {cur.name} is applied before the additive "
                                              f"term {terms[-1][0].name} (supported: the mask last)")
-            fills.append((a[1], float(a[2]) * mult))
+            fills.append((a[1], float(a[2]) * mult, "fill"))
             cur = a[0]
+        elif nm == "where" and len(a) == 3 and isinstance(a[0], torch.fx.Node):
+            # ``where(keep, scores, fill)`` / ``where(masked, fill, scores)``: a masked_fill
+            on = [isinstance(x, torch.fx.Node) and _reaches_contraction(x) for x in a[1:]]
+            if on[0] == on[1]:
+                raise StructuralRewriteError(f"{where}: {cur.name} (where) selects between "
+                                             f"{'two score' if on[0] else 'no score'} tensors")
+            if terms:
+                raise StructuralRewriteError(f"{where}: where {cur.name} is applied before the additive term "
+                                             f"{terms[-1][0].name} (supported: the mask last)")
+            other = a[2] if on[0] else a[1]
+            val = (other, mult) if isinstance(other, torch.fx.Node) else float(other) * mult
+            fills.append((a[0], val, "keep" if on[0] else "fill"))
+            cur = a[1] if on[0] else a[2]
         else:
             raise StructuralRewriteError(f"{where}: {cur.name} ({nm}) between q.k and the softmax is not supported")
+
+
+def _walk_weights(sm, where):
+    """From the softmax forward through casts to the attn @ v contraction: ``(av, after, last)``."""
+    from .match import _is_contraction
+
+    after, cur = [], sm
+    while True:
+        users = [u for u in cur.users if not (u.op == "call_function" and _name(u.target) in DROP)]
+        if len(users) != 1:
+            raise StructuralRewriteError(f"{where}: the attention weights are used {len(users)} times "
+                                         f"(only attn @ v is rewritten)")
+        nxt = users[0]
+        if _is_contraction(nxt):
+            return nxt, after, cur
+        if nxt.op == "call_function" and _name(nxt.target) == "dropout" and \
+                (not nxt.args[2] or float(nxt.args[1]) == 0.0):  # eval / p=0 dropout: the identity
+            after.append(nxt)
+            cur = nxt
+            continue
+        if nxt.op != "call_function" or _name(nxt.target) not in _CASTS:
+            raise StructuralRewriteError(f"{where}: {nxt.name} ({_name(nxt.target) if nxt.op == 'call_function' else nxt.op}) "
+                                         f"on the attention weights is not supported (only attn @ v)")
+        after.append(nxt)
+        cur = nxt
+
+
+def attention_nodes(sm):
+    """The nodes of ``softmax(scores) @ v`` around softmax node ``sm``, by structure alone:
+    ``(covered, av)`` -- ``covered`` = the q.k contraction, the score chain, the softmax and
+    the casts after it, in graph order, each read only by the next (so the whole region can
+    be replaced by one op at ``av``) -- or None when the structure does not fit."""
+    if sm.op != "call_function" or _name(sm.target) not in ("softmax", "_softmax", "_safe_softmax"):
+        return None
+    try:
+        qk, chain, _m, _t, _f = _walk_scores(sm, "")
+        av, after, _last = _walk_weights(sm, "")
+    except StructuralRewriteError as e:
+        import os
+        if os.environ.get("AUTOCP_DEBUG_ATTN"):
+            cur, out = sm, []
+            for _ in range(8):
+                if not isinstance(cur, torch.fx.Node) or cur.op != "call_function": break
+                out.append(f"{cur.name}={_name(cur.target)}({', '.join(a.name if isinstance(a, torch.fx.Node) else repr(a) for a in cur.args)})")
+                cur = cur.args[0]
+            print("ATTN-NODES", sm.name, e, " <- ".join(out), "USERS", [(u.name, _name(u.target) if u.op == "call_function" else u.op, [uu.name for uu in u.users]) for u in sm.users])
+        return None
+    order = {nd: i for i, nd in enumerate(sm.graph.nodes)}
+    covered = sorted([qk, *chain, sm, *after], key=order.__getitem__)
+    inside = set(covered) | {av}
+    if any(u not in inside and not (u.op == "call_function" and _name(u.target) in DROP)
+           for x in covered for u in x.users):
+        return None
+    return covered, av
+
+
+def _attention_spec(sm, layout_of=_layout_meta, whole_ok: bool = False) -> _AttnSpec:
+    """Recognise ``softmax(mult * (q . k) + pair bias + mask) @ v`` around softmax node ``sm``
+    (over a token axis) -- the triangle attention the ring of
+    :mod:`autocp.ops.triangle_attn` computes -- or raise saying what does not fit.
+    ``layout_of(node)``: the layout tags of a node (the analysis' ``autocp.layout`` meta by
+    default; the shard pass passes its own tags). ``whole_ok``: a bias / mask term whose
+    token dims are whole fits (the caller slices it to ``spec.term_tags[node]``)."""
+    from .match import _n_token_tags
+
+    name = _name(sm.target)
+    where = f"node {sm.name!r} (softmax over token axis {sm.meta.get('autocp.softmax_tag')!r})"
+    if name not in ("softmax", "_softmax", "_safe_softmax"):
+        raise StructuralRewriteError(f"{where}: {name} (SDPA / log_softmax) is not rewritten")
+    # 1. walk back from the softmax input to q.k: scalar scales, additive terms, masked_fill
+    qk, chain, mult, terms, fills = _walk_scores(sm, where)
     sa, sb, so, (q, k) = _contraction_letters(qk)
-    lq_t, lk_t = q.meta.get("autocp.layout"), k.meta.get("autocp.layout")
-    if not (_pair_derived(q) and _pair_derived(k)) or not isinstance(lq_t, tuple) or not isinstance(lk_t, tuple):
+    lq_t, lk_t = layout_of(q), layout_of(k)
+    if not (_n_token_tags(lq_t) >= 2 and _n_token_tags(lk_t) >= 2) or not isinstance(lq_t, tuple) \
+            or not isinstance(lk_t, tuple):
         raise StructuralRewriteError(f"{where}: q/k of {qk.name} are not pair-derived (pair-bias attention over "
                                      f"token tensors is not rewritten)")
     tq, tk = dict(zip(sa, lq_t)), dict(zip(sb, lk_t))
@@ -303,12 +441,31 @@ def _attention_spec(sm) -> _AttnSpec:
     # 2. classify the additive terms: triangle bias [j, k] (the pair tensor's row axis as query
     # index), key mask [i, k] (broadcast over queries); anything else does not fit
     biases, masks = [], []
+    term_tags = {}
+
+    def fits(node, al, lt, want):
+        """``node``'s letters have the layouts ``want`` ({letter: tag}). With ``whole_ok``
+        (the shard pass) any layout fits: the caller converts the term to
+        ``term_tags[node]`` (a whole dim is sliced for free; a swapped one exchanged)."""
+        if not whole_ok and any(lt.get(ch) != tag for ch, tag in want.items()):
+            return False
+        axes = {"r" if t == "r" else "c" for t in want.values()}
+        term_tags[node] = tuple(want[ch] if ch in want else (None if t in (None, "?") or t in axes or
+                                                             ({"r": "c", "c": "r"}.get(t) in axes) else t)
+                                for ch, t in zip(al, layout_of(node) or (None,) * len(al)))
+        return True
+
+    term_narrow = {}
     for node, m in terms:
         al = _align(node, so, shape)
-        lt = {ch: t for ch, t in zip(al, node.meta.get("autocp.layout") or ()) if ch != "."}
-        if i not in al and j in al and kk in al and lt.get(j) == rtag and lt.get(kk) == ktag:
+        if whole_ok and i in al and j in al and kk in al and broadcast_dim(node, al.index(i)):
+            # the triangle bias repeated over the rows (einops repeat): its first row
+            term_narrow[node] = al.index(i)
+            al = al.replace(i, ".")
+        lt = {ch: t for ch, t in zip(al, layout_of(node) or ()) if ch != "."}
+        if i not in al and j in al and kk in al and fits(node, al, lt, {j: rtag, kk: ktag}):
             biases.append((node, al, m))
-        elif j not in al and kk in al and lt.get(kk) == ktag and (i not in al or lt.get(i) == rtag):
+        elif j not in al and kk in al and fits(node, al, lt, {kk: ktag, **({i: rtag} if i in al else {})}):
             if _has_param_ancestor(node):
                 raise StructuralRewriteError(
                     f"{where}: additive term {node.name} over [{i!r}, {kk!r}] depends on parameters: neither a key "
@@ -318,31 +475,18 @@ def _attention_spec(sm) -> _AttnSpec:
             raise StructuralRewriteError(
                 f"{where}: additive term {node.name} (dims {al!r}, layouts {lt}) is neither the pair-derived "
                 f"triangle bias [query {j!r} on the {rtag!r} axis, key {kk!r}] nor a key mask [{i!r}, {kk!r}]")
-    for cond, val in fills:
+    for cond, val, kind in fills:
         al = _align(cond, so, shape)
-        lt = {ch: t for ch, t in zip(al, cond.meta.get("autocp.layout") or ()) if ch != "."}
-        if j in al or kk not in al or lt.get(kk) != ktag or (i in al and lt.get(i) != rtag):
+        lt = {ch: t for ch, t in zip(al, layout_of(cond) or ()) if ch != "."}
+        if j in al or kk not in al or not fits(cond, al, lt, {kk: ktag, **({i: rtag} if i in al else {})}):
             raise StructuralRewriteError(f"{where}: masked_fill condition {cond.name} is not a key mask [{i!r}, {kk!r}]")
-        if not val <= MASK_NEG:
+        if not isinstance(val, tuple) and not val <= MASK_NEG:  # a tensor fill value: checked when it runs
             raise StructuralRewriteError(f"{where}: masked_fill value {val} is not a huge negative (<= {MASK_NEG})")
-        masks.append(("fill", cond, al, val))
+        masks.append((kind, cond, al, val))
     bm = [ch for ch in batch if any(ch in al for _k, _n, al, _v in masks)]
     hm = [ch for ch in batch if ch not in bm]
     # 3. softmax -> (casts) -> attn @ v
-    after, cur = [], sm
-    while True:
-        if len(cur.users) != 1:
-            raise StructuralRewriteError(f"{where}: the attention weights are used {len(cur.users)} times "
-                                         f"(only attn @ v is rewritten)")
-        nxt = next(iter(cur.users))
-        if _is_contraction(nxt):
-            av = nxt
-            break
-        if nxt.op != "call_function" or _name(nxt.target) not in _CASTS:
-            raise StructuralRewriteError(f"{where}: {nxt.name} ({_name(nxt.target) if nxt.op == 'call_function' else nxt.op}) "
-                                         f"on the attention weights is not supported (only attn @ v)")
-        after.append(nxt)
-        cur = nxt
+    av, after, cur = _walk_weights(sm, where)
     ca, cb, co, (x0, x1) = _contraction_letters(av)
     if x0 is cur:
         la, lvv, v = ca, cb, x1
@@ -362,7 +506,7 @@ def _attention_spec(sm) -> _AttnSpec:
     lout = "".join(ren.get(ch, "?") for ch in co)
     if kk not in lv or kk in lout or sorted(lout) != sorted(batch + [i, j, e]) or sorted(lv) != sorted(batch + [i, kk, e]):
         raise StructuralRewriteError(f"{where}: {av.name} ({lv!r} -> {lout!r}) is not attn @ v over the key letter")
-    vt = v.meta.get("autocp.layout") or ()
+    vt = layout_of(v) or ()
     tv = dict(zip(lv, vt))
     if tv.get(i) != rtag or tv.get(kk) != ktag:
         raise StructuralRewriteError(f"{where}: v of {av.name} is not a pair tile laid out like k")
@@ -374,7 +518,23 @@ def _attention_spec(sm) -> _AttnSpec:
                      ktag == "r", av.meta["val"].dtype,
                      f"{_name(qk.target)}/{name}/{_name(av.target)} over the "
                      f"{'column' if ktag == 'c' else 'row'}-token axis ({node} node), "
-                     f"{len(biases)} triangle bias, {len(masks)} key mask term(s)")
+                     f"{len(biases)} triangle bias, {len(masks)} key mask term(s)", term_tags=term_tags,
+                     term_narrow=term_narrow)
+
+
+def fill_nodes(sp) -> list:
+    """The tensor fill values of ``sp``'s masked fills (``where(mask, scores, fill)``)."""
+    return [val[0] for _k, _n, _a, val in sp.masks if isinstance(val, tuple)]
+
+
+def match_attention(sm, layout_of, whole_ok: bool = True) -> _AttnSpec:
+    """The triangle attention around softmax node ``sm`` with the layouts ``layout_of(node)``
+    (see :func:`_attention_spec`), registered for :func:`tile_attention`: ``(spec, key)``.
+    Raises :class:`StructuralRewriteError` saying what does not fit."""
+    sp = _attention_spec(sm, layout_of, whole_ok)
+    key = len(_ATTN_SPECS)
+    _ATTN_SPECS[key] = sp
+    return sp, key
 
 
 def _canon(t: torch.Tensor, letters: str, order: list, sizes: dict) -> torch.Tensor:
@@ -386,13 +546,14 @@ def _canon(t: torch.Tensor, letters: str, order: list, sizes: dict) -> torch.Ten
     return t.expand([sizes[ch] for ch in order])
 
 
-def tile_attention(q, k, v, biases, masks, key: int):
+def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
     """The distributed replacement of one matched triangle attention, on local tiles.
 
     ``q`` / ``k`` / ``v``: the q.k and attn @ v operands (this rank's tiles), ``biases``: the
     triangle bias term(s) (local tile: query block = the tile's row-token block, keys its
     other block -- exactly the ``tri`` tile :class:`autocp.ops.triangle_attn._TriAttnRing`
-    takes), ``masks``: the key-mask terms. All are permuted to the ring's canonical layout,
+    takes), ``masks``: the key-mask terms (``fill`` / ``where`` conditions: True = masked /
+    kept), ``fill_values``: the tensor fill values of those (checked: all huge negatives). All are permuted to the ring's canonical layout,
     the keys run on the ring over all N tokens (padding keys get no weight; masked keys --
     the model's own mask, 0 / huge negative -- none either; fully masked rows the model's
     uniform average), the output goes back to the attn @ v node's order and dtype.
@@ -430,7 +591,14 @@ def tile_attention(q, k, v, biases, masks, key: int):
         tri = tb if tri is None else tri + tb
     tri = (torch.zeros(bsz, hsz, b, b, dtype=dt, device=q.device) if tri is None else tri.to(dt)).contiguous()
     valid = torch.ones(bsz, b, b, dtype=torch.bool, device=q.device)
+    fills = iter(fill_values)
     for t, (kind, _n, al, val) in zip(masks, sp.masks):
+        if isinstance(val, tuple):
+            fv = next(fills).detach().float() * val[1]
+            if not bool((fv <= MASK_NEG).all()):
+                raise StructuralRewriteError(
+                    f"autocp structural attention: the fill value {val[0].name} of the key mask {_n.name} is not a "
+                    f"huge negative (<= {MASK_NEG}); the ring cannot follow it. Fix: register the module.")
         mt = _canon(t.detach(), al, bm + [sp.i, sp.kk], sizes).reshape(bsz, b, b)
         if kind == "add":
             mt = mt * val
@@ -439,6 +607,8 @@ def tile_attention(q, k, v, biases, masks, key: int):
                     f"autocp structural attention: the additive key term {_n.name} takes values other than 0 and "
                     f"<= {MASK_NEG} (not a binary mask bias); the ring cannot follow it. Fix: register the module.")
             valid = valid & (mt == 0)
+        elif kind == "keep":
+            valid = valid & mt.bool()
         else:
             valid = valid & ~mt.bool()
     key_mask = valid.to(torch.uint8).contiguous()
@@ -450,7 +620,7 @@ def tile_attention(q, k, v, biases, masks, key: int):
         box = [kv]
         del kv
         o = _ring_forward(qc, box, tri, key_mask, view, n, rc)[0]
-    if any(kind == "fill" for kind, _n, _a, _v in sp.masks):
+    if any(kind in ("fill", "keep") for kind, _n, _a, _v in sp.masks):
         # masked_fill: a fully masked row's scores are all the fill value -> the uniform average
         # of v over the N real keys, and NO gradient into q, k or the bias (the ring's uniform
         # path follows an additive mask, whose gradient does flow): take those rows from a
@@ -483,16 +653,41 @@ def _name(target) -> str:
     return nm(target)
 
 
+def einsum_letters(eq: str, ranks) -> tuple:
+    """``(operand letters, output letters)`` of an explicit einsum equation, its ellipsis
+    spelled out with unused letters (right-aligned, as einsum broadcasts); None when the
+    equation has no ``->`` or the ranks do not fit."""
+    eq = eq.replace(" ", "")
+    if "->" not in eq:
+        return None
+    lhs, rhs = eq.split("->")
+    letters = lhs.split(",")
+    if len(letters) != len(ranks):
+        return None
+    if "..." in eq:
+        used = set(eq) - {".", ",", "-", ">"}
+        free = [ch for ch in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ" if ch not in used]
+        widths = [r - (len(ls) - 3) for ls, r in zip(letters, ranks) if "..." in ls]
+        nell = max(widths + [0])
+        ell = "".join(free[:nell])
+        letters = [ls.replace("...", ell[nell - (r - (len(ls) - 3)):]) if "..." in ls else ls
+                   for ls, r in zip(letters, ranks)]
+        rhs = rhs.replace("...", ell)
+    if any(len(ls) != r for ls, r in zip(letters, ranks)):
+        return None
+    return letters, rhs
+
+
 def _contraction_letters(node):
     """(spec_a, spec_b, spec_out, operand nodes) of a two-operand contraction, or raise."""
     name = _name(node.target)
     if name == "einsum":
         eq = node.args[0].replace(" ", "")
         ops = list(node.args[1])
-        if "..." in eq or "->" not in eq or len(ops) != 2:
-            raise StructuralRewriteError(f"einsum {eq!r} with {len(ops)} operands / ellipsis is not supported")
-        lhs, rhs = eq.split("->")
-        sa, sb = lhs.split(",")
+        spec = einsum_letters(eq, [o.meta["val"].dim() for o in ops]) if len(ops) == 2 else None
+        if spec is None:
+            raise StructuralRewriteError(f"einsum {eq!r} with {len(ops)} operands is not supported")
+        (sa, sb), rhs = spec
         return sa, sb, rhs, ops
     if name in ("matmul", "bmm", "mm"):
         a, b = node.args[0], node.args[1]
@@ -627,7 +822,7 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
         _ATTN_SPECS[key] = sp
         with g.inserting_before(sp.av):
             new = g.call_function(tile_attention, (sp.q, sp.k, sp.v, [x for x, _a, _m in sp.biases],
-                                                   [x for _k, x, _a, _v in sp.masks], key))
+                                                   [x for _k, x, _a, _v in sp.masks], key, fill_nodes(sp)))
         new.meta = dict(sp.av.meta)
         sp.av.replace_all_uses_with(new)
         todo = list(sp.covered)

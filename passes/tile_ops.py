@@ -27,7 +27,8 @@ from .context import current
 __all__ = [
     "base_tag", "axis_of", "index_of", "global_len",
     "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad",
-    "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract",
+    "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract", "pair_contract",
+    "reduce_var",
     "sdpa_keys_sharded", "narrow_global", "select_global", "draw_global", "dropout_global",
     "zero_pad_index",
 ]
@@ -171,6 +172,20 @@ def reduce_sum(x: torch.Tensor, dims, keepdim: bool, tagged, dtype=None, mean_co
     return y
 
 
+def reduce_var(x: torch.Tensor, dims, keepdim: bool, tagged, correction, count: int, kind: str = "var"):
+    """``var`` / ``std`` / ``var_mean`` / ``std_mean`` over ``dims`` of which ``tagged`` are block-sharded:
+    the global mean by one all-reduced sum, then the all-reduced sum of squared deviations
+    (two passes, as numerically safe as torch's), divided by ``count - correction``
+    (``count``: the global element count of the reduced dims)."""
+    mean = reduce_sum(x, dims, True, tagged, None, count)
+    d = x - mean
+    var = reduce_sum(d * d, dims, keepdim, tagged) / (count - correction)
+    out = var.sqrt() if kind.startswith("std") else var
+    if kind.endswith("_mean"):
+        return out, (mean if keepdim else mean.squeeze(dims))
+    return out
+
+
 class _AllReduceMax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mesh, axis):
@@ -254,6 +269,37 @@ def contract(fn, a: torch.Tensor, b: torch.Tensor, a_dims_tags, b_dims_tags, tag
     for ax in sorted({axis_of(t) for t in tags}):
         y = comm.all_reduce(y, mesh, ax)
     return y
+
+
+def pair_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, batch: str, x: str, y: str,
+                  k: str, direction: str, out_dtype) -> torch.Tensor:
+    """``einsum(f"{la},{lb}->{lo}", a, b)`` where ``a`` holds token letters ``x, k`` and ``b``
+    ``y, k`` as Pair2D tiles and ``k`` is summed over all N tokens: the triangle contraction,
+    by the Cannon ring of :func:`autocp.ops.triangle_mult.trimul_contract` (O(N^2/P) per rank;
+    the whole rows/columns are never gathered).
+
+    ``direction="outgoing"``: ``a``'s tile is ``[x: T_r, k: T_c]`` and ``b``'s ``[y: T_r, k: T_c]``;
+    ``"incoming"``: ``a`` ``[k: T_r, x: T_c]``, ``b`` ``[k: T_r, y: T_c]``. ``batch``: the letters
+    carried through (in both operands; size-1 broadcast allowed); those absent from ``lo``
+    are summed after the ring. Padding of ``k`` is zeroed in both operands. Result:
+    ``lo`` with ``x`` on ``T_r`` and ``y`` on ``T_c``, cast to ``out_dtype``."""
+    from ..ops.triangle_mult import trimul_contract
+
+    mesh = current().mesh
+    kk = (x + k) if direction == "outgoing" else (k + x)
+    ky = (y + k) if direction == "outgoing" else (k + y)
+    a2 = torch.einsum(f"{la}->{batch}{kk}", a)
+    b2 = torch.einsum(f"{lb}->{batch}{ky}", b)
+    nb = len(batch)
+    bshape = [max(u, v) for u, v in zip(a2.shape[:nb], b2.shape[:nb])]
+    a2 = a2.expand(*bshape, *a2.shape[nb:])
+    b2 = b2.expand(*bshape, *b2.shape[nb:])
+    kdim, ktag = (nb + 1, "c") if direction == "outgoing" else (nb, "r")
+    a2 = mask_pad(a2.float(), [(kdim, ktag)], 0)
+    b2 = mask_pad(b2.float(), [(kdim, ktag)], 0)
+    with torch.autocast(a.device.type, enabled=False):
+        out = trimul_contract(a2.contiguous(), b2.contiguous(), mesh, direction)
+    return torch.einsum(f"{batch}{x}{y}->{lo}", out).to(out_dtype)
 
 
 def sdpa_keys_sharded(q, k, v, mask, scale, key_tag, dropout_p=0.0, is_causal=False):

@@ -93,6 +93,79 @@ class TokenAttention(nn.Module):
         return o.transpose(1, 2).reshape(B, N, C)
 
 
+class TriMulEllipsisStd(nn.Module):
+    """Triangle updates as alphafold3-pytorch / protenix spell them: einsum with an ellipsis
+    (``'... i k d, ... j k d -> ... i j d'`` and the incoming form), operands normalised by
+    their global std (protenix ``a / a.std()``), masked by a pair mask built in the glue."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+        self.ab = nn.Linear(c, 4 * c)
+        self.out = nn.Linear(c, c)
+
+    def forward(self, z, mask):
+        pm = (mask[:, :, None] * mask[:, None, :])[..., None]
+        a, b, c, d = (self.ab(self.ln(z)) * pm).chunk(4, dim=-1)
+        a, b = a / a.std(), b / b.std()
+        o = torch.einsum("...ikd,...jkd->...ijd", a, b) + torch.einsum("...kid,...kjd->...ijd", c, d)
+        v, m = torch.var_mean(o, dim=(1, 2), keepdim=True)
+        return self.out((o - m) / (v + 1).sqrt())
+
+
+class TriAttnDecomposed(nn.Module):
+    """Triangle attention around the starting and the ending node, spelled as the corpus
+    does: alphafold3-pytorch (rows folded into the batch, the bias repeated over them with
+    expand + reshape, ``where(mask, sim, -max)``, eval dropout) and openfold3 / protenix
+    (einsum with an ellipsis, ``scores += bias`` in place, an additive key mask)."""
+
+    def __init__(self, c=8, h=2):
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.bias = nn.Linear(c, h)
+        self.out = nn.Linear(c, c)
+        self.drop = nn.Dropout(0.0)
+        self.h = h
+
+    def _af3(self, z, mask):  # rows folded into the batch (B = 1)
+        B, N, _, C = z.shape
+        x = self.ln(z)
+        q, k, v = self.qkv(x).reshape(B * N, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+        bias = self.bias(x).permute(0, 3, 1, 2)  # [B, H, J, K]
+        bias = bias[:, None].expand(B, N, self.h, N, N).reshape(B * N, self.h, N, N)
+        sim = torch.einsum("bhid,bhjd->bhij", q * (C // self.h) ** -0.5, k) + bias
+        keep = mask[:, None, :].expand(B, N, N).reshape(B * N, 1, 1, N).bool()
+        sim = torch.where(keep, sim, -torch.finfo(sim.dtype).max)
+        attn = self.drop(sim.softmax(dim=-1).to(z.dtype))
+        o = torch.einsum("bhij,bhjd->bhid", attn, v)
+        return o.permute(0, 2, 1, 3).reshape(B, N, N, C)
+
+    def _of3(self, z, mask):
+        B, N, _, C = z.shape
+        x = self.ln(z)
+        q, k, v = self.qkv(x).reshape(B, N, N, 3, self.h, C // self.h).permute(3, 0, 1, 4, 2, 5)
+        bias = self.bias(x).permute(0, 3, 1, 2)[:, None]  # [B, 1, H, J, K]
+        mask_bias = (1e9 * (mask - 1))[:, None, None, None, :]
+        scores = torch.einsum("...qc,...kc->...qk", q, k)
+        scores += bias
+        scores += mask_bias
+        o = torch.einsum("...qk,...kc->...qc", torch.softmax(scores, dim=-1), v)
+        return o.transpose(-2, -3).reshape(B, N, N, C)
+
+    def forward(self, z, mask):
+        z = z + self.out(self._af3(z, mask))
+        return z + self._of3(z.transpose(1, 2), mask).transpose(1, 2)
+
+
+class TokenCumsum(nn.Module):
+    """A cumulative sum along a token axis of a pair tensor: no rule makes it tile-local, so
+    it runs gathered (exact) -- and strict mode refuses it."""
+
+    def forward(self, z):
+        return z.cumsum(dim=1)
+
+
 def redraw(m, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -138,6 +211,8 @@ def cases(n):
         "trimul_matmul_sdpa": (TriMulMatmul(), (z, mask), [P, (None, "r")]),
         "token_attention": (TokenAttention(), (s8, z6, mask), [R, P, (None, "r")]),
         "residual_alias_hazard": (ResidualAliasHazard(), (z, mask), [P, (None, "r")]),
+        "trimul_ellipsis_std": (TriMulEllipsisStd(), (z, mask), [P, (None, "r")]),
+        "triattn_decomposed": (TriAttnDecomposed(), (z, mask), [P, (None, "r")]),
     }
 
 

@@ -15,7 +15,10 @@ from tests.shard._workers import all_cases_worker
 pytestmark = pytest.mark.distributed
 
 # cases whose tile program must not gather any tensor with two sharded axes
-NO_PAIR_GATHER = {"pair_mask_glue", "outer_sum_relpos", "token_attention"}
+NO_PAIR_GATHER = {"pair_mask_glue", "outer_sum_relpos", "token_attention", "trimul_einsum", "trimul_ellipsis_std",
+                  "triattn_decomposed"}
+# cases whose triangle contractions / attentions must run on the rings (notes "ring")
+RINGS = {"trimul_einsum": 1, "trimul_matmul_sdpa": 1, "trimul_ellipsis_std": 2, "triattn_decomposed": 2}
 
 
 @pytest.mark.parametrize("world", [1, 4, 9])
@@ -31,6 +34,8 @@ def test_tile_programs_match_single_device(world):
             assert c["input_changed"] == 0.0, (world, rank, name)
             if name in NO_PAIR_GATHER:
                 assert not any(pair for what, _, pair in c["notes"] if what == "gather"), (name, c["notes"])
+            if name in RINGS:
+                assert sum(what == "ring" for what, _, _ in c["notes"]) == RINGS[name], (name, c["notes"])
 
 
 def test_strict_and_inplace_refusals():
