@@ -162,10 +162,20 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
     root = _root_op(work, sq, input_tags, n, tensors)
     if root is not None:
         return guard.attach(root, model, sq, args, kwargs, check_inputs=check_inputs)
-    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=strict,
+    # with emit="graph", modules the planner cannot bind run op by op through the shard pass
+    # (which enforces strict per op: no pair gather); only the python path refuses them here
+    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=strict and emit != "graph",
                                        reuse_blocks=reuse_blocks)
     out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
     root_fallback = "" in plan.fallback_paths
+    if strict and root_fallback:
+        from .passes.rewrite import UnsupportedPairOpError
+
+        raise UnsupportedPairOpError(
+            f"autocp (strict): the top-level python of {type(model).__name__} needs full pair tensors "
+            f"({plan.reasons.get('', 'no rule covers it')}); "
+            f"the whole model would run gathered (O(N^2) per rank). Fix: move the pair ops into modules and "
+            f"register them (autocp.register_module), or strict=False.")
     if emit == "graph":
         from .passes.shard import canonical_tags
 

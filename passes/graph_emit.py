@@ -212,7 +212,7 @@ def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n
                              pair_dtype=pair_dtype)
         runner.opaque_fallbacks = []
     except ShardingError:
-        if bound == planned:
+        if bound == planned or strict:  # strict: no module may run gathered
             raise
         cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=planned)
         runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,

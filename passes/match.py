@@ -38,7 +38,8 @@ import torch
 from .analyze import SOFTMAX, _name, layout_name
 from .trace import OPAQUE_OP, Capture
 
-__all__ = ["Match", "MatchResult", "GraphView", "match", "register_default_patterns", "module_path_of"]
+__all__ = ["Match", "MatchResult", "GraphView", "match", "register_default_patterns", "module_path_of",
+           "ancestors_until", "is_contraction", "n_token_tags", "rule_triangle_mult", "INPLACE_FORMS"]
 
 
 @dataclass
@@ -392,3 +393,10 @@ def _common_module(paths):
     path = ".".join(common)
     cls = next((c for p, c in paths if p == path), paths[0][1])
     return path, cls
+
+
+# public names of the graph predicates the structural rewrite shares
+ancestors_until = _ancestors_until
+is_contraction = _is_contraction
+n_token_tags = _n_token_tags
+rule_triangle_mult = _rule_triangle_mult

@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..layout import block_size
 from . import tile_ops as T
 from .structural import (StructuralRewriteError, attention_nodes, einsum_letters, fill_nodes, match_attention,
-                         tile_attention)
+                         match_sdpa, tile_attention)
 
 __all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque"]
 
@@ -131,6 +131,13 @@ def canonical_tags(tags):
         return tags
     used, out = set(), []
     for t in tags:
+        if t is not None and T.base_tag(t) in T.PAIR_MERGED:  # both mesh axes
+            if used:
+                out.append(None)
+            else:
+                used.update((0, 1))
+                out.append(t)
+            continue
         if t is None or T.base_tag(t) not in ("r", "c", "s"):
             out.append(None)
             continue
@@ -177,6 +184,9 @@ class _Sharder:
 
     # ------------------------------------------------------------------ basics
     def local_len(self, t) -> int:
+        if isinstance(t, tuple) and t[0] in T.PAIR_MERGED:
+            tag, outer, inner = t
+            return outer * block_size(self.n, self.p) ** 2 * inner
         if isinstance(t, tuple):
             tag, outer, inner = t
             return outer * block_size(T.global_len(tag, self.n, self.n_seq), self.p) * inner
@@ -300,6 +310,7 @@ class _Sharder:
             self.set(ph, new, None)
             ph.meta["autocp.param"] = True  # parameters / buffers: never a key mask (match_attention)
         self._scan_attention()
+        self.order = {nd: i for i, nd in enumerate(self.src.graph.nodes)}
         self.ops_ph = self.g.placeholder("autocp_ops")
         for ph, tg in zip(users, self.in_tags):
             new = self.g.placeholder(ph.name)
@@ -373,7 +384,12 @@ class _Sharder:
             self.cur = av
             self.call(av)
             return
+        self.ring_attention(av, sp, key)
+
+    def ring_attention(self, node, sp, key):
+        """Emit :func:`tile_attention` for the matched spec ``sp`` at ``node``."""
         tq = dict(zip(sp.lq, self._match_layout(sp.q)))
+
         def term(nd):  # whole token dims sliced to the required blocks; repeated rows narrowed
             v = self.to_tags(nd, sp.term_tags.get(nd, self.tg(nd)))
             if nd in sp.term_narrow:
@@ -384,7 +400,7 @@ class _Sharder:
                         [term(b) for b, _a, _m in sp.biases], [term(m) for _k, m, _a, _v in sp.masks], key,
                         [self.full(f) for f in fill_nodes(sp)])
         self.note("ring", f"triangle attention: {sp.detail}")
-        self.set(av, out, tuple(tq[sp.i] if l == sp.i else (tq[sp.j] if l == sp.j else None) for l in sp.lout))
+        self.set(node, out, tuple(tq[sp.i] if l == sp.i else (tq[sp.j] if l == sp.j else None) for l in sp.lout))
 
     def call(self, node):
         tgt = node.target
@@ -510,8 +526,52 @@ def _inplace(s: _Sharder, node, tensors):
     s.set(node, s.emit(node.target, *args, **kwargs), tt, alias=True)
 
 
+_FACTORIES = (aten.empty.memory_format, aten.zeros.default, aten.ones.default, aten.full.default,
+              aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+              aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default)
+
+
+def _fresh_cover(s, dst, node):
+    """``(factory, views)`` when ``dst`` is a fresh factory tensor or a full-range slice of
+    one (``out = torch.empty(M, C); out[0:M] = y``) that nothing read before ``node``;
+    else None."""
+    views = []
+    cur = dst
+    while isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target == aten.slice.Tensor:
+        shp = s.gshape(cur.args[0])
+        d = cur.args[1] if len(cur.args) > 1 else 0
+        a, b, st = _norm_slice(cur.args[2] if len(cur.args) > 2 else None, cur.args[3] if len(cur.args) > 3 else None,
+                               cur.args[4] if len(cur.args) > 4 else 1, shp[d % len(shp)])
+        if (a, b, st) != (0, shp[d % len(shp)], 1):
+            return None
+        views.append(cur)
+        cur = cur.args[0]
+    if not (isinstance(cur, fx.Node) and cur.op == "call_function" and cur.target in _FACTORIES):
+        return None
+    order = s.order
+    chain = set(views) | {node}
+    for x in (cur, *views):
+        if any(u not in chain and order[u] < order[node] for u in x.users):
+            return None
+    return cur, views
+
+
 @rule(aten.copy_.default)
 def _copy_(s, node):
+    dst, src = node.args[0], node.args[1]
+    cover = _fresh_cover(s, dst, node) if isinstance(src, fx.Node) else None
+    if cover is not None and s.gshape(src) == s.gshape(dst) and s.tg(src) != s.tg(dst):
+        # a fresh buffer overwritten whole: it *becomes* ``src`` (its layout, no gather)
+        base, views = cover
+        v = s.env[src]
+        if _val(src).dtype != _val(dst).dtype:
+            v = s.emit(torch.Tensor.to, v, _val(dst).dtype)
+        else:
+            v = s.emit(torch.clone, v)
+        for nd in (base, *views, node):
+            s.set(nd, v, s.tg(src), alias=True)
+        s.conv_cache.clear()
+        return
     _inplace(s, node, _inputs_tensor_nodes(node))
 
 
@@ -605,7 +665,10 @@ def _rng_other(s, node):
 def _split_factors(shape, tags, s):
     f = []
     for sz, t in zip(shape, tags):
-        if isinstance(t, tuple):
+        if isinstance(t, tuple) and t[0] in T.PAIR_MERGED:
+            tag, o, i = t
+            f += [(o, None), (s.n, tag[0]), (s.n, tag[1]), (i, None)]
+        elif isinstance(t, tuple):
             tag, o, i = t
             L = T.global_len(tag, s.n, s.n_seq)
             f += [(o, None), (L, tag), (i, None)]
@@ -644,7 +707,14 @@ def _view_tags(s: _Sharder, in_shape, in_tags, out_shape):
             else:
                 return None
         tagged = [(i, p) for i, p in enumerate(parts) if p[1] is not None]
-        if not tagged:
+        if len(tagged) == 2 and tagged[1][0] == tagged[0][0] + 1 and \
+                tagged[0][1][1] + tagged[1][1][1] in T.PAIR_MERGED:
+            # two adjacent token axes merged (``z.reshape(-1, C)``): the merged pair tag
+            i = tagged[0][0]
+            o = _numel([p[0] for p in parts[:i]])
+            inn = _numel([p[0] for p in parts[i + 2:]])
+            out.append((tagged[0][1][1] + tagged[1][1][1], o, inn))
+        elif not tagged:
             out.append(None)
         elif len(tagged) > 1:
             return None
@@ -825,6 +895,10 @@ def _split(s, node):
         dim = node.args[1] if len(node.args) > 1 else 0
     nd = len(s.gshape(x))
     dim = dim % nd
+    v = _val(node)
+    if node.target != aten.unbind.int and len(v) == 1:  # one piece (protenix: chunk(x, 1)): the tile itself
+        s.set(node, s.emit(aten.chunk.default, s.env[x], 1, dim), [s.tg(x)], alias=s.alias_ok.get(x, True))
+        return
     xv, nt = _whole_dims(s, x, {dim})
     out = s.emit(node.target, xv, *node.args[1:], **node.kwargs)
     v = _val(node)
@@ -1304,6 +1378,12 @@ def _sdpa(s, node):
     for i, a in enumerate(node.args[3:]):
         kw[names[i]] = a
     mask = kw.get("attn_mask")
+    try:  # a triangle attention: the ring (O(N^2/P)) rather than keys gathered along their axis
+        sp, key = match_sdpa(node, s._match_layout)
+    except StructuralRewriteError:
+        sp = None
+    if sp is not None:
+        return s.ring_attention(node, sp, key)
     if kw.get("enable_gqa"):
         return _fallback(s, node, "grouped-query attention")
     qs, ks = s.gshape(q), s.gshape(k)

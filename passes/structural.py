@@ -54,7 +54,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..ops.common import adopt_module_state
 
 __all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract",
-           "tile_attention", "attention_nodes", "match_attention", "fill_nodes", "einsum_letters"]
+           "tile_attention", "attention_nodes", "match_attention", "match_sdpa", "fill_nodes", "einsum_letters"]
 
 
 class StructuralRewriteError(RuntimeError):
@@ -197,7 +197,7 @@ def _align(node, letters: str, shape) -> str:
 
 
 def _reaches_contraction(node, limit=16) -> bool:
-    from .match import _ancestors_until, _is_contraction
+    from .match import ancestors_until as _ancestors_until, is_contraction as _is_contraction
 
     return any(_is_contraction(a) for a in _ancestors_until(node, _is_contraction, limit=limit))
 
@@ -274,7 +274,7 @@ def _layout_meta(node):
 def _walk_scores(sm, where):
     """From the softmax input back to the q.k contraction: ``(qk, chain, mult, terms, fills)``
     (scalar scales, additive terms, masked_fill); raises when a step does not fit."""
-    from .match import INPLACE_FORMS, _is_contraction
+    from .match import INPLACE_FORMS, is_contraction as _is_contraction
 
     mult, terms, fills, chain = 1.0, [], [], []
     cur = sm.args[0]
@@ -339,7 +339,7 @@ def _walk_scores(sm, where):
 
 def _walk_weights(sm, where):
     """From the softmax forward through casts to the attn @ v contraction: ``(av, after, last)``."""
-    from .match import _is_contraction
+    from .match import is_contraction as _is_contraction
 
     after, cur = [], sm
     while True:
@@ -372,15 +372,7 @@ def attention_nodes(sm):
     try:
         qk, chain, _m, _t, _f = _walk_scores(sm, "")
         av, after, _last = _walk_weights(sm, "")
-    except StructuralRewriteError as e:
-        import os
-        if os.environ.get("AUTOCP_DEBUG_ATTN"):
-            cur, out = sm, []
-            for _ in range(8):
-                if not isinstance(cur, torch.fx.Node) or cur.op != "call_function": break
-                out.append(f"{cur.name}={_name(cur.target)}({', '.join(a.name if isinstance(a, torch.fx.Node) else repr(a) for a in cur.args)})")
-                cur = cur.args[0]
-            print("ATTN-NODES", sm.name, e, " <- ".join(out), "USERS", [(u.name, _name(u.target) if u.op == "call_function" else u.op, [uu.name for uu in u.users]) for u in sm.users])
+    except StructuralRewriteError:
         return None
     order = {nd: i for i, nd in enumerate(sm.graph.nodes)}
     covered = sorted([qk, *chain, sm, *after], key=order.__getitem__)
@@ -398,7 +390,7 @@ def _attention_spec(sm, layout_of=_layout_meta, whole_ok: bool = False) -> _Attn
     ``layout_of(node)``: the layout tags of a node (the analysis' ``autocp.layout`` meta by
     default; the shard pass passes its own tags). ``whole_ok``: a bias / mask term whose
     token dims are whole fits (the caller slices it to ``spec.term_tags[node]``)."""
-    from .match import _n_token_tags
+    from .match import n_token_tags as _n_token_tags
 
     name = _name(sm.target)
     where = f"node {sm.name!r} (softmax over token axis {sm.meta.get('autocp.softmax_tag')!r})"
@@ -532,6 +524,68 @@ def match_attention(sm, layout_of, whole_ok: bool = True) -> _AttnSpec:
     (see :func:`_attention_spec`), registered for :func:`tile_attention`: ``(spec, key)``.
     Raises :class:`StructuralRewriteError` saying what does not fit."""
     sp = _attention_spec(sm, layout_of, whole_ok)
+    key = len(_ATTN_SPECS)
+    _ATTN_SPECS[key] = sp
+    return sp, key
+
+
+def match_sdpa(node, layout_of) -> tuple:
+    """A triangle attention spelled ``F.scaled_dot_product_attention(q, k, v, attn_mask=...)``
+    (node ``node``) with the layouts ``layout_of(node)``: q ``[.., L, E]`` with the row letter
+    ``i`` a batch dim on one mesh axis and the queries ``L`` on the other, k / v ``[.., S, E]``
+    with ``i`` on the same axis as q's and the keys ``S`` on the queries' axis; ``attn_mask``
+    None, a float triangle bias ``[.., L, S]`` (no ``i``), a float additive key mask or a
+    bool keep-mask ``[.., i?, 1, S]``. Registered for :func:`tile_attention`: ``(spec, key)``;
+    raises :class:`StructuralRewriteError` saying what does not fit."""
+    q, k, v = node.args[:3]
+    kw = dict(node.kwargs)
+    for name, a in zip(["attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"], node.args[3:]):
+        kw[name] = a
+    where = f"SDPA node {node.name!r}"
+    if kw.get("enable_gqa") or kw.get("is_causal") or float(kw.get("dropout_p") or 0.0) != 0.0:
+        raise StructuralRewriteError(f"{where}: causal / dropout / grouped-query attention is not a triangle attention")
+    mask = kw.get("attn_mask")
+    qv, kv_, vv = (x.meta["val"] for x in (q, k, v))
+    if not (qv.dim() == kv_.dim() == vv.dim()) or qv.dim() < 3 or qv.shape[-1] != vv.shape[-1]:
+        raise StructuralRewriteError(f"{where}: q / k / v ranks or widths do not fit the ring")
+    nb = qv.dim() - 2
+    bat = "abcdefghijk"[:nb]
+    lq, lk, lv, lout = bat + "LE", bat + "SE", bat + "SF", bat + "LF"
+    tq, tk, tv = (dict(zip(ls, layout_of(x) or ())) for ls, x in ((lq, q), (lk, k), (lv, v)))
+    rows = [ch for ch in bat if tq.get(ch) in TOKEN]
+    if len(rows) != 1 or tq.get("L") not in TOKEN or tq["L"] == tq[rows[0]]:
+        raise StructuralRewriteError(f"{where}: q has no row token axis and query axis on the two mesh axes")
+    i = rows[0]
+    rtag, ktag = tq[i], tq["L"]
+    if tk.get(i) != rtag or tk.get("S") != ktag or tv.get(i) != rtag or tv.get("S") != ktag:
+        raise StructuralRewriteError(f"{where}: k / v are not laid out like q's rows and keys")
+    biases, masks, term_tags = [], [], {}
+    if isinstance(mask, torch.fx.Node):
+        shape = tuple(qv.shape[:-1]) + (kv_.shape[-2],)
+        al = _align(mask, bat + "LS", shape)
+        if mask.meta["val"].dtype == torch.bool:
+            if "L" in al or "S" not in al:
+                raise StructuralRewriteError(f"{where}: a bool attn_mask must be a key mask [.., 1, S]")
+            masks.append(("keep", mask, al, 0.0))
+        elif "L" in al and "S" in al and i not in al:
+            biases.append((mask, al, 1.0))
+        elif "L" not in al and "S" in al:
+            if _has_param_ancestor(mask):
+                raise StructuralRewriteError(f"{where}: the key term depends on parameters (not a mask)")
+            masks.append(("add", mask, al, 1.0))
+        else:
+            raise StructuralRewriteError(f"{where}: attn_mask over {al!r} is neither a triangle bias [L, S] nor a "
+                                         f"key mask [{i}, S]")
+        want = {"L": rtag, "S": ktag, i: rtag}
+        term_tags[mask] = tuple(want.get(ch) if ch != "." else None for ch in al)
+    scale = kw.get("scale")
+    mult = float(scale) if scale is not None else qv.shape[-1] ** -0.5
+    bm = [ch for ch in bat if ch != i and any(ch in al_ for _k, _n, al_, _v in masks)]
+    hm = [ch for ch in bat if ch != i and ch not in bm]
+    sp = _AttnSpec(node, node, node, [node], q, k, v, lq, lk, lv, lout, i, "L", "S", "E", "F", bm, hm, mult, biases,
+                   masks, ktag == "r", node.meta["val"].dtype,
+                   f"scaled_dot_product_attention over the {'column' if ktag == 'c' else 'row'}-token axis, "
+                   f"{len(biases)} triangle bias, {len(masks)} key mask term(s)", term_tags=term_tags)
     key = len(_ATTN_SPECS)
     _ATTN_SPECS[key] = sp
     return sp, key
@@ -761,7 +815,7 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
     of its call; ``in_meta``: ``[(shape, dtype)]`` of the tensor inputs at global N."""
     from ..layout import block_size
     from .analyze import Analysis, analyze_graph
-    from .match import _rule_triangle_mult
+    from .match import rule_triangle_mult as _rule_triangle_mult
     from .trace import _Bound
 
     if call is None:

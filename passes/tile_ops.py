@@ -38,6 +38,18 @@ def base_tag(t):
     return t[0] if isinstance(t, tuple) else t
 
 
+#: merged tags of a dim that merges two token axes, row-major (a pair ``[.., i, j, ..]``
+#: reshaped to ``[.., i*j, ..]``): ``("rc", outer, inner)`` = outer x T_r x T_c x inner
+PAIR_MERGED = ("rc", "cr")
+
+
+def factor_tags(t) -> list:
+    """The token tags a (merged) tag is made of: ``"r"`` -> ``["r"]``, ``("rc", o, i)`` ->
+    ``["r", "c"]``."""
+    b = base_tag(t)
+    return list(b) if b in PAIR_MERGED else [b]
+
+
 def axis_of(t) -> str:
     """The mesh group over which blocks of tag ``t`` vary ('r'/'s' along the column group)."""
     return COL if base_tag(t) in ("r", "s") else ROW
@@ -67,8 +79,14 @@ def valid_1d(t, device=None) -> torch.Tensor:
 
 def _valid_for(x: torch.Tensor, dim: int, t) -> torch.Tensor:
     """A bool tensor broadcastable to ``x``: False on padding slots of ``dim`` (tag ``t``)."""
-    v = valid_1d(base_tag(t), x.device)
-    if isinstance(t, tuple):
+    if base_tag(t) in PAIR_MERGED:
+        tag, outer, inner = t
+        va, vb = valid_1d(tag[0], x.device), valid_1d(tag[1], x.device)
+        v = (va[:, None] & vb[None, :]).reshape(-1)
+        v = v[None, :, None].expand(outer, v.shape[0], inner).reshape(-1)
+    else:
+        v = valid_1d(base_tag(t), x.device)
+    if isinstance(t, tuple) and base_tag(t) not in PAIR_MERGED:
         _, outer, inner = t
         v = v[None, :, None].expand(outer, v.shape[0], inner).reshape(-1)
     shape = [1] * x.dim()
@@ -97,6 +115,13 @@ def zero_pad_index(x: torch.Tensor, tags) -> torch.Tensor:
 def slice_block(x: torch.Tensor, dim: int, t) -> torch.Tensor:
     """Whole dim -> this rank's (zero-padded) block of tag ``t`` (no communication)."""
     mesh, n, n_seq = _ctx()
+    if isinstance(t, tuple) and t[0] in PAIR_MERGED:
+        tag, outer, inner = t
+        b = block_size(n, mesh.p)
+        shp = list(x.shape)
+        y = x.reshape(shp[:dim] + [outer, n, n, inner] + shp[dim + 1:])
+        y = slice_block(slice_block(y, dim + 1, tag[0]), dim + 2, tag[1])
+        return y.reshape(shp[:dim] + [outer * b * b * inner] + shp[dim + 1:])
     if isinstance(t, tuple):
         tag, outer, inner = t
         L = global_len(tag, n, n_seq)
@@ -116,6 +141,13 @@ def gather_dim(x: torch.Tensor, dim: int, t) -> torch.Tensor:
     """This rank's block of tag ``t`` on ``dim`` -> the whole dim (all-gather along the mesh
     axis the blocks vary over; backward: reduce-scatter)."""
     mesh, n, n_seq = _ctx()
+    if isinstance(t, tuple) and t[0] in PAIR_MERGED:
+        tag, outer, inner = t
+        b = block_size(n, mesh.p)
+        shp = list(x.shape)
+        y = x.reshape(shp[:dim] + [outer, b, b, inner] + shp[dim + 1:])
+        y = gather_dim(gather_dim(y, dim + 1, tag[0]), dim + 2, tag[1])
+        return y.reshape(shp[:dim] + [-1] + shp[dim + 1:])
     if isinstance(t, tuple):
         tag, outer, inner = t
         b = block_size(global_len(tag, n, n_seq), mesh.p)
@@ -129,7 +161,7 @@ def gather_dim(x: torch.Tensor, dim: int, t) -> torch.Tensor:
 
 
 def _swap(t):
-    m = {"r": "c", "c": "r"}
+    m = {"r": "c", "c": "r", "rc": "cr", "cr": "rc"}
     if isinstance(t, tuple):
         return (m.get(t[0], t[0]),) + tuple(t[1:])
     return m.get(t, t)

@@ -122,7 +122,7 @@ def parity_worker(rank, world, case, seed=0, n=7):
     with phase("parallelize"), warnings.catch_warnings(record=True) as wl:
         warnings.simplefilter("always")
         t0 = time.time()
-        pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=False)
+        pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=True)
         res["compile_s"] = time.time() - t0
     with phase("explain"):
         try:

@@ -2,8 +2,9 @@
 top-level models call them (tests/corpus/<name>.py says which stack and where).
 
 For each case and mesh (1x1, 2x2, 3x3; N=7, not divisible by 2 or 3; a masked token):
-single-device forward + backward of the codebase's stack vs the parallelized module's,
-outputs and every parameter gradient relative to scale within 1e-4. A case whose package
+single-device forward + backward of the codebase's stack vs the parallelized module's
+(``strict=True``: no op may gather a pair tensor), outputs and every parameter gradient
+relative to scale within 1e-4. A case whose package
 is not installed is skipped (``bash scripts/install_corpus.sh`` installs the pinned corpus,
 tests/corpus/requirements-corpus.txt). Deselect with ``-m "not corpus"``.
 
@@ -55,5 +56,7 @@ def test_corpus_parity(case, world):
         assert max(r["out_rel_err"]) <= TOL, (
             f"{where}: output relative error {r['out_rel_err']} > {TOL} "
             f"(gathered warnings {r['n_gathered_warnings']}, explain {r['explain_summary']})")
+        assert r["gathered_glue_ops"] == 0 and r["n_gathered_warnings"] == 0, (
+            f"{where}: {r['gathered_glue_ops']} glue ops gathered a pair tensor under strict=True: {r['warnings']}")
         assert r["grad_rel_err"] <= TOL, (
             f"{where}: parameter gradient relative error {r['grad_rel_err']:.3g} > {TOL}; worst {r['worst_grads']}")

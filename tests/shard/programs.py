@@ -158,6 +158,34 @@ class TriAttnDecomposed(nn.Module):
         return z + self._of3(z.transpose(1, 2), mask).transpose(1, 2)
 
 
+class TransitionFlatChunked(nn.Module):
+    """protenix's eval-mode transition: the pair tensor flattened to ``[-1, C]`` (two token
+    axes merged into one dim), chunked, written into a preallocated ``torch.empty`` buffer
+    by slice assignment, in-place ``silu_`` / ``*=``, reshaped back."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+        self.a, self.b = nn.Linear(c, 2 * c, bias=False), nn.Linear(c, 2 * c, bias=False)
+        self.o = nn.Linear(2 * c, c, bias=False)
+
+    def forward(self, z, mask):
+        other, c = z.shape[:-1], z.shape[-1]
+        x = z.reshape(-1, c)
+        out = torch.empty((x.shape[0], c), dtype=x.dtype, device=x.device)
+        start = 0
+        for chunk in torch.chunk(x, 1, dim=-2):
+            y = self.ln(chunk)
+            a = F.silu(self.a(y), True)
+            b = self.b(y)
+            b *= a
+            b = self.o(b)
+            out[start:start + b.shape[0]] = b
+            start += b.shape[0]
+        pm = mask[:, :, None] * mask[:, None, :]
+        return z + out.reshape(*other, c) * pm[..., None]
+
+
 class TokenCumsum(nn.Module):
     """A cumulative sum along a token axis of a pair tensor: no rule makes it tile-local, so
     it runs gathered (exact) -- and strict mode refuses it."""
@@ -213,6 +241,7 @@ def cases(n):
         "residual_alias_hazard": (ResidualAliasHazard(), (z, mask), [P, (None, "r")]),
         "trimul_ellipsis_std": (TriMulEllipsisStd(), (z, mask), [P, (None, "r")]),
         "triattn_decomposed": (TriAttnDecomposed(), (z, mask), [P, (None, "r")]),
+        "transition_flat_chunked": (TransitionFlatChunked(), (z, mask), [P, (None, "r")]),
     }
 
 

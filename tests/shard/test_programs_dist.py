@@ -16,9 +16,10 @@ pytestmark = pytest.mark.distributed
 
 # cases whose tile program must not gather any tensor with two sharded axes
 NO_PAIR_GATHER = {"pair_mask_glue", "outer_sum_relpos", "token_attention", "trimul_einsum", "trimul_ellipsis_std",
-                  "triattn_decomposed"}
+                  "trimul_matmul_sdpa",
+                  "triattn_decomposed", "transition_flat_chunked"}
 # cases whose triangle contractions / attentions must run on the rings (notes "ring")
-RINGS = {"trimul_einsum": 1, "trimul_matmul_sdpa": 1, "trimul_ellipsis_std": 2, "triattn_decomposed": 2}
+RINGS = {"trimul_einsum": 1, "trimul_matmul_sdpa": 2, "trimul_ellipsis_std": 2, "triattn_decomposed": 2}
 
 
 @pytest.mark.parametrize("world", [1, 4, 9])
