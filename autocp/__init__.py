@@ -9,7 +9,7 @@ from . import comm, layout
 from .layout import ColToken, Layout, LayoutError, MsaTiles, Pair2D, Replicated, RowToken
 from .memory import MemoryTracker
 from .mesh import MeshError, SquareMesh, init_mesh
-from .api import estimate, explain, parallelize
+from .api import check, estimate, explain, parallelize
 from .registry import register_module, register_pattern
 from .ops.common import chunking
 
@@ -30,6 +30,7 @@ __all__ = [
     "parallelize",
     "explain",
     "estimate",
+    "check",
     "register_module",
     "register_pattern",
     "chunking",

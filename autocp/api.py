@@ -167,7 +167,9 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
     cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=strict and emit != "graph",
                                        reuse_blocks=reuse_blocks)
     out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
-    root_fallback = "" in plan.fallback_paths
+    # with emit="graph" the top-level python is sharded op by op like any glue (exact; an op
+    # that needs a whole pair tensor gathers it, warned / refused by strict): never gathered whole
+    root_fallback = "" in plan.fallback_paths and emit != "graph"
     if strict and root_fallback:
         from .passes.rewrite import UnsupportedPairOpError
 
@@ -184,6 +186,8 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
             act.out_tags = [canonical_tags(t) for t in act.out_tags]
     replacements = {}
     for path, act in plan.actions.items():
+        if not path and emit == "graph":
+            continue
         mod = work.get_submodule(path)
         if act.action == "op":
             from .registry import lookup_module
@@ -270,6 +274,17 @@ def explain(pm, **kw) -> str:
     if not hasattr(pm, "explain") or getattr(pm, "report", None) is None:
         raise TypeError(f"explain: given {type(pm).__name__}; required the module returned by autocp.parallelize.")
     return pm.explain(**kw)
+
+
+def check(pm, *args, tol: float = 1e-4, **kwargs):
+    """Porting check: run ``pm``'s tile programs beside the original model's captured graph
+    on these (full) inputs and report the first node whose tiles diverge from the
+    single-device values, with its source line (:func:`autocp.passes.check.check`).
+    Collective: call it on every rank. Returns a :class:`~autocp.passes.check.CheckReport`
+    (``ok``, ``node``, ``op``, ``where``, ``err``, ``source``; ``str()`` explains)."""
+    from .passes.check import check as _check
+
+    return _check(pm, *args, tol=tol, **kwargs)
 
 
 def estimate(model: nn.Module, n_tokens: int = None, mesh_shape=(1, 1), dtype=torch.float32, **kw):

@@ -7,10 +7,11 @@ Two ways, both shown here on a small trunk whose classes autocp has never seen:
    a token axis between pair tensors, a softmax over a token axis of q.k + pair bias),
    whatever the spelling; ``explain()`` lists them. Triangle multiplications are then
    *rewritten* on tiles (the module's own graph, its contraction replaced by the Cannon
-   ring: ``passes/structural.py``), triangle attentions become ring attention; matches
-   without a 2D op bound run gathered (exact, O(N^2) memory) with a warning --
-   ``strict=True`` makes that an error. The glue between them runs as the sharded captured
-   graph (``docs/shard.md``).
+   ring: ``passes/structural.py``), triangle attentions become ring attention. Everything
+   else runs as the sharded captured graph (``docs/shard.md``): glue ops tile-local or
+   redistributed, triangle contractions and attention regions the shard pass recognises
+   on the rings; an op that still needs a whole pair tensor gathers it (exact, warned) --
+   ``strict=True`` makes that an error.
 2. **register_module**: bind your class to a 2D op. Here ``MyTriMul`` has Boltz's
    submodules (norm_in, p_in, g_in, norm_out, p_out, g_out), so autocp's
    ``TriangleMultiplication2D(module, mesh, direction=...)`` runs it distributed.

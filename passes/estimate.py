@@ -494,7 +494,7 @@ def estimate(
         run = copy.deepcopy(model).to(dtype)  # the model as it would run: weights in ``dtype``
     was = model.training
     def peak_at(q):
-        if emit == "graph" and "" not in plan.fallback_paths:
+        if emit == "graph":  # the top-level python is sharded op by op too
             return _peak_for_graph(run, plan, tags, make(n_tokens), q, n_tokens, dtype, training, recompute,
                                    pair_dtype, autocast)
         return _peak_for(run, plan.actions, tags, make(n_tokens), q, n_tokens, dtype, training)

@@ -224,3 +224,8 @@ def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n
         warnings.warn(f"autocp: {len(gathers)} glue op(s) gather a pair tensor (exact, O(N^2/p) memory): {lines}. "
                       f"Fix: register the enclosing module, or strict=True to make this an error.", stacklevel=3)
     return runner
+
+
+# public names for autocp.passes.check (it replays the runner's programs)
+BlockCall = _BlockCall
+block_consts = _consts

@@ -52,7 +52,8 @@ from . import tile_ops as T
 from .structural import (StructuralRewriteError, attention_nodes, einsum_letters, fill_nodes, match_attention,
                          match_sdpa, tile_attention)
 
-__all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque"]
+__all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
+           "source_line"]
 
 aten = torch.ops.aten
 
@@ -82,6 +83,7 @@ class TileProgram:
     out_tags: list
     notes: list = field(default_factory=list)
     n_nodes: int = 0
+    src_map: dict = field(default_factory=dict)  # source node name -> emitted node name (autocp.check)
 
 
 def covered_ops() -> list:
@@ -92,6 +94,11 @@ def covered_ops() -> list:
 # ----------------------------------------------------------------------------- helpers
 def _axis(t) -> int:
     return 0 if T.base_tag(t) in ("r", "s") else 1
+
+
+def source_line(node) -> str:
+    """The user's source line of a captured node (``File ..., line ...: code``) or ''."""
+    return _src_line(node)
 
 
 def _src_line(node) -> str:
@@ -344,7 +351,10 @@ class _Sharder:
         self.g.eliminate_dead_code()
         self.g.lint()
         gm = fx.GraphModule(self.owner, self.g)
-        return TileProgram(gm, [], self.op_keys, self.out_tags, self.notes, len(self.g.nodes))
+        alive = {nd.name for nd in self.g.nodes}
+        src_map = {k.name: v.name for k, v in self.env.items()
+                   if isinstance(v, fx.Node) and v.graph is self.g and v.name in alive}
+        return TileProgram(gm, [], self.op_keys, self.out_tags, self.notes, len(self.g.nodes), src_map)
 
     # ------------------------------------------------------------------ attention regions
     def _scan_attention(self):

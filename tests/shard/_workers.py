@@ -76,3 +76,40 @@ def strict_worker(rank, world):
     except ShardingError as e:
         out["inplace"] = str(e)
     return out
+
+
+def check_worker(rank, world):
+    """autocp.check on a correct program (ok) and on one whose tanh rule is broken on
+    purpose (the report names the tanh node and its source line in programs.py), on the
+    top-level graph and inside a repeated block."""
+    import autocp
+    from autocp.passes import shard
+    from tests.shard.programs import CheckBlocks, cases, redraw
+
+    mesh = autocp.init_mesh()
+    model, inputs, _tags = cases(7)["pair_mask_glue"]
+    redraw(model)
+    out = {}
+    pm = autocp.parallelize(model, mesh, example_inputs=inputs)
+    out["ok"] = str(autocp.check(pm, *inputs))
+    blocks = redraw(CheckBlocks())
+    pmb = autocp.parallelize(blocks, mesh, example_inputs=inputs)
+    out["blocks_ok"] = autocp.check(pmb, *inputs).ok
+    aten = __import__("torch").ops.aten
+    saved = shard.RULES.get(aten.tanh.default)
+
+    def broken(s, node):  # tile-local tanh, then off by 0.5 -- a wrong rule
+        x = node.args[0]
+        s.set(node, s.emit(__import__("torch").add, s.emit(aten.tanh.default, s.env[x]), 0.5), s.tg(x))
+
+    shard.RULES[aten.tanh.default] = broken
+    try:
+        pmb2 = autocp.parallelize(blocks, mesh, example_inputs=inputs)
+        rep = autocp.check(pmb2, *inputs)
+    finally:
+        if saved is None:
+            del shard.RULES[aten.tanh.default]
+        else:
+            shard.RULES[aten.tanh.default] = saved
+    out["bad"] = (rep.ok, rep.node, rep.where, rep.source, str(rep))
+    return out

@@ -186,6 +186,29 @@ class TransitionFlatChunked(nn.Module):
         return z + out.reshape(*other, c) * pm[..., None]
 
 
+class _CheckBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, z, mask):
+        pm = mask[:, :, None] * mask[:, None, :]
+        return z + torch.tanh(self.lin(z)) * pm[..., None]
+
+
+class CheckBlocks(nn.Module):
+    """Three repeated blocks with a tanh inside (autocp.check's broken-rule test)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.blocks = nn.ModuleList([_CheckBlock(c) for _ in range(3)])
+
+    def forward(self, z, mask):
+        for b in self.blocks:
+            z = b(z, mask)
+        return z
+
+
 class TokenCumsum(nn.Module):
     """A cumulative sum along a token axis of a pair tensor: no rule makes it tile-local, so
     it runs gathered (exact) -- and strict mode refuses it."""

@@ -47,6 +47,18 @@ def test_strict_and_inplace_refusals():
         assert "in place" in r["inplace"] and "Fix" in r["inplace"], r["inplace"]
 
 
+@pytest.mark.parametrize("world", [1, 4])
+def test_check_names_first_diverging_node(world):
+    from tests.shard._workers import check_worker
+
+    for r in run_distributed(check_worker, world, timeout=300):
+        assert r["ok"].startswith("autocp.check:") and "match" in r["ok"], r["ok"]
+        assert r["blocks_ok"]
+        ok, node, where, source, text = r["bad"]
+        assert not ok and node.startswith("tanh") and where.startswith("block blocks.0"), r["bad"]
+        assert "programs.py" in source and "torch.tanh" in source and "Fix" in text, r["bad"]
+
+
 def test_rule_table_lists_ops():
     from autocp.passes.shard import covered_ops
 
