@@ -112,6 +112,9 @@ def run(rank, world):
         warnings.simplefilter("ignore")
         pm = parallelize(model, mesh, example_inputs=inputs)
     structural = [r for r in pm.report.rows if r.rule.startswith("structural:")]
+    # the porting check: the first node whose tiles diverge from the single-device values
+    # (none here), with its source line -- run it whenever a port's outputs differ
+    report = str(autocp.check(pm, *inputs))
     # 2. registered: every MyTriMul runs as TriangleMultiplication2D
     register()
     pm = parallelize(model, mesh, example_inputs=inputs, strict=True)
@@ -120,6 +123,7 @@ def run(rank, world):
     sync_grads(pm, mesh)
     return {
         "structural": sorted({(r.path, r.kind) for r in structural}),
+        "check": report,
         "explain": pm.explain(),
         "max_err": float((out - ref).abs().max()),
     }
@@ -138,6 +142,7 @@ def main():
     print("structural matches without registration:")
     for path, kind in res["structural"]:
         print(f"  {path:12s} {kind}")
+    print("\n" + res["check"])
     print("\nafter register_module:\n" + res["explain"])
     print(f"\nmax |parallel - original| = {res['max_err']:.2e}")
 

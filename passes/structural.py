@@ -634,11 +634,14 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
     dd = sizes[sp.d]
     qc = _canon(q, sp.lq, bm + [sp.i] + hm + [sp.j, sp.d], sizes).reshape(bsz, b, hsz, b, dd)
     if sp.qk_mult != 1.0:
-        qc = qc * sp.qk_mult
-    kc = _canon(k, sp.lk, bm + [sp.i, sp.kk] + hm + [sp.d], sizes).reshape(bsz, b, b, hsz, dd)
-    vc = _canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes).reshape(bsz, b, b, hsz, dd)
-    dt = torch.promote_types(qc.dtype, vc.dtype)
-    kv = torch.stack([kc.to(dt), vc.to(dt)], dim=3).contiguous()
+        fresh = qc.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
+        qc = qc.mul_(sp.qk_mult) if fresh and not torch.is_grad_enabled() else qc * sp.qk_mult
+    dt = torch.promote_types(qc.dtype, v.dtype)
+    # k and v packed for the ring, written straight into one buffer (no separate copies)
+    kv = torch.empty(bsz, b, b, 2, hsz, dd, dtype=dt, device=q.device)
+    split = [sizes[c] for c in bm] + [b, b] + [sizes[c] for c in hm] + [dd]
+    kv.select(3, 0).view(split).copy_(_canon(k, sp.lk, bm + [sp.i, sp.kk] + hm + [sp.d], sizes))
+    kv.select(3, 1).view(split).copy_(_canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes))
     tri = None
     for t, al, m in zip(biases, [a for _n, a, _m in sp.biases], [m for _n, _a, m in sp.biases]):
         tb = _canon(t, al, bm + hm + [sp.j, sp.kk], sizes).reshape(bsz, hsz, b, b) * m
@@ -688,6 +691,7 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
         real_k = token_valid(n, mesh.p, view.c, device=o.device)
         cnt = (valid & real_k[None, None, :]).sum(-1).float()
         comm.all_reduce_(cnt, mesh, axis, name="triattn.rowmask")
+        vc = _canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes).reshape(bsz, b, b, hsz, dd)
         vsum = comm.all_reduce((vc.float() * real_k[None, None, :, None, None]).sum(2), mesh, axis)
         dead = (cnt == 0)[:, :, None, None, None]
         o = torch.where(dead, (vsum / n)[:, :, :, None, :].to(o.dtype), o)
