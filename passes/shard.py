@@ -570,7 +570,7 @@ def _fresh_cover(s, dst, node):
 def _copy_(s, node):
     dst, src = node.args[0], node.args[1]
     cover = _fresh_cover(s, dst, node) if isinstance(src, fx.Node) else None
-    if cover is not None and s.gshape(src) == s.gshape(dst) and s.tg(src) != s.tg(dst):
+    if cover is not None and s.gshape(src) == s.gshape(dst):
         # a fresh buffer overwritten whole: it *becomes* ``src`` (its layout, no gather)
         base, views = cover
         v = s.env[src]
@@ -1014,15 +1014,17 @@ def _reduce(s, node):
     s.set(node, out, out_t)
 
 
-def _channel_only(dim_arg_index, keep_index=None, multi_out=False):
+def _channel_only(dim_arg_index, keep_index=None, multi_out=False, default_dim=None):
     """Ops correct on tiles when the dims they act along are whole (sort, cumsum, var,
-    norm, argmax, ...): make those dims whole (gather if sharded), run locally."""
+    norm, argmax, ...): make those dims whole (gather if sharded), run locally.
+    ``default_dim``: the op's dim when the call leaves it out (sort / topk: -1); None:
+    all dims."""
 
     def fn(s, node):
         x = node.args[0]
         shp, t = s.gshape(x), s.tg(x)
         nd = len(shp)
-        d = node.args[dim_arg_index] if len(node.args) > dim_arg_index else node.kwargs.get("dim")
+        d = node.args[dim_arg_index] if len(node.args) > dim_arg_index else node.kwargs.get("dim", default_dim)
         dims = _red_dims(d, nd) if d is not None or dim_arg_index >= 0 else list(range(nd))
         keep = False
         if keep_index is not None:
@@ -1044,11 +1046,11 @@ def _channel_only(dim_arg_index, keep_index=None, multi_out=False):
 
 RULES[aten.cumsum.default] = _channel_only(1)
 RULES[aten.cumprod.default] = _channel_only(1)
-RULES[aten.sort.default] = _channel_only(1)
-RULES[aten.sort.stable] = _channel_only(2)
-RULES[aten.argsort.default] = _channel_only(1)
-RULES[aten.argsort.stable] = _channel_only(2)
-RULES[aten.topk.default] = _channel_only(2)
+RULES[aten.sort.default] = _channel_only(1, default_dim=-1)
+RULES[aten.sort.stable] = _channel_only(99, default_dim=-1)
+RULES[aten.argsort.default] = _channel_only(1, default_dim=-1)
+RULES[aten.argsort.stable] = _channel_only(99, default_dim=-1)
+RULES[aten.topk.default] = _channel_only(2, default_dim=-1)
 RULES[aten.flip.default] = _channel_only(1)
 RULES[aten.roll.default] = _channel_only(2)
 RULES[aten.linalg_vector_norm.default] = _channel_only(2, 3)
@@ -1462,6 +1464,13 @@ def _index_select(s, node):
     x, dim, idx = node.args
     nd = len(s.gshape(x))
     dim = dim % nd
+    tx, it = s.tg(x), s.tg(idx)
+    if tx[dim] is not None and not isinstance(tx[dim], tuple) and all(v is None for v in it):
+        # rows of a sharded axis picked by a whole index: owners contribute + all-reduce (no gather)
+        ot = tuple(None if i == dim else v for i, v in enumerate(tx))
+        s.note("narrow", f"index_select of sharded dim {dim} (owner ranks + all-reduce)")
+        s.set(node, s.emit(T.index_select_global, s.env[x], dim, tx[dim], s.env[idx]), ot, alias=False)
+        return
     xv, nt = _whole_dims(s, x, {dim})
     it = s.tg(idx)
     ot = list(nt)

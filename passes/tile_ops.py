@@ -29,7 +29,7 @@ __all__ = [
     "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad",
     "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract", "pair_contract",
     "reduce_var",
-    "sdpa_keys_sharded", "narrow_global", "select_global", "draw_global", "dropout_global",
+    "sdpa_keys_sharded", "narrow_global", "select_global", "index_select_global", "draw_global", "dropout_global",
     "zero_pad_index",
 ]
 
@@ -367,20 +367,37 @@ def narrow_global(x: torch.Tensor, dim: int, t, start: int, length: int) -> torc
     L = global_len(t, n, n_seq)
     b = block_size(L, mesh.p)
     lo = index_of(t, mesh) * b
-    shape = list(x.shape)
-    shape[dim] = length
-    out = x.new_zeros(shape)
     a0, a1 = max(start, lo), min(start + length, lo + b, L)
     if a1 > a0:
-        part = x.narrow(dim, a0 - lo, a1 - a0)
-        pieces = []
-        if a0 - start:
-            pieces.append(out.narrow(dim, 0, a0 - start))
-        pieces.append(part)
-        if start + length - a1:
-            pieces.append(out.narrow(dim, 0, start + length - a1))
-        out = torch.cat(pieces, dim) if len(pieces) > 1 else part
+        part, left, right = x.narrow(dim, a0 - lo, a1 - a0), a0 - start, start + length - a1
+    else:
+        # not an owner: an empty part still ties the result to x, so that the all-reduce's
+        # backward runs on every rank of the group (a rank without it would hang the others)
+        part, left, right = x.narrow(dim, 0, 0), length, 0
+
+    def zeros(k):
+        shape = list(x.shape)
+        shape[dim] = k
+        return x.new_zeros(shape)
+
+    pieces = ([zeros(left)] if left else []) + [part] + ([zeros(right)] if right else [])
+    out = torch.cat(pieces, dim) if len(pieces) > 1 else part
     return comm.all_reduce(out, mesh, axis_of(t))
+
+
+def index_select_global(x: torch.Tensor, dim: int, t, idx: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(dim, idx)`` on a block-sharded dim with a whole index: each rank
+    contributes the indices it owns, one all-reduce along the axis; the result dim is whole
+    (``len(idx)``). Every rank's result depends on ``x`` (the backward all-reduce runs on all)."""
+    mesh, n, n_seq = _ctx()
+    b = block_size(global_len(t, n, n_seq), mesh.p)
+    rel = idx - index_of(t, mesh) * b
+    own = (rel >= 0) & (rel < b)
+    picked = x.index_select(dim, rel.clamp(0, b - 1))
+    shape = [1] * x.dim()
+    shape[dim] = idx.numel()
+    picked = torch.where(own.view(shape), picked, torch.zeros((), dtype=x.dtype, device=x.device))
+    return comm.all_reduce(picked, mesh, axis_of(t))
 
 
 def select_global(x: torch.Tensor, dim: int, t, index: int) -> torch.Tensor:

@@ -184,6 +184,25 @@ def find_registered(model: nn.Module) -> dict:
     return found
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _config_sig(m: nn.Module) -> tuple:
+    """The python configuration of ``m`` and its submodules that can change what forward
+    computes: plain attributes (bool / int / float / str / None and tuples of them, e.g.
+    ``self.ending``, ``self.eps``), by name. Other objects count by type only."""
+    out = []
+    for name, sub in m.named_modules():
+        for k, v in sorted(vars(sub).items()):
+            if k.startswith("_") or k == "training":
+                continue
+            if isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)):
+                out.append((name, k, v))
+            elif not isinstance(v, (torch.Tensor, nn.Module)):
+                out.append((name, k, type(v).__name__))
+    return tuple(out)
+
+
 def _param_sig(m: nn.Module):
     return (
         type(m),
@@ -191,6 +210,9 @@ def _param_sig(m: nn.Module):
         tuple((n, tuple(p.shape), p.dtype) for n, p in m.named_parameters()),
         tuple((n, tuple(b.shape), b.dtype) for n, b in m.named_buffers()),
         tuple(type(x).__name__ for x in m.modules()),
+        # instances whose python config differs (an `ending` flag, a spelling switch) run
+        # different graphs: never one repeated-block group
+        _config_sig(m),
     )
 
 
