@@ -112,24 +112,23 @@ def zero_pad_index(x: torch.Tensor, tags) -> torch.Tensor:
     return mask_pad(x, dt, 0) if dt else x
 
 
+def _per_factor(x: torch.Tensor, dim: int, t, fn, length) -> torch.Tensor:
+    """``fn(y, d, tag)`` on each token factor of the merged tag ``t`` = ``(tag, outer, inner)``
+    of ``dim`` (``"rc"``: two factors), ``length(tag)``: a factor's current length."""
+    _, outer, inner = t
+    tags = factor_tags(t)
+    shp = list(x.shape)
+    y = x.reshape(shp[:dim] + [outer] + [length(tg) for tg in tags] + [inner] + shp[dim + 1:])
+    for k, tg in enumerate(tags):
+        y = fn(y, dim + 1 + k, tg)
+    return y.reshape(shp[:dim] + [-1] + shp[dim + 1:])
+
+
 def slice_block(x: torch.Tensor, dim: int, t) -> torch.Tensor:
     """Whole dim -> this rank's (zero-padded) block of tag ``t`` (no communication)."""
     mesh, n, n_seq = _ctx()
-    if isinstance(t, tuple) and t[0] in PAIR_MERGED:
-        tag, outer, inner = t
-        b = block_size(n, mesh.p)
-        shp = list(x.shape)
-        y = x.reshape(shp[:dim] + [outer, n, n, inner] + shp[dim + 1:])
-        y = slice_block(slice_block(y, dim + 1, tag[0]), dim + 2, tag[1])
-        return y.reshape(shp[:dim] + [outer * b * b * inner] + shp[dim + 1:])
     if isinstance(t, tuple):
-        tag, outer, inner = t
-        L = global_len(tag, n, n_seq)
-        b = block_size(L, mesh.p)
-        shp = list(x.shape)
-        y = x.reshape(shp[:dim] + [outer, L, inner] + shp[dim + 1:])
-        y = slice_block(y, dim + 1, tag)
-        return y.reshape(shp[:dim] + [outer * b * inner] + shp[dim + 1:])
+        return _per_factor(x, dim, t, slice_block, lambda tg: global_len(tg, n, n_seq))
     L = x.shape[dim]
     b = block_size(L, mesh.p)
     idx = index_of(t, mesh)
@@ -141,20 +140,8 @@ def gather_dim(x: torch.Tensor, dim: int, t) -> torch.Tensor:
     """This rank's block of tag ``t`` on ``dim`` -> the whole dim (all-gather along the mesh
     axis the blocks vary over; backward: reduce-scatter)."""
     mesh, n, n_seq = _ctx()
-    if isinstance(t, tuple) and t[0] in PAIR_MERGED:
-        tag, outer, inner = t
-        b = block_size(n, mesh.p)
-        shp = list(x.shape)
-        y = x.reshape(shp[:dim] + [outer, b, b, inner] + shp[dim + 1:])
-        y = gather_dim(gather_dim(y, dim + 1, tag[0]), dim + 2, tag[1])
-        return y.reshape(shp[:dim] + [-1] + shp[dim + 1:])
     if isinstance(t, tuple):
-        tag, outer, inner = t
-        b = block_size(global_len(tag, n, n_seq), mesh.p)
-        shp = list(x.shape)
-        y = x.reshape(shp[:dim] + [outer, b, inner] + shp[dim + 1:])
-        y = gather_dim(y, dim + 1, tag)
-        return y.reshape(shp[:dim] + [-1] + shp[dim + 1:])
+        return _per_factor(x, dim, t, gather_dim, lambda tg: block_size(global_len(tg, n, n_seq), mesh.p))
     L = global_len(t, n, n_seq)
     y = comm.all_gather_axis(x, mesh, axis_of(t), dim)
     return y.narrow(dim, 0, L)
