@@ -633,15 +633,15 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
     b = ctx.b
     dd = sizes[sp.d]
     qc = _canon(q, sp.lq, bm + [sp.i] + hm + [sp.j, sp.d], sizes).reshape(bsz, b, hsz, b, dd)
-    if sp.qk_mult != 1.0:
-        fresh = qc.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
-        qc = qc.mul_(sp.qk_mult) if fresh and not torch.is_grad_enabled() else qc * sp.qk_mult
     dt = torch.promote_types(qc.dtype, v.dtype)
-    # k and v packed for the ring, written straight into one buffer (no separate copies)
+    # k and v packed for the ring, written straight into one buffer (no separate copies);
+    # the score scale goes onto the packed k (q . (m k) = m (q . k)): q is not copied
     kv = torch.empty(bsz, b, b, 2, hsz, dd, dtype=dt, device=q.device)
     split = [sizes[c] for c in bm] + [b, b] + [sizes[c] for c in hm] + [dd]
     kv.select(3, 0).view(split).copy_(_canon(k, sp.lk, bm + [sp.i, sp.kk] + hm + [sp.d], sizes))
     kv.select(3, 1).view(split).copy_(_canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes))
+    if sp.qk_mult != 1.0:
+        kv.select(3, 0).mul_(sp.qk_mult)
     tri = None
     for t, al, m in zip(biases, [a for _n, a, _m in sp.biases], [m for _n, _a, m in sp.biases]):
         tb = _canon(t, al, bm + hm + [sp.j, sp.kk], sizes).reshape(bsz, hsz, b, b) * m
