@@ -32,7 +32,7 @@ from .. import comm
 from ..mesh import COL, ROW
 from . import tile_ops as T
 from .context import tile_context
-from .shard import source_line
+from .shard import source_line, tag_str
 
 __all__ = ["CheckReport", "check"]
 
@@ -189,9 +189,5 @@ def check(pm, *args, tol: float = 1e-4, **kwargs) -> CheckReport:
         return CheckReport(True, compared, tol, worst=worst[:5])
     order, nd, err, g, _ = found
     return CheckReport(False, compared, tol, node=nd.name, op=str(nd.target), where=where,
-                       tags=_tag_str(g), err=err, source=source_line(nd), worst=worst[:5])
+                       tags=tag_str(g), err=err, source=source_line(nd), worst=worst[:5])
 
-
-def _tag_str(tags) -> str:
-    return "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
-                          for t in tags) + "]"

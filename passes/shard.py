@@ -53,7 +53,7 @@ from .structural import (StructuralRewriteError, attention_nodes, einsum_letters
                          match_sdpa, tile_attention)
 
 __all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
-           "source_line"]
+           "source_line", "tag_str"]
 
 aten = torch.ops.aten
 
@@ -94,6 +94,12 @@ def covered_ops() -> list:
 # ----------------------------------------------------------------------------- helpers
 def _axis(t) -> int:
     return 0 if T.base_tag(t) in ("r", "s") else 1
+
+
+def tag_str(tags) -> str:
+    """``[.,r,c,.]``: one entry per dim (``.`` whole, ``outer*tag*inner`` merged)."""
+    return "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
+                          for t in tags) + "]"
 
 
 def source_line(node) -> str:
@@ -279,10 +285,7 @@ class _Sharder:
     def local_shape(self, shape, tags):
         return [self.local_len(t) if t is not None else s for s, t in zip(shape, tags)]
 
-    @staticmethod
-    def tag_str(tags):
-        return "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
-                              for t in tags) + "]"
+    tag_str = staticmethod(tag_str)  # the module-level helper (autocp.passes.check uses it too)
 
     def set(self, node, value, tags, alias=True):
         if isinstance(value, fx.Node) and value.graph is self.g:
