@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .mesh import SquareMesh, _check_axis
+from .mesh import SquareMesh, check_axis
 
 __all__ = [
     "CommStats",
@@ -186,7 +186,7 @@ def all_reduce_(x: torch.Tensor, mesh: SquareMesh, axis: str, *, name: str = "al
                 op: str = "sum") -> torch.Tensor:
     """In-place sum (``op="max"``: maximum) over the ``axis`` group (ring all-reduce counted
     as 2(p-1)/p of x)."""
-    _check_axis(axis)
+    check_axis(axis)
     if op not in ("sum", "max"):
         raise ValueError(f"all_reduce_: given op={op!r}; required 'sum' or 'max'.")
     if mesh.p == 1:
@@ -199,7 +199,7 @@ def all_reduce_(x: torch.Tensor, mesh: SquareMesh, axis: str, *, name: str = "al
 
 def all_gather(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, name: str = "all_gather") -> torch.Tensor:
     """Concatenate the ``axis`` group's tensors along ``dim`` in mesh order (index 0..p-1)."""
-    _check_axis(axis)
+    check_axis(axis)
     if mesh.p == 1:
         return x
     x = x.contiguous()
@@ -215,7 +215,7 @@ def all_gather(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, name: 
 
 def reduce_scatter(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, name: str = "reduce_scatter") -> torch.Tensor:
     """Sum over the ``axis`` group, keep chunk ``index(axis)`` of ``dim`` (needs size % p == 0)."""
-    _check_axis(axis)
+    check_axis(axis)
     if mesh.p == 1:
         return x
     p = mesh.p
@@ -282,7 +282,7 @@ def ring_shift(x: torch.Tensor, mesh: SquareMesh, axis: str, k: int = 1) -> torc
     ``k`` may depend on the rank as long as it is equal inside each group (a Cannon
     skew uses ``k = r`` along rows and ``k = c`` along columns).
     """
-    _check_axis(axis)
+    check_axis(axis)
     if mesh.p == 1 or k % mesh.p == 0:
         return x
     return _RingShift.apply(x, mesh, axis, k)
@@ -301,7 +301,7 @@ class _AllReduce(torch.autograd.Function):
 
 def all_reduce(x: torch.Tensor, mesh: SquareMesh, axis: str) -> torch.Tensor:
     """Differentiable sum over the ``axis`` group (backward: sum of the groups' grads)."""
-    _check_axis(axis)
+    check_axis(axis)
     if mesh.p == 1:
         return x
     return _AllReduce.apply(x, mesh, axis)
@@ -320,7 +320,7 @@ class _AllGather(torch.autograd.Function):
 
 def all_gather_axis(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int) -> torch.Tensor:
     """Differentiable all-gather along a mesh axis, concatenating on ``dim``."""
-    _check_axis(axis)
+    check_axis(axis)
     if mesh.p == 1:
         return x
     return _AllGather.apply(x, mesh, axis, dim % x.dim())
@@ -339,7 +339,7 @@ class _ReduceScatter(torch.autograd.Function):
 
 def reduce_scatter_axis(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int) -> torch.Tensor:
     """Differentiable reduce-scatter along a mesh axis (sum, keep chunk ``index(axis)``)."""
-    _check_axis(axis)
+    check_axis(axis)
     if mesh.p == 1:
         return x
     return _ReduceScatter.apply(x, mesh, axis, dim % x.dim())

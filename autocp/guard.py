@@ -388,9 +388,7 @@ def check_agreement(model: nn.Module, mesh, args, kwargs, *, broadcast_from: Opt
 def prepare_parallelize(model: nn.Module, mesh, args, kwargs, *, broadcast_from: Optional[int] = None):
     """Checks at :func:`autocp.parallelize` before any compiling; returns ``(args, kwargs)``
     with meta/fake/DTensor example tensors replaced by real tensors of the same shape."""
-    from .passes.emit import ParallelModule
-
-    if isinstance(model, ParallelModule) or any(isinstance(m, ParallelModule) for m in model.modules()):
+    if any(getattr(m, "autocp_parallel", False) for m in model.modules()):
         raise TypeError(
             f"parallelize: given a module that is (or contains) an autocp ParallelModule "
             f"({type(model).__name__}); required the original single-device model. Fix: parallelize the "

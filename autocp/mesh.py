@@ -53,7 +53,7 @@ def _isqrt_exact(n: int) -> Optional[int]:
     return p if p * p == n else None
 
 
-def _check_axis(axis: str) -> str:
+def check_axis(axis: str) -> str:
     if axis not in AXES:
         raise ValueError(f"axis must be 'row' or 'col', got {axis!r}")
     return axis
@@ -185,24 +185,24 @@ class SquareMesh:
 
     def neighbor(self, axis: str, k: int) -> int:
         """Global rank ``k`` steps along ``axis``: ``(r, c+k)`` for 'row', ``(r+k, c)`` for 'col'."""
-        _check_axis(axis)
+        check_axis(axis)
         if axis == ROW:
             return self.rank_of(self.r, self.c + k)
         return self.rank_of(self.r + k, self.c)
 
     def index(self, axis: str) -> int:
         """This rank's position inside its ``axis`` group: ``c`` for 'row', ``r`` for 'col'."""
-        return self.c if _check_axis(axis) == ROW else self.r
+        return self.c if check_axis(axis) == ROW else self.r
 
     def group_ranks(self, axis: str) -> list[int]:
         """Global ranks of this rank's row group (same r) or column group (same c)."""
-        if _check_axis(axis) == ROW:
+        if check_axis(axis) == ROW:
             return list(self._ranks[self.r])
         return [self._ranks[r][self.c] for r in range(self.p)]
 
     def group(self, axis: str):
         """The process group of this rank's row (same r) or column (same c)."""
-        _check_axis(axis)
+        check_axis(axis)
         if self.device_mesh is None:
             return None
         # the row group varies c, i.e. runs along mesh dim 1
@@ -216,7 +216,7 @@ class SquareMesh:
         not the mesh order when the DeviceMesh lists its ranks permuted (e.g.
         ``[[3, 2], [1, 0]]``). :mod:`autocp.comm` uses this to put blocks in mesh order.
         """
-        _check_axis(axis)
+        check_axis(axis)
         if self.device_mesh is None or self.p == 1:
             return list(range(self.p))
         cache = self.__dict__.setdefault("_group_order", {})

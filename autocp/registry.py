@@ -15,13 +15,12 @@ Mirrors the kernel registry (:mod:`autocp.kernels.registry`): every entry has a
 
 Each architecture's registrations live in a file of their own: the Boltz-1 / Boltz-2
 classes in :mod:`autocp.models.boltz` (``register_boltz_defaults``, called lazily on first
-lookup; boltz is optional), with their comm formulas and adapters.
+lookup through :data:`DEFAULT_PROVIDERS`; boltz is optional), with their comm formulas and adapters.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -39,6 +38,8 @@ __all__ = [
     "registry_version",
     "PairOpAdapter",
     "call_comm_formula",
+    "ensure_defaults",
+    "DEFAULT_PROVIDERS",
 ]
 
 
@@ -163,18 +164,18 @@ def register_pattern(
 
 
 def module_rules() -> list[ModuleRule]:
-    _ensure_defaults()
+    ensure_defaults()
     return list(_MODULES)
 
 
 def pattern_rules() -> list[PatternRule]:
-    _ensure_defaults()
+    ensure_defaults()
     return list(_PATTERNS)
 
 
 def lookup_module(module: nn.Module) -> Optional[ModuleRule]:
     """The highest-priority rule whose class matches ``module`` and whose checker accepts."""
-    _ensure_defaults()
+    ensure_defaults()
     best = None
     for rule in _MODULES:
         if isinstance(module, rule.cls) and rule.check(module) is True:
@@ -248,22 +249,29 @@ def call_comm_formula(fn, module, *, p, r, c, n, batch, itemsize, channels=0) ->
     return int(fn(n, p, channels, itemsize))
 
 
-def _ensure_defaults() -> None:
+#: The built-in registrations, loaded on first lookup as ``"module:function"`` entry points
+#: (like setuptools entry points: this generic registry imports no architecture and no
+#: compiler pass, so neither imports back into it in a circle).
+DEFAULT_PROVIDERS = [
+    "autocp.models.boltz:register_boltz_defaults",
+    "autocp.passes.match:register_default_patterns",
+]
+
+
+def ensure_defaults() -> None:
+    """Load the built-in registrations (:data:`DEFAULT_PROVIDERS`) once."""
     if not _DEFAULTS_DONE[0]:
         _DEFAULTS_DONE[0] = True
-        from .models.boltz import register_boltz_defaults
+        import importlib
 
-        register_boltz_defaults()
-        from .passes import match as _match
-
-        _match.register_default_patterns()
-
-
+        for entry in DEFAULT_PROVIDERS:
+            mod, fn = entry.split(":")
+            getattr(importlib.import_module(mod), fn)()
 
 
 def __getattr__(name):  # the Boltz names moved to autocp.models.boltz (kept importable from here)
     if name in ("register_boltz_defaults", "MSAModule2D", "NativeOpAdapter"):
-        from .models import boltz
+        import importlib
 
-        return getattr(boltz, name)
+        return getattr(importlib.import_module("autocp.models.boltz"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,44 +40,13 @@ from typing import Optional
 
 import torch
 
+from .tags import TOKEN_TAGS, canonical_out_tags, kind_of, layout_name, op_name
 from .trace import OPAQUE_OP, Capture
 
-__all__ = ["Analysis", "analyze", "analyze_graph", "layout_name", "infer_input_layouts", "TOKEN_TAGS"]
+__all__ = ["Analysis", "analyze", "analyze_graph", "layout_name", "infer_input_layouts", "TOKEN_TAGS",
+           "ANALYSIS_RULES", "analysis_rule", "RuleInput", "SOFTMAX"]
 
-TOKEN_TAGS = ("r", "c")
 Tags = tuple
-
-
-def layout_name(tags) -> str:
-    """Human name of a tag tuple: Pair2D / Pair2D^T / RowToken / ColToken / MsaTiles / ..."""
-    if tags is None:
-        return "-"
-    if isinstance(tags, list):
-        return ", ".join(layout_name(t) for t in tags)
-    real = [t for t in tags if t is not None]
-    body = "[" + ",".join(t if t is not None else "." for t in tags) + "]"
-    if not real:
-        return "Replicated"
-    if real == ["r", "c"]:
-        return "Pair2D"
-    if real == ["c", "r"]:
-        return "Pair2D^T"
-    if real == ["r"]:
-        return "RowToken"
-    if real == ["c"]:
-        return "ColToken"
-    if real == ["s", "c"]:
-        return "MsaTiles"
-    return "Mixed" + body
-
-
-def kind_of(tags) -> str:
-    if not isinstance(tags, tuple):
-        return "other"
-    if "s" in tags:
-        return "msa"
-    n = sum(1 for t in tags if t in ("r", "c", "?"))
-    return "pair" if n >= 2 else ("token" if n == 1 else "other")
 
 
 def infer_input_layouts(inputs: list, n_tokens: Optional[int] = None):
@@ -239,10 +208,7 @@ def _view_tags(in_tags, in_shape, out_shape, n):
     return tuple(out), bad
 
 
-def _name(target) -> str:
-    if hasattr(target, "_overloadpacket"):
-        return target._overloadpacket.__name__
-    return getattr(target, "__name__", str(target))
+_name = op_name  # local spelling
 
 
 POINTWISE_SKIP_NAMES = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "sym_constrain_range_for_size"}
@@ -341,15 +307,52 @@ def _live_nodes(graph):
     return live
 
 
+# ----------------------------------------------------------------------------- the rule table
+@dataclass
+class RuleInput:
+    """What a layout rule sees of one ``call_function`` node: the node, the global token
+    length ``n``, the op name, the output value/shape, the first argument ``x`` with its
+    tags ``xt`` and shape ``xs``, and every tensor argument."""
+
+    node: torch.fx.Node
+    n: int
+    name: str
+    v: object
+    out_shape: Optional[tuple]
+    x: object
+    xt: Optional[tuple]
+    xs: Optional[tuple]
+    tensor_args: list
+
+    @property
+    def args(self):
+        return self.node.args
+
+
+#: op name -> rule(RuleInput) -> (output tags, needs_full reason or None). One entry per
+#: op family (like DTensor's op strategies); an op with no entry is treated as pointwise /
+#: broadcasting when its output is the broadcast of its inputs, else "unsupported".
+ANALYSIS_RULES: dict = {}
+
+
+def analysis_rule(*names):
+    """Register ``fn(RuleInput) -> (tags, reason)`` as the layout rule of the named ops."""
+    def deco(fn):
+        for nm in names:
+            ANALYSIS_RULES[nm] = fn
+        return fn
+    return deco
+
+
 def _rule(node, n, analysis, prefix, capture):
-    """(tags, needs_full reason) of one call_function node."""
+    """(tags, needs_full reason) of one call_function node: a few structural cases, then
+    the op's entry in :data:`ANALYSIS_RULES` (default: pointwise/broadcasting)."""
     tgt = node.target
     name = _name(tgt)
     v = node.meta.get("val")
     args = node.args
     if tgt is operator.getitem:
-        src = args[0]
-        st = _tags(src)
+        st = _tags(args[0])
         if isinstance(st, list):
             return st[args[1]] if args[1] < len(st) else None, None
         return st, None
@@ -357,191 +360,250 @@ def _rule(node, n, analysis, prefix, capture):
         return _opaque_rule(node, n, analysis, prefix, capture)
     if name in POINTWISE_SKIP_NAMES or not (isinstance(v, torch.Tensor) or isinstance(v, (tuple, list))):
         return None, None
-    tensor_args = [a for a in torch.fx.node.map_aggregate(list(args) + list(node.kwargs.values()), lambda x: x)
-                   if isinstance(a, torch.fx.Node) and isinstance(_val(a), torch.Tensor)]
-    flat_args = []
-    torch.fx.node.map_arg((args, node.kwargs), lambda x: flat_args.append(x) if isinstance(_val(x), torch.Tensor) else None)
-    tensor_args = flat_args
+    tensor_args = []
+    torch.fx.node.map_arg((args, node.kwargs), lambda x: tensor_args.append(x) if isinstance(_val(x), torch.Tensor) else None)
     any_tagged = any(isinstance(_tags(a), tuple) and any(t is not None for t in _tags(a)) for a in tensor_args)
     out_shape = tuple(v.shape) if isinstance(v, torch.Tensor) else None
-
+    x = args[0] if args else None
+    ri = RuleInput(node, n, name, v, out_shape, x, _tags(x) if isinstance(x, torch.fx.Node) else None,
+                   _shape(x) if isinstance(x, torch.fx.Node) else None, tensor_args)
     if name in FACTORIES:
-        if out_shape is None:
-            return None, None
-        tags = tuple("?" if (s == n and n > 1) else None for s in out_shape)
-        if "?" in tags:
-            node.meta["autocp.shape_rewrite"] = f"{name} with token length {n} in its shape -> block size on tiles"
-        if name.endswith("_like") and tensor_args:
-            return _tags(tensor_args[0]), None
-        return tags, None
-
+        return _factory(ri)
     if not any_tagged:
         if out_shape is None:
-            return [tuple(None for _ in x.shape) if isinstance(x, torch.Tensor) else None for x in v], None
-        tags = tuple("?" if (s == n and n > 1) else None for s in out_shape)
-        return tags, None
+            return [tuple(None for _ in t.shape) if isinstance(t, torch.Tensor) else None for t in v], None
+        return _unknown_len(out_shape, n), None
+    return ANALYSIS_RULES.get(name, _pointwise)(ri)
 
-    x = args[0] if args else None
-    xt = _tags(x) if isinstance(x, torch.fx.Node) else None
-    xs = _shape(x) if isinstance(x, torch.fx.Node) else None
 
-    if name in ("permute",):
-        dims = [d % len(xt) for d in args[1]]
-        return tuple(xt[d] for d in dims), None
-    if name in ("transpose", "swapaxes", "swapdims"):
-        d0, d1 = args[1] % len(xt), args[2] % len(xt)
-        t = list(xt)
-        t[d0], t[d1] = t[d1], t[d0]
-        return tuple(t), None
-    if name == "t":
-        return tuple(reversed(xt)), None
-    if name == "unsqueeze":
-        d = args[1] % (len(xt) + 1)
-        t = list(xt)
-        t.insert(d, None)
-        return tuple(t), None
-    if name == "squeeze":
-        if len(args) > 1:
-            dims = [args[1]] if isinstance(args[1], int) else list(args[1])
-            dims = [d % len(xt) for d in dims if xs[d % len(xt)] == 1]
-        else:
-            dims = [i for i, s in enumerate(xs) if s == 1]
-        return tuple(t for i, t in enumerate(xt) if i not in dims), None
-    if name in ("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as", "contiguous",
-                "clone", "alias", "detach", "lift_fresh_copy"):
-        if out_shape == xs:
+def _unknown_len(shape, n):
+    return tuple("?" if (s == n and n > 1) else None for s in shape)
+
+
+def _factory(ri):
+    if ri.out_shape is None:
+        return None, None
+    tags = _unknown_len(ri.out_shape, ri.n)
+    if "?" in tags:
+        ri.node.meta["autocp.shape_rewrite"] = f"{ri.name} with token length {ri.n} in its shape -> block size on tiles"
+    if ri.name.endswith("_like") and ri.tensor_args:
+        return _tags(ri.tensor_args[0]), None
+    return tags, None
+
+
+@analysis_rule("permute")
+def _permute(ri):
+    return tuple(ri.xt[d % len(ri.xt)] for d in ri.args[1]), None
+
+
+@analysis_rule("transpose", "swapaxes", "swapdims")
+def _transpose(ri):
+    d0, d1 = ri.args[1] % len(ri.xt), ri.args[2] % len(ri.xt)
+    t = list(ri.xt)
+    t[d0], t[d1] = t[d1], t[d0]
+    return tuple(t), None
+
+
+@analysis_rule("t")
+def _t(ri):
+    return tuple(reversed(ri.xt)), None
+
+
+@analysis_rule("unsqueeze")
+def _unsqueeze(ri):
+    t = list(ri.xt)
+    t.insert(ri.args[1] % (len(ri.xt) + 1), None)
+    return tuple(t), None
+
+
+@analysis_rule("squeeze")
+def _squeeze(ri):
+    xt, xs = ri.xt, ri.xs
+    if len(ri.args) > 1:
+        dims = [ri.args[1]] if isinstance(ri.args[1], int) else list(ri.args[1])
+        dims = [d % len(xt) for d in dims if xs[d % len(xt)] == 1]
+    else:
+        dims = [i for i, s in enumerate(xs) if s == 1]
+    return tuple(t for i, t in enumerate(xt) if i not in dims), None
+
+
+@analysis_rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as", "contiguous",
+               "clone", "alias", "detach", "lift_fresh_copy")
+def _view(ri):
+    if ri.out_shape == ri.xs:
+        return ri.xt, None
+    return _view_tags(ri.xt, ri.xs, ri.out_shape, ri.n)
+
+
+@analysis_rule("expand", "expand_as", "broadcast_to", "repeat", "repeat_interleave")
+def _expand(ri):
+    xt, n, out_shape = ri.xt, ri.n, ri.out_shape
+    t = [None] * (len(out_shape) - len(xt)) + list(xt)
+    for i, s in enumerate(out_shape):
+        if t[i] is None and s == n and n > 1:
+            t[i] = "?"
+            ri.node.meta["autocp.shape_rewrite"] = f"{ri.name} to token length {n} -> block size on tiles"
+    if ri.name == "repeat_interleave" and len(ri.args) > 2 and ri.args[2] is not None:
+        d = ri.args[2] % len(xt)
+        if xt[d] is not None:
+            return tuple(t), f"repeat_interleave over token axis {xt[d]!r}"
+    return tuple(t), None
+
+
+@analysis_rule(*CHANNEL_LOCAL)
+def _same(ri):
+    return ri.xt, None
+
+
+@analysis_rule("glu")
+def _glu(ri):  # halves one dim: tile-local along a channel dim
+    d = (ri.args[1] if len(ri.args) > 1 else ri.node.kwargs.get("dim", -1)) % len(ri.xt)
+    return ri.xt, (f"glu along token axis {ri.xt[d]!r}" if ri.xt[d] not in (None, "?") else None)
+
+
+@analysis_rule(*NORMS)
+def _norm(ri):
+    xt = ri.xt
+    shape_arg = ri.args[1] if len(ri.args) > 1 else ri.node.kwargs.get("normalized_shape")
+    k = len(shape_arg) if isinstance(shape_arg, (list, tuple)) else 1
+    bad = [t for t in xt[-k:] if t is not None]
+    reason = f"{ri.name} normalises over token axis {bad}" if bad else None
+    if ri.name == "native_layer_norm":
+        stat = tuple(list(xt[:-k]) + [None] * k)
+        return [xt, stat, stat], reason
+    return xt, reason
+
+
+@analysis_rule(*SOFTMAX)
+def _softmax(ri):
+    xt = ri.xt
+    d = ri.args[1] % len(xt)
+    if xt[d] in ("r", "c", "s"):
+        ri.node.meta["autocp.softmax_tag"] = xt[d]
+        return xt, f"{ri.name} over token axis {xt[d]!r} (attention over a sharded axis)"
+    return xt, None
+
+
+_ALL_REDUCE_OK = ("sum", "mean", "amax", "amin", "max", "min", "any", "all", "logsumexp", "prod")
+
+
+@analysis_rule(*REDUCTIONS)
+def _reduction(ri):
+    xt, args, kw = ri.xt, ri.args, ri.node.kwargs
+    dims = _dims_arg(ri.node, 1, len(xt))
+    keep = bool(args[2]) if len(args) > 2 and isinstance(args[2], bool) else bool(kw.get("keepdim", False))
+    red = [xt[d] for d in dims if xt[d] not in (None, "?")]
+    tags = tuple(None if i in dims else t for i, t in enumerate(xt)) if keep else \
+        tuple(t for i, t in enumerate(xt) if i not in dims)
+    multi = isinstance(ri.v, (tuple, list))
+    if red and ri.name not in _ALL_REDUCE_OK:
+        return tags, f"{ri.name} over token axis {red}"
+    if red:
+        groups = ",".join("row" if t == "c" else "col" for t in red)
+        ri.node.meta["autocp.comm"] = f"all_reduce({groups}) of a {ri.name} over token axis {red}"
+    return ([tags, tags] if multi else tags), None
+
+
+@analysis_rule(*CONTRACTIONS)
+def _contraction(ri):
+    return _contraction_rule(ri.node, ri.name, ri.n)
+
+
+@analysis_rule("scaled_dot_product_attention")
+def _sdpa(ri):
+    q, k = ri.args[0], ri.args[1]
+    kt = _tags(k)
+    ri.node.meta["autocp.contracted"] = {"key": kt[-2]} if kt and kt[-2] else {}
+    if kt and kt[-2] not in (None, "?"):
+        ri.node.meta["autocp.softmax_tag"] = kt[-2]
+        return _tags(q), f"attention over token axis {kt[-2]!r}"
+    return _tags(q), None
+
+
+@analysis_rule("chunk", "split", "split_with_sizes", "unbind", "unsafe_split", "unsafe_chunk")
+def _split(ri):
+    xt, args, kw = ri.xt, ri.args, ri.node.kwargs
+    if ri.name == "unbind":
+        d = (args[1] if len(args) > 1 else 0) % len(xt)
+        out = tuple(t for i, t in enumerate(xt) if i != d)
+    else:
+        d = (args[2] if len(args) > 2 else kw.get("dim", 0)) % len(xt)
+        out = xt
+    nout = len(ri.v) if isinstance(ri.v, (tuple, list)) else 1
+    reason = f"{ri.name} along token axis {xt[d]!r}" if xt[d] not in (None, "?") else None
+    return [out] * nout, reason
+
+
+@analysis_rule("index")
+def _index(ri):
+    dims = [i for i, ix in enumerate(ri.args[1]) if ix is not None]
+    bad = [ri.xt[i] for i in dims if i < len(ri.xt) and ri.xt[i] not in (None, "?")]
+    return (tuple([None] * len(ri.out_shape)) if ri.out_shape else None), (
+        f"advanced indexing on token axis {bad}" if bad else None)
+
+
+@analysis_rule("flip", "roll")
+def _flip_roll(ri):  # dims lists (roll: shifts first)
+    xt, args = ri.xt, ri.args
+    dl = (args[2] if len(args) > 2 else ri.node.kwargs.get("dims")) if ri.name == "roll" else \
+        (args[1] if len(args) > 1 else 0)
+    dl = [dl] if isinstance(dl, int) else list(dl or range(len(xt)))
+    bad = [xt[i % len(xt)] for i in dl if xt[i % len(xt)] not in (None, "?")]
+    return xt, (f"{ri.name} along token axis {bad} (needs specific token positions)" if bad else None)
+
+
+@analysis_rule(*(SLICES - {"index", "flip", "roll"}))
+def _slice(ri):
+    xt, args = ri.xt, ri.args
+    d = (args[1] if len(args) > 1 else 0) % len(xt)
+    if ri.name == "slice":
+        start = args[2] if len(args) > 2 else 0
+        end = args[3] if len(args) > 3 else None
+        if (start in (0, None)) and (end is None or (isinstance(end, int) and end >= ri.xs[d])):
             return xt, None
-        tags, bad = _view_tags(xt, xs, out_shape, n)
-        return tags, bad
-    if name in ("expand", "expand_as", "broadcast_to", "repeat", "repeat_interleave"):
-        off = len(out_shape) - len(xt)
-        t = [None] * off + list(xt)
-        for i, s in enumerate(out_shape):
-            if t[i] is None and s == n and n > 1:
-                t[i] = "?"
-                node.meta["autocp.shape_rewrite"] = f"{name} to token length {n} -> block size on tiles"
-        if name == "repeat_interleave" and len(args) > 2 and args[2] is not None:
-            d = args[2] % len(xt)
-            if xt[d] is not None:
-                return tuple(t), f"repeat_interleave over token axis {xt[d]!r}"
+    out = tuple(t for i, t in enumerate(xt) if i != d) if ri.name == "select" else xt
+    if xt[d] not in (None, "?"):
+        return out, f"{ri.name} on token axis {xt[d]!r} (needs specific token positions)"
+    return out, None
+
+
+@analysis_rule("cat", "concat", "stack")
+def _cat(ri):
+    args = ri.args
+    d = args[1] if len(args) > 1 else ri.node.kwargs.get("dim", 0)
+    tl = [_tags(a) for a in args[0]]
+    base = next((t for t in tl if t), None)
+    if ri.name == "stack":
+        t = list(base)
+        t.insert(d % (len(base) + 1), None)
         return tuple(t), None
-    if name in CHANNEL_LOCAL:
-        return xt, None
-    if name == "glu":  # halves one dim: tile-local along a channel dim
-        d = (args[1] if len(args) > 1 else node.kwargs.get("dim", -1)) % len(xt)
-        return xt, (f"glu along token axis {xt[d]!r}" if xt[d] not in (None, "?") else None)
-    if name in NORMS:
-        shape_arg = args[1] if len(args) > 1 else node.kwargs.get("normalized_shape")
-        k = len(shape_arg) if isinstance(shape_arg, (list, tuple)) else 1
-        bad = [t for t in xt[-k:] if t is not None]
-        reason = f"{name} normalises over token axis {bad}" if bad else None
-        if name == "native_layer_norm":
-            stat = tuple(list(xt[:-k]) + [None] * k)
-            return [xt, stat, stat], reason
-        return xt, reason
-    if name in SOFTMAX:
-        d = args[1] % len(xt)
-        if xt[d] in ("r", "c", "s", "?") and xt[d] != "?":
-            node.meta["autocp.softmax_tag"] = xt[d]
-            return xt, f"{name} over token axis {xt[d]!r} (attention over a sharded axis)"
-        return xt, None
-    if name in REDUCTIONS:
-        dims = _dims_arg(node, 1, len(xt))
-        keep = bool(args[2]) if len(args) > 2 and isinstance(args[2], bool) else bool(node.kwargs.get("keepdim", False))
-        red = [xt[d] for d in dims if xt[d] not in (None, "?")]
-        if keep:
-            tags = tuple(None if i in dims else t for i, t in enumerate(xt))
-        else:
-            tags = tuple(t for i, t in enumerate(xt) if i not in dims)
-        if red:
-            if name in ("sum", "mean", "amax", "amin", "max", "min", "any", "all", "logsumexp", "prod"):
-                groups = ",".join("row" if t == "c" else "col" for t in red)
-                node.meta["autocp.comm"] = f"all_reduce({groups}) of a {name} over token axis {red}"
-                if isinstance(v, (tuple, list)):
-                    return [tags, tags], None
-                return tags, None
-            return tags, f"{name} over token axis {red}"
-        if isinstance(v, (tuple, list)):
-            return [tags, tags], None
-        return tags, None
-    if name in CONTRACTIONS:
-        return _contraction_rule(node, name, n)
-    if name == "scaled_dot_product_attention":
-        q, k = args[0], args[1]
-        kt = _tags(k)
-        node.meta["autocp.contracted"] = {"key": kt[-2]} if kt and kt[-2] else {}
-        if kt and kt[-2] not in (None, "?"):
-            node.meta["autocp.softmax_tag"] = kt[-2]
-            return _tags(q), f"attention over token axis {kt[-2]!r}"
-        return _tags(q), None
-    if name in ("chunk", "split", "split_with_sizes", "unbind", "unsafe_split", "unsafe_chunk"):
-        d = (args[2] if len(args) > 2 else node.kwargs.get("dim", 0)) % len(xt)
-        if name == "unbind":
-            d = (args[1] if len(args) > 1 else 0) % len(xt)
-            out = tuple(t for i, t in enumerate(xt) if i != d)
-        else:
-            out = xt
-        nout = len(v) if isinstance(v, (tuple, list)) else 1
-        reason = f"{name} along token axis {xt[d]!r}" if xt[d] not in (None, "?") else None
-        return [out] * nout, reason
-    if name in SLICES:
-        d = (args[1] if len(args) > 1 else 0)
-        if name == "index":
-            idx = args[1]
-            dims = [i for i, ix in enumerate(idx) if ix is not None]
-            bad = [xt[i] for i in dims if i < len(xt) and xt[i] not in (None, "?")]
-            return (tuple([None] * len(out_shape)) if out_shape else None), (f"advanced indexing on token axis {bad}" if bad else None)
-        if name in ("flip", "roll"):  # dims lists (roll: shifts first)
-            dl = (args[2] if len(args) > 2 else node.kwargs.get("dims")) if name == "roll" else d
-            dl = [dl] if isinstance(dl, int) else list(dl or range(len(xt)))
-            bad = [xt[i % len(xt)] for i in dl if xt[i % len(xt)] not in (None, "?")]
-            return xt, (f"{name} along token axis {bad} (needs specific token positions)" if bad else None)
-        d = d % len(xt)
-        if name == "slice":
-            start = args[2] if len(args) > 2 else 0
-            end = args[3] if len(args) > 3 else None
-            full = (start in (0, None)) and (end is None or (isinstance(end, int) and end >= xs[d]))
-            if full:
-                return xt, None
-        if name == "select":
-            out = tuple(t for i, t in enumerate(xt) if i != d)
-        else:
-            out = xt
-        if xt[d] not in (None, "?"):
-            return out, f"{name} on token axis {xt[d]!r} (needs specific token positions)"
-        return out, None
-    if name in ("cat", "concat", "stack"):
-        seq = args[0]
-        d = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-        tl = [_tags(a) for a in seq]
-        base = next((t for t in tl if t), None)
-        if name == "stack":
-            d = d % (len(base) + 1)
-            t = list(base)
-            t.insert(d, None)
-            return tuple(t), None
-        d = d % len(base)
-        merged = list(base)
-        for t in tl:
-            if t:
-                for i, tg in enumerate(t):
-                    merged[i], _ = _merge(merged[i], tg)
-        if merged[d] not in (None, "?"):
-            return tuple(merged), f"cat along token axis {merged[d]!r}"
-        return tuple(merged), None
-    # pointwise / broadcasting (the default when the output is the broadcast of the inputs)
+    d = d % len(base)
+    merged = list(base)
+    for t in tl:
+        if t:
+            for i, tg in enumerate(t):
+                merged[i], _ = _merge(merged[i], tg)
+    if merged[d] not in (None, "?"):
+        return tuple(merged), f"cat along token axis {merged[d]!r}"
+    return tuple(merged), None
+
+
+def _pointwise(ri):
+    """The default: pointwise / broadcasting when the output is the broadcast of the inputs."""
+    out_shape = ri.out_shape
     if out_shape is not None:
-        ins = [(_tags(a), _shape(a)) for a in tensor_args if isinstance(_tags(a), tuple)]
+        ins = [(_tags(a), _shape(a)) for a in ri.tensor_args if isinstance(_tags(a), tuple)]
         try:
             bshape = torch.broadcast_shapes(*[s for _, s in ins if s is not None])
         except Exception:  # noqa: BLE001
             bshape = None
         if bshape is not None and tuple(bshape) == out_shape:
-            tags, conflict = _broadcast(node, ins, out_shape, n)
+            tags, conflict = _broadcast(ri.node, ins, out_shape, ri.n)
             if conflict:
-                return tags, f"{name} combines tensors whose token axes are split differently (needs a transpose exchange)"
+                return tags, (f"{ri.name} combines tensors whose token axes are split differently "
+                              f"(needs a transpose exchange)")
             return tags, None
-    return (tuple([None] * len(out_shape)) if out_shape else None), f"unsupported op {name} on a sharded tensor"
+    return (tuple([None] * len(out_shape)) if out_shape else None), f"unsupported op {ri.name} on a sharded tensor"
 
 
 def _contraction_rule(node, name, n):
@@ -602,9 +664,7 @@ def _opaque_rule(node, n, analysis, prefix, capture):
         node.meta["autocp.out_layouts"] = out
         return list(out), None
     if entry.kind == "fallback":
-        from .rewrite import _canonical_out_tags
-
-        out = entry.out_tags or _canonical_out_tags(entry.out_meta or [], n)
+        out = entry.out_tags or canonical_out_tags(entry.out_meta or [], n)
         node.meta["autocp.out_layouts"] = out
         return list(out), None
     # a block instance: analyse its graph once per input layout

@@ -22,7 +22,6 @@ both runs (a debugging tool: run it at a small N).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.fx as fx

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..layout import ColToken, MsaTiles, Pair2D, Replicated, RowToken
 from .context import tile_context
 from .rewrite import gather_tags, shard_tags
+from .wrapper import ModuleWrapper
 
 __all__ = ["ParallelModule", "layout_of_tags"]
 
@@ -84,21 +85,17 @@ class _SumInputGrad(torch.autograd.Function):
         return g, None
 
 
-class ParallelModule(nn.Module):
-    """The 2D-parallel model returned by :func:`autocp.parallelize`."""
+class ParallelModule(ModuleWrapper):
+    """The 2D-parallel model returned by :func:`autocp.parallelize` (holds the rewritten
+    clone of the model as ``inner``; same ``state_dict`` keys as the original)."""
+
+    autocp_parallel = True  # what autocp.guard checks (no import of this module there)
 
     def __init__(self, original: nn.Module, clone: nn.Module, mesh, *, input_tags, output_tags,
                  n_tokens: int, n_seq: Optional[int], report=None, plan=None, root_fallback: bool = False):
-        super().__init__()
-        for name, child in clone._modules.items():
-            self._modules[name] = child
-        for name, prm in clone._parameters.items():
-            self._parameters[name] = prm
-        for name, buf in clone._buffers.items():
-            self._buffers[name] = buf
-        object.__setattr__(self, "_clone", clone)
+        clone.training = original.training
+        super().__init__(clone, mesh)
         object.__setattr__(self, "_original_type", type(original))
-        self.mesh = mesh
         self.input_tags = list(input_tags)
         self.output_tags = list(output_tags)
         self.example_n = n_tokens
@@ -106,8 +103,6 @@ class ParallelModule(nn.Module):
         self.report = report
         self.plan = plan
         self.root_fallback = root_fallback
-        self.training = original.training
-        clone.training = original.training
         self.grad_reducer = None  # attached by autocp.parallelize (see autocp.grad_sync)
 
     # ------------------------------------------------------------------ training (autocp.grad_sync)
@@ -132,11 +127,6 @@ class ParallelModule(nn.Module):
         from .. import guard
 
         return guard.guarded_call(self, super().__call__, args, kwargs)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._clone.training = mode
-        return self
 
     def explain(self, **kw) -> str:
         from .explain import render
@@ -163,7 +153,7 @@ class ParallelModule(nn.Module):
         if getattr(self, "_dropout_warned", False) or self.mesh.p == 1:
             return
         rates = [float(getattr(m, "p" if isinstance(m, nn.Dropout) else "dropout", 0.0) or 0.0)
-                 for m in self._clone.modules()
+                 for m in self.inner.modules()
                  if isinstance(m, nn.Dropout) or isinstance(getattr(m, "dropout", None), (int, float))]
         if any(r > 0 for r in rates):
             warnings.warn(
@@ -231,7 +221,7 @@ class ParallelModule(nn.Module):
             if graph is not None:  # emit="graph": the sharded captured graph (autocp.passes.graph_emit)
                 out = graph(a, kw)
             else:
-                out = self._clone(*a, **kw)
+                out = self.inner(*a, **kw)
         if self.grad_reducer is not None and torch.is_grad_enabled():
             self.grad_reducer.attach_output([x for x in tree_flatten(out)[0]])
         if output == "local":

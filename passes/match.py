@@ -35,7 +35,8 @@ from typing import Optional
 
 import torch
 
-from .analyze import SOFTMAX, _name, layout_name
+from .analyze import SOFTMAX
+from .tags import layout_name, op_name as _name
 from .trace import OPAQUE_OP, Capture
 
 __all__ = ["Match", "MatchResult", "GraphView", "match", "register_default_patterns", "module_path_of",
@@ -71,12 +72,12 @@ class MatchResult:
 # ----------------------------------------------------------------------------- module paths
 def module_path_of(node, graph_prefix: str = "", skip_root_block: bool = True) -> tuple:
     """(innermost module path, class name) of a node from ``nn_module_stack``, with the
-    block-capture wrapper (``_Bound.block``) mapped back to the block's path."""
+    block-capture wrapper (``BoundCall.block``) mapped back to the block's path."""
     stack = node.meta.get("nn_module_stack") or {}
     path, cls = "", ""
     for _k, (p, t) in stack.items():
         tname = t if isinstance(t, str) else getattr(t, "__qualname__", str(t))
-        if tname.endswith("_Bound"):
+        if tname.endswith("BoundCall"):
             continue
         path, cls = p, tname
     if graph_prefix:

@@ -33,8 +33,8 @@ from torch import nn
 from .. import comm
 from ..layout import block_size, pad_to
 from ..mesh import COL, ROW
-from ..ops.common import adopt_module_state
-from .tags import map_tagged
+from .tags import canonical_out_tags, map_tagged
+from .wrapper import ModuleWrapper
 
 __all__ = ["UnsupportedPairOpError", "Action", "RewritePlan", "plan_rewrite", "GatherFallback",
            "gather_tags", "shard_tags"]
@@ -110,7 +110,7 @@ def _nbytes(shape, dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
-class GatherFallback(nn.Module):
+class GatherFallback(ModuleWrapper):
     """Runs ``module`` on gathered full tensors and returns this rank's blocks.
 
     Same parameters and state_dict keys as ``module`` (its children and direct
@@ -119,18 +119,9 @@ class GatherFallback(nn.Module):
     """
 
     def __init__(self, module: nn.Module, mesh, in_tags, out_tags, path: str = ""):
-        super().__init__()
-        adopt_module_state(self, module)
-        object.__setattr__(self, "inner", module)
-        self.mesh = mesh
+        super().__init__(module, mesh, path)
         self.in_tags = list(in_tags)
         self.out_tags = list(out_tags)
-        self.path = path
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.inner.training = mode
-        return self
 
     def forward(self, *args, **kwargs):
         from .context import current
@@ -143,19 +134,6 @@ class GatherFallback(nn.Module):
 
 
 # ----------------------------------------------------------------------------- planning
-def _canonical_out_tags(meta, n):
-    """Output tags of a fallback module from shapes: token-length dims -> r, c in order."""
-    out = []
-    for shape, _dtype in meta:
-        tags = [None] * len(shape)
-        order = iter(("r", "c"))
-        for d, s in enumerate(shape):
-            if d >= 1 and s == n:
-                tags[d] = next(order, None)
-        out.append(tuple(tags))
-    return out
-
-
 def _tags_list(tags):
     if tags is None:
         return []
@@ -178,7 +156,7 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
             in_tags = nd.meta.get("autocp.in_layouts") or []
             out_tags = _tags_list(nd.meta.get("autocp.out_layouts"))
             if entry.kind == "fallback":
-                out_tags = entry.out_tags or _canonical_out_tags(entry.out_meta or [], n_tokens)
+                out_tags = entry.out_tags or canonical_out_tags(entry.out_meta or [], n_tokens)
             full = sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
                 _nbytes(s, d) for s, d in (entry.out_meta or [(entry.in_meta or [((), torch.float32)])[0]]))
             structural, s_err = None, None
@@ -279,7 +257,7 @@ def _boundary(capture, prefix, path):
 def fallback_out_tags(meta, boundary, n):
     """Output tags of a fallback module: the analysed layout of the matching boundary value
     (same shape), else token-length dims -> r, c in order."""
-    canon = _canonical_out_tags(meta, n)
+    canon = canonical_out_tags(meta, n)
     res = []
     for (shape, _d), c in zip(meta, canon):
         hit = next((t for s, t in reversed(boundary or []) if tuple(s) == tuple(shape)

@@ -38,10 +38,9 @@ exact whatever it means.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -50,7 +49,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..layout import block_size
 from . import tile_ops as T
 from .structural import (StructuralRewriteError, attention_nodes, einsum_letters, fill_nodes, match_attention,
-                         match_sdpa, tile_attention)
+                         match_sdpa, pack_kv, tile_attention)
 
 __all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
            "source_line", "tag_str"]
@@ -409,7 +408,8 @@ class _Sharder:
                 v = self.emit(torch.narrow, v, sp.term_narrow[nd], 0, 1)
             return v
 
-        out = self.emit(tile_attention, self.env[sp.q], self.env[sp.k], self.env[sp.v],
+        kv_box = self.emit(pack_kv, self.env[sp.k], self.env[sp.v], key)
+        out = self.emit(tile_attention, self.env[sp.q], kv_box,
                         [term(b) for b, _a, _m in sp.biases], [term(m) for _k, m, _a, _v in sp.masks], key,
                         [self.full(f) for f in fill_nodes(sp)])
         self.note("ring", f"triangle attention: {sp.detail}")
@@ -615,7 +615,11 @@ for _op in (aten.clone.default, aten.detach.default, aten.alias.default, aten.li
 
 
 @rule(aten.masked_fill.Tensor, aten.where.self, aten.where.ScalarSelf, aten.where.ScalarOther,
-      aten.where.Scalar, aten.masked_fill.Scalar, aten.lerp.Scalar, aten.lerp.Tensor)
+      aten.where.Scalar, aten.masked_fill.Scalar, aten.lerp.Scalar, aten.lerp.Tensor,
+      # elementwise ops that ATen does not tag pointwise (found by the OpInfo sweep)
+      aten.rsub.Tensor, aten.subtract.Tensor, aten.subtract.Scalar, aten.floor_divide.default,
+      aten.floor_divide.Scalar, aten.isclose.default, aten.real.default, aten.log_sigmoid.default,
+      aten.special_ndtr.default, aten.isreal.default)
 def _pw_rule(s, node):
     _pointwise(s, node)
 
@@ -1008,13 +1012,79 @@ def _reduce(s, node):
             xv = s.emit(torch.nan_to_num, xv, 0.0)
         out = s.emit(T.reduce_sum, xv, dims, keep, tagged, dtype, count)
     elif packet in (aten.any, aten.all):
-        xi = s.emit(torch.Tensor.to, s.emit(torch.logical_not, xv) if packet is aten.all else xv, torch.int32)
+        # any: some element != 0; all: no element == 0 (float inputs too: 0.3 is true)
+        xi = s.emit(torch.Tensor.to, s.emit(torch.eq if packet is aten.all else torch.ne, xv, 0), torch.int32)
         tot = s.emit(T.reduce_sum, xi, dims, keep, tagged, None, None)
         out = s.emit(torch.eq if packet is aten.all else torch.gt, tot, 0)
     else:
         out = s.emit(T.reduce_amax, xv, dims, keep, tagged, packet is aten.amin)
     s.note("all-reduce", f"{packet.__name__} over sharded dim(s) {[d for d, _ in tagged]}")
     s.set(node, out, out_t)
+
+
+def _token_reduction(s, node, dims_arg, keep_arg, local):
+    """Shared shape of the reductions below: ``local(s, x_tile, dims, keep, tagged)`` emits
+    the reduction of one tile given the sharded dims (``tagged``); a reduction over no
+    sharded dim, or over merged dims, runs on the op itself."""
+    x = node.args[0]
+    shp, t = s.gshape(x), s.tg(x)
+    nd = len(shp)
+    dims = _red_dims(dims_arg, nd)
+    keep = bool(keep_arg)
+    tagged = [(d, t[d]) for d in dims if t[d] is not None]
+    out_t = tuple(None if i in dims else v for i, v in enumerate(t)) if keep else \
+        tuple(v for i, v in enumerate(t) if i not in dims)
+    if not tagged or any(isinstance(tt, tuple) for _, tt in tagged):
+        xv = s.env[x] if not tagged else _whole_dims(s, x, {d for d, _ in tagged})[0]
+        args = (xv,) + tuple(s.map_args(node.args[1:], lambda a: s.env[a]))
+        s.set(node, s.emit(node.target, *args, **s.map_args(node.kwargs, lambda a: s.env[a])), out_t)
+        return
+    s.note("all-reduce", f"{node.target.overloadpacket.__name__} over sharded dim(s) {[d for d, _ in tagged]}")
+    s.set(node, local(s, s.env[x], dims, keep, tagged), out_t)
+
+
+@rule(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
+def _count_nonzero(s, node):
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    _token_reduction(s, node, d, False, lambda s, xv, dims, keep, tagged: s.emit(
+        T.reduce_sum, s.emit(torch.ne, xv, 0), dims, keep, tagged, torch.int64, None))
+
+
+@rule(aten.nanmean.default)
+def _nanmean(s, node):
+    a, kw = node.args, node.kwargs
+    d = a[1] if len(a) > 1 else kw.get("dim")
+    keep = a[2] if len(a) > 2 else kw.get("keepdim", False)
+
+    def local(s, xv, dims, keep, tagged):
+        tot = s.emit(T.reduce_sum, s.emit(torch.nan_to_num, xv, 0.0, 0.0, 0.0), dims, keep, tagged, None, None)
+        cnt = s.emit(T.reduce_sum, s.emit(torch.Tensor.to, s.emit(torch.logical_not, s.emit(torch.isnan, xv)),
+                                          _val(node.args[0]).dtype), dims, keep, tagged, None, None)
+        return s.emit(torch.div, tot, cnt)
+
+    if kw.get("dtype") is not None or (len(a) > 3 and a[3] is not None):
+        return _fallback(s, node, "nanmean with a dtype")
+    _token_reduction(s, node, d, keep, local)
+
+
+@rule(aten.linalg_vector_norm.default)
+def _vector_norm(s, node):
+    a, kw = node.args, node.kwargs
+    ordv = a[1] if len(a) > 1 else kw.get("ord", 2)
+    d = a[2] if len(a) > 2 else kw.get("dim")
+    keep = a[3] if len(a) > 3 else kw.get("keepdim", False)
+    dtype = a[4] if len(a) > 4 else kw.get("dtype")
+    if not isinstance(ordv, (int, float)) or ordv <= 0:
+        return _channel_only(2, 3)(s, node)
+
+    def local(s, xv, dims, keep, tagged):
+        ax = s.emit(torch.abs, xv if dtype is None else s.emit(torch.Tensor.to, xv, dtype))
+        if ordv == float("inf"):
+            return s.emit(T.reduce_amax, ax, dims, keep, tagged, False)
+        tot = s.emit(T.reduce_sum, s.emit(torch.pow, ax, ordv), dims, keep, tagged, None, None)
+        return s.emit(T.safe_root, tot, float(ordv))
+
+    _token_reduction(s, node, d, keep, local)
 
 
 def _channel_only(dim_arg_index, keep_index=None, multi_out=False, default_dim=None):
@@ -1056,11 +1126,37 @@ RULES[aten.argsort.stable] = _channel_only(99, default_dim=-1)
 RULES[aten.topk.default] = _channel_only(2, default_dim=-1)
 RULES[aten.flip.default] = _channel_only(1)
 RULES[aten.roll.default] = _channel_only(2)
-RULES[aten.linalg_vector_norm.default] = _channel_only(2, 3)
-RULES[aten.max.dim] = _channel_only(1, 2)
-RULES[aten.min.dim] = _channel_only(1, 2)
-RULES[aten.argmax.default] = _channel_only(1, 2)
-RULES[aten.argmin.default] = _channel_only(1, 2)
+
+
+@rule(aten.max.dim, aten.min.dim)
+def _max_dim(s, node):
+    """max/min with dim along one sharded dim -> (values, global indices)."""
+    x = node.args[0]
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    t = s.tg(x)
+    d = d % len(t)
+    if t[d] is None or isinstance(t[d], tuple):
+        return _channel_only(1, 2)(s, node)
+    out_t = tuple(None if i == d else v for i, v in enumerate(t)) if keep else tuple(v for i, v in enumerate(t) if i != d)
+    s.note("all-reduce", f"{node.target.overloadpacket.__name__} over sharded dim {d}")
+    s.set(node, s.emit(T.max_dim, s.env[x], d, t[d], keep, node.target is aten.max.dim), [out_t, out_t])
+
+
+@rule(aten.argmax.default, aten.argmin.default)
+def _argmax(s, node):
+    """argmax/argmin along one sharded dim: global index of the first extremum (two small
+    all-reduces); along whole dims, or over all dims (flattened index), the op itself."""
+    x = node.args[0]
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    t = s.tg(x)
+    if d is None or t[d % len(t)] is None or isinstance(t[d % len(t)], tuple):
+        return _channel_only(1, 2)(s, node)
+    d = d % len(t)
+    out_t = tuple(None if i == d else v for i, v in enumerate(t)) if keep else tuple(v for i, v in enumerate(t) if i != d)
+    s.note("all-reduce", f"{node.target.overloadpacket.__name__} over sharded dim {d}")
+    s.set(node, s.emit(T.arg_extreme, s.env[x], d, t[d], keep, node.target is aten.argmax.default), out_t)
 RULES[aten.logcumsumexp.default] = _channel_only(1)
 
 

@@ -1,7 +1,7 @@
 """Structural rewrite: run an UNREGISTERED module's own ATen graph on local tiles.
 
 Requires: a module that the first compile round matched structurally (a contraction over
-a token axis between two pair-derived tensors -- :func:`autocp.passes.match._rule_triangle_mult`
+a token axis between two pair-derived tensors -- :func:`autocp.passes.match.rule_triangle_mult`
 -- or a triangle attention -- :func:`autocp.passes.match._rule_attention`),
 the call it receives (``OpaqueEntry.last_call`` / ``in_meta`` from the fallback capture),
 the layouts of its tensor inputs and the global token count N.
@@ -51,10 +51,14 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..ops.common import adopt_module_state
+from .analyze import Analysis, analyze_graph
+from .match import INPLACE_FORMS, ancestors_until, is_contraction, n_token_tags, rule_triangle_mult
+from .tags import op_name as _name
+from .trace import BoundCall, example_like, param_sig
+from .wrapper import ModuleWrapper
 
 __all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract",
-           "tile_attention", "attention_nodes", "match_attention", "match_sdpa", "fill_nodes", "einsum_letters"]
+           "tile_attention", "pack_kv", "attention_nodes", "match_attention", "match_sdpa", "fill_nodes", "einsum_letters"]
 
 
 class StructuralRewriteError(RuntimeError):
@@ -197,9 +201,8 @@ def _align(node, letters: str, shape) -> str:
 
 
 def _reaches_contraction(node, limit=16) -> bool:
-    from .match import ancestors_until as _ancestors_until, is_contraction as _is_contraction
 
-    return any(_is_contraction(a) for a in _ancestors_until(node, _is_contraction, limit=limit))
+    return any(is_contraction(a) for a in ancestors_until(node, is_contraction, limit=limit))
 
 
 def broadcast_dim(node, d: int, depth: int = 12) -> bool:
@@ -274,7 +277,6 @@ def _layout_meta(node):
 def _walk_scores(sm, where):
     """From the softmax input back to the q.k contraction: ``(qk, chain, mult, terms, fills)``
     (scalar scales, additive terms, masked_fill); raises when a step does not fit."""
-    from .match import INPLACE_FORMS, is_contraction as _is_contraction
 
     mult, terms, fills, chain = 1.0, [], [], []
     cur = sm.args[0]
@@ -282,7 +284,7 @@ def _walk_scores(sm, where):
         if not isinstance(cur, torch.fx.Node) or cur.op != "call_function":
             raise StructuralRewriteError(f"{where}: no q.k contraction feeds it")
         nm = _name(cur.target)
-        if _is_contraction(cur):
+        if is_contraction(cur):
             return cur, chain, mult, terms, fills
         if nm in INPLACE_FORMS:
             # ``scores += bias`` (e.g. SDPA's math path: ``attn.add_(attn_mask)``): the same
@@ -339,7 +341,6 @@ def _walk_scores(sm, where):
 
 def _walk_weights(sm, where):
     """From the softmax forward through casts to the attn @ v contraction: ``(av, after, last)``."""
-    from .match import is_contraction as _is_contraction
 
     after, cur = [], sm
     while True:
@@ -348,7 +349,7 @@ def _walk_weights(sm, where):
             raise StructuralRewriteError(f"{where}: the attention weights are used {len(users)} times "
                                          f"(only attn @ v is rewritten)")
         nxt = users[0]
-        if _is_contraction(nxt):
+        if is_contraction(nxt):
             return nxt, after, cur
         if nxt.op == "call_function" and _name(nxt.target) == "dropout" and \
                 (not nxt.args[2] or float(nxt.args[1]) == 0.0):  # eval / p=0 dropout: the identity
@@ -390,7 +391,6 @@ def _attention_spec(sm, layout_of=_layout_meta, whole_ok: bool = False) -> _Attn
     ``layout_of(node)``: the layout tags of a node (the analysis' ``autocp.layout`` meta by
     default; the shard pass passes its own tags). ``whole_ok``: a bias / mask term whose
     token dims are whole fits (the caller slices it to ``spec.term_tags[node]``)."""
-    from .match import n_token_tags as _n_token_tags
 
     name = _name(sm.target)
     where = f"node {sm.name!r} (softmax over token axis {sm.meta.get('autocp.softmax_tag')!r})"
@@ -400,7 +400,7 @@ def _attention_spec(sm, layout_of=_layout_meta, whole_ok: bool = False) -> _Attn
     qk, chain, mult, terms, fills = _walk_scores(sm, where)
     sa, sb, so, (q, k) = _contraction_letters(qk)
     lq_t, lk_t = layout_of(q), layout_of(k)
-    if not (_n_token_tags(lq_t) >= 2 and _n_token_tags(lk_t) >= 2) or not isinstance(lq_t, tuple) \
+    if not (n_token_tags(lq_t) >= 2 and n_token_tags(lk_t) >= 2) or not isinstance(lq_t, tuple) \
             or not isinstance(lk_t, tuple):
         raise StructuralRewriteError(f"{where}: q/k of {qk.name} are not pair-derived (pair-bias attention over "
                                      f"token tensors is not rewritten)")
@@ -600,12 +600,37 @@ def _canon(t: torch.Tensor, letters: str, order: list, sizes: dict) -> torch.Ten
     return t.expand([sizes[ch] for ch in order])
 
 
-def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
+def pack_kv(k, v, key: int) -> list:
+    """k and v of a matched triangle attention packed for the attention ring: one buffer
+    ``[B, b_i, b_k, 2, H, D]`` (k already multiplied by the score scale,
+    ``q . (m k) = m (q . k)``, so q is not copied), returned in a one-element list (a
+    *box*): :func:`tile_attention` pops it, so in no-grad inference the packed block is
+    freed as soon as the ring has sent it, and the model's own k / v tiles are dead once
+    this node ran (the graph frees them after their last use)."""
+    sp = _ATTN_SPECS[key]
+    sizes = dict(zip(sp.lk, k.shape))
+    sizes.update(zip(sp.lv, v.shape))
+    bm, hm = list(sp.bm), list(sp.hm)
+    bsz = int(torch.Size([sizes[c] for c in bm]).numel())
+    hsz = int(torch.Size([sizes[c] for c in hm]).numel())
+    bi, bk, dd = sizes[sp.i], sizes[sp.kk], sizes[sp.d]
+    dt = torch.promote_types(k.dtype, v.dtype)
+    kv = torch.empty(bsz, bi, bk, 2, hsz, dd, dtype=dt, device=k.device)
+    split = [sizes[c] for c in bm] + [bi, bk] + [sizes[c] for c in hm] + [dd]
+    kv.select(3, 0).view(split).copy_(_canon(k, sp.lk, bm + [sp.i, sp.kk] + hm + [sp.d], sizes))
+    kv.select(3, 1).view(split).copy_(_canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes))
+    if sp.qk_mult != 1.0:
+        kv.select(3, 0).mul_(sp.qk_mult)
+    return [kv]
+
+
+def tile_attention(q, kv_box: list, biases, masks, key: int, fill_values=()):
     """The distributed replacement of one matched triangle attention, on local tiles.
 
-    ``q`` / ``k`` / ``v``: the q.k and attn @ v operands (this rank's tiles), ``biases``: the
+    ``q``: the q.k operand (this rank's tile), ``kv_box``: :func:`pack_kv` of the k and v
+    operands, ``biases``: the
     triangle bias term(s) (local tile: query block = the tile's row-token block, keys its
-    other block -- exactly the ``tri`` tile :class:`autocp.ops.triangle_attn._TriAttnRing`
+    other block -- exactly the ``tri`` tile :class:`autocp.ops.triangle_attn.TriAttnRing`
     takes), ``masks``: the key-mask terms (``fill`` / ``where`` conditions: True = masked /
     kept), ``fill_values``: the tensor fill values of those (checked: all huge negatives). All are permuted to the ring's canonical layout,
     the keys run on the ring over all N tokens (padding keys get no weight; masked keys --
@@ -614,16 +639,16 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
     """
     from ..layout import token_valid
     from ..ops.common import TileCtx
-    from ..ops.triangle_attn import _MeshView, _ring_forward, _TriAttnRing, row_chunk_for
+    from ..ops.triangle_attn import SCORE_CHUNK_ELEMS, MeshView, TriAttnRing, ring_forward, row_chunk_for
     from .context import current
 
     sp = _ATTN_SPECS[key]
     info = current()
     mesh, n = info.mesh, info.n
     ctx = TileCtx(mesh, n)
+    kv = kv_box.pop()
     sizes = dict(zip(sp.lq, q.shape))
-    sizes.update(zip(sp.lk, k.shape))
-    sizes.update(zip(sp.lv, v.shape))
+    sizes[sp.kk] = kv.shape[2]
     if sizes[sp.i] != ctx.b or sizes[sp.j] != ctx.b or sizes[sp.kk] != ctx.b:
         raise StructuralRewriteError(f"autocp structural attention: token sizes {sizes}; required {ctx.b} (b = "
                                      f"ceil(N={n} / p={mesh.p})). Fix: register the module.")
@@ -633,15 +658,7 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
     b = ctx.b
     dd = sizes[sp.d]
     qc = _canon(q, sp.lq, bm + [sp.i] + hm + [sp.j, sp.d], sizes).reshape(bsz, b, hsz, b, dd)
-    dt = torch.promote_types(qc.dtype, v.dtype)
-    # k and v packed for the ring, written straight into one buffer (no separate copies);
-    # the score scale goes onto the packed k (q . (m k) = m (q . k)): q is not copied
-    kv = torch.empty(bsz, b, b, 2, hsz, dd, dtype=dt, device=q.device)
-    split = [sizes[c] for c in bm] + [b, b] + [sizes[c] for c in hm] + [dd]
-    kv.select(3, 0).view(split).copy_(_canon(k, sp.lk, bm + [sp.i, sp.kk] + hm + [sp.d], sizes))
-    kv.select(3, 1).view(split).copy_(_canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes))
-    if sp.qk_mult != 1.0:
-        kv.select(3, 0).mul_(sp.qk_mult)
+    dt = kv.dtype
     tri = None
     for t, al, m in zip(biases, [a for _n, a, _m in sp.biases], [m for _n, _a, m in sp.biases]):
         tb = _canon(t, al, bm + hm + [sp.j, sp.kk], sizes).reshape(bsz, hsz, b, b) * m
@@ -669,14 +686,17 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
         else:
             valid = valid & ~mt.bool()
     key_mask = valid.to(torch.uint8).contiguous()
-    view = _MeshView(mesh, transposed=sp.transposed)
-    rc = row_chunk_for(bsz, b, hsz, b, b)
+    view = MeshView(mesh, transposed=sp.transposed)
+    # rows per kernel call: a score chunk at most a quarter of the q tile (and the global
+    # cap), so the ring's temporaries stay a small fraction of the resident tiles
+    rc = row_chunk_for(bsz, b, hsz, b, b, budget_elems=min(SCORE_CHUNK_ELEMS, max(1, qc.numel() // 4)))
+    v_keys = kv.select(3, 1) if any(kind in ("fill", "keep") for kind, _n, _a, _v in sp.masks) else None
     if torch.is_grad_enabled():
-        o = _TriAttnRing.apply(qc, kv, tri, key_mask, view, n, rc)
+        o = TriAttnRing.apply(qc, kv, tri, key_mask, view, n, rc)
     else:
         box = [kv]
         del kv
-        o = _ring_forward(qc, box, tri, key_mask, view, n, rc)[0]
+        o = ring_forward(qc, box, tri, key_mask, view, n, rc)[0]
     if any(kind in ("fill", "keep") for kind, _n, _a, _v in sp.masks):
         # masked_fill: a fully masked row's scores are all the fill value -> the uniform average
         # of v over the N real keys, and NO gradient into q, k or the bias (the ring's uniform
@@ -691,8 +711,7 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
         real_k = token_valid(n, mesh.p, view.c, device=o.device)
         cnt = (valid & real_k[None, None, :]).sum(-1).float()
         comm.all_reduce_(cnt, mesh, axis, name="triattn.rowmask")
-        vc = _canon(v, sp.lv, bm + [sp.i, sp.kk] + hm + [sp.e], sizes).reshape(bsz, b, b, hsz, dd)
-        vsum = comm.all_reduce((vc.float() * real_k[None, None, :, None, None]).sum(2), mesh, axis)
+        vsum = comm.all_reduce((v_keys.float() * real_k[None, None, :, None, None]).sum(2), mesh, axis)
         dead = (cnt == 0)[:, :, None, None, None]
         o = torch.where(dead, (vsum / n)[:, :, :, None, :].to(o.dtype), o)
     # padded query slots (i or j padding) -> 0, like the registered op
@@ -705,12 +724,6 @@ def tile_attention(q, k, v, biases, masks, key: int, fill_values=()):
 
 
 # ----------------------------------------------------------------------------- build
-def _name(target) -> str:
-    from .analyze import _name as nm
-
-    return nm(target)
-
-
 def einsum_letters(eq: str, ranks) -> tuple:
     """``(operand letters, output letters)`` of an explicit einsum equation, its ellipsis
     spelled out with unused letters (right-aligned, as einsum broadcasts); None when the
@@ -806,29 +819,20 @@ def _contract_spec(node) -> _ContractSpec:
                          f"{_name(node.target)} contracts the {'column' if ktag == 'c' else 'row'}-token axis")
 
 
-def _example_like(shape, dtype):
-    from .trace import _example_like as ex
-
-    return ex(shape, dtype)
-
-
 def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int,
                        expected_out_tags=None) -> TileProgram:
     """Capture ``module`` alone at global ``n`` and transform its graph to run on tiles of a
     ``p x p`` mesh; see the module docstring. ``call``: ``(spec, tensor indices, consts)``
     of its call; ``in_meta``: ``[(shape, dtype)]`` of the tensor inputs at global N."""
     from ..layout import block_size
-    from .analyze import Analysis, analyze_graph
-    from .match import rule_triangle_mult as _rule_triangle_mult
-    from .trace import _Bound
 
     if call is None:
         raise StructuralRewriteError("the module was never called during capture")
     if any(t and "s" in t for t in in_tags):
         raise StructuralRewriteError("MSA-tiled inputs are not supported by the structural rewrite")
     spec, tidx, consts = call
-    bound = _Bound(module, spec, tidx, consts)
-    ex = [_example_like(s, d) for s, d in in_meta]
+    bound = BoundCall(module, spec, tidx, consts)
+    ex = [example_like(s, d) for s, d in in_meta]
     try:
         ep = torch.export.export(bound, tuple(ex), {}, strict=False)
     except Exception as exc:  # noqa: BLE001
@@ -849,7 +853,7 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
     covered = {x for sp in attn for x in sp.covered}
     matched = []
     for nd in gm.graph.nodes:
-        if nd.op == "call_function" and nd not in covered and _rule_triangle_mult(None, nd):
+        if nd.op == "call_function" and nd not in covered and rule_triangle_mult(None, nd):
             matched.append(nd)
     for round_ in (1, 2):
         if round_ == 2:
@@ -879,7 +883,8 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
         key = len(_ATTN_SPECS)
         _ATTN_SPECS[key] = sp
         with g.inserting_before(sp.av):
-            new = g.call_function(tile_attention, (sp.q, sp.k, sp.v, [x for x, _a, _m in sp.biases],
+            box = g.call_function(pack_kv, (sp.k, sp.v, key))
+            new = g.call_function(tile_attention, (sp.q, box, [x for x, _a, _m in sp.biases],
                                                    [x for _k, x, _a, _v in sp.masks], key, fill_nodes(sp)))
         new.meta = dict(sp.av.meta)
         sp.av.replace_all_uses_with(new)
@@ -940,10 +945,9 @@ _PROGRAMS: dict = {}
 
 
 def _program_key(share_key, module, call, in_meta, in_tags, n, p):
-    from .trace import _param_sig
 
     spec, tidx, consts = call
-    return (share_key, _param_sig(module), str(spec), tuple(tidx), repr(consts), tuple(in_meta),
+    return (share_key, param_sig(module), str(spec), tuple(tidx), repr(consts), tuple(in_meta),
             tuple(map(repr, in_tags)), n, p)
 
 
@@ -960,7 +964,7 @@ def get_program(module, call, in_meta, in_tags, n, p, expected_out_tags=None, sh
     return prog
 
 
-class StructuralOp(nn.Module):
+class StructuralOp(ModuleWrapper):
     """Runs ``module``'s rewritten graph (:class:`TileProgram`) on this rank's tiles.
 
     Same children, parameters and ``state_dict`` keys as ``module`` (shared objects).
@@ -970,23 +974,14 @@ class StructuralOp(nn.Module):
 
     def __init__(self, module: nn.Module, mesh, call, in_meta, in_tags, example_n: int, path: str = "",
                  out_tags=None, share_key=None):
-        super().__init__()
-        adopt_module_state(self, module)
-        object.__setattr__(self, "inner", module)
-        self.mesh = mesh
+        super().__init__(module, mesh, path)
         self.call = call
         self.in_meta = list(in_meta)
         self.in_tags = list(in_tags)
         self.example_n = example_n
-        self.path = path
         self.out_tags = out_tags
         self.share_key = share_key
         self.program(example_n)  # build (or fetch) now: errors surface at parallelize time
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.inner.train(mode)
-        return self
 
     def program(self, n: int) -> TileProgram:
         meta = self.in_meta

@@ -12,7 +12,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["map_tagged"]
+__all__ = ["map_tagged", "op_name", "layout_name", "kind_of", "canonical_out_tags", "TOKEN_TAGS"]
+
+TOKEN_TAGS = ("r", "c")
 
 
 def map_tagged(tree, tags: Sequence[Optional[tuple]], fn: Callable[[torch.Tensor, Optional[tuple]], torch.Tensor]):
@@ -25,3 +27,58 @@ def map_tagged(tree, tags: Sequence[Optional[tuple]], fn: Callable[[torch.Tensor
             k += 1
         out.append(leaf)
     return tree_unflatten(out, spec)
+
+
+def op_name(target) -> str:
+    """The op's overload-packet name (``aten.add.Tensor`` -> ``"add"``), else its ``__name__``."""
+    if hasattr(target, "_overloadpacket"):
+        return target._overloadpacket.__name__
+    return getattr(target, "__name__", str(target))
+
+
+def layout_name(tags) -> str:
+    """Human name of a tag tuple: Pair2D / Pair2D^T / RowToken / ColToken / MsaTiles / ..."""
+    if tags is None:
+        return "-"
+    if isinstance(tags, list):
+        return ", ".join(layout_name(t) for t in tags)
+    real = [t for t in tags if t is not None]
+    body = "[" + ",".join(t if t is not None else "." for t in tags) + "]"
+    if not real:
+        return "Replicated"
+    if real == ["r", "c"]:
+        return "Pair2D"
+    if real == ["c", "r"]:
+        return "Pair2D^T"
+    if real == ["r"]:
+        return "RowToken"
+    if real == ["c"]:
+        return "ColToken"
+    if real == ["s", "c"]:
+        return "MsaTiles"
+    return "Mixed" + body
+
+
+def kind_of(tags) -> str:
+    """``"pair"`` (two token axes), ``"token"`` (one), ``"msa"`` or ``"other"``."""
+    if not isinstance(tags, tuple):
+        return "other"
+    if "s" in tags:
+        return "msa"
+    n = sum(1 for t in tags if t in ("r", "c", "?"))
+    return "pair" if n >= 2 else ("token" if n == 1 else "other")
+
+
+def canonical_out_tags(meta, n):
+    """Output tags of a fallback module from its output ``(shape, dtype)`` list: dims of
+    length ``n`` after the batch dim become ``r``, ``c`` in order (the documented
+    convention of a gathered module's outputs)."""
+    out = []
+    for shape, _dtype in meta:
+        tags = [None] * len(shape)
+        order = iter(("r", "c"))
+        for d, s in enumerate(shape):
+            if d >= 1 and s == n:
+                tags[d] = next(order, None)
+        out.append(tuple(tags))
+    return out

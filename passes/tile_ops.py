@@ -26,7 +26,7 @@ from .context import current
 
 __all__ = [
     "base_tag", "axis_of", "index_of", "global_len",
-    "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad",
+    "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad", "masked_copy", "safe_root", "arg_extreme", "max_dim",
     "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract", "pair_contract",
     "reduce_var",
     "sdpa_keys_sharded", "narrow_global", "select_global", "index_select_global", "draw_global", "dropout_global",
@@ -103,6 +103,20 @@ def mask_pad(x: torch.Tensor, dims_tags, fill=0.0) -> torch.Tensor:
     if keep is None:
         return x
     return torch.where(keep, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def masked_copy(x: torch.Tensor, dims_tags, dtype=None, fill=0.0) -> torch.Tensor:
+    """A fresh contiguous copy of ``x`` (cast to ``dtype``) with the padding slots of
+    ``[(dim, tag)]`` set to ``fill``: one copy, where ``mask_pad(x).contiguous()`` makes
+    two when ``x`` is a permuted view (the fill is in place on the fresh copy; NaN-safe)."""
+    y = x.to(dtype or x.dtype, copy=True, memory_format=torch.contiguous_format)
+    keep = None
+    for d, t in dims_tags:
+        v = _valid_for(y, d, t)
+        keep = v if keep is None else (keep & v)
+    if keep is not None:
+        y.masked_fill_(~keep, fill)
+    return y
 
 
 def zero_pad_index(x: torch.Tensor, tags) -> torch.Tensor:
@@ -191,6 +205,13 @@ def reduce_sum(x: torch.Tensor, dims, keepdim: bool, tagged, dtype=None, mean_co
     return y
 
 
+def safe_root(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``x ** (1/p)`` for ``x >= 0`` with a zero (not NaN) gradient where ``x == 0`` (what
+    ``torch.linalg.vector_norm``'s backward gives for an all-zero vector)."""
+    pos = x > 0
+    return torch.where(pos, torch.where(pos, x, torch.ones_like(x)) ** (1.0 / p), torch.zeros_like(x))
+
+
 def reduce_var(x: torch.Tensor, dims, keepdim: bool, tagged, correction, count: int, kind: str = "var"):
     """``var`` / ``std`` / ``var_mean`` / ``std_mean`` over ``dims`` of which ``tagged`` are block-sharded:
     the global mean by one all-reduced sum, then the all-reduced sum of squared deviations
@@ -243,6 +264,48 @@ def reduce_amax(x: torch.Tensor, dims, keepdim: bool, tagged, neg: bool = False)
     if not keepdim:
         out = out.squeeze(tuple(dims)) if dims else out.reshape(())
     return -out if neg else out
+
+
+def arg_extreme(x: torch.Tensor, dim: int, t, keepdim: bool = False, largest: bool = True) -> torch.Tensor:
+    """``argmax`` / ``argmin`` along one block-sharded dim: the *global* index of the first
+    extremum (as ``torch.argmax``), identical on every rank of the mesh axis."""
+    mesh, n, n_seq = _ctx()
+    if t is None or isinstance(t, tuple):
+        raise ValueError(f"arg_extreme: given tag {t!r}; required one block-sharded axis tag")
+    xs = x if largest else -x
+    if not xs.dtype.is_floating_point:
+        xs = xs.to(torch.float64)
+    xm = mask_pad(xs, [(dim, t)], float("-inf"))
+    loc, idx = torch.max(xm, dim, keepdim=True)
+    b = block_size(global_len(t, n, n_seq), mesh.p)
+    gidx = idx + index_of(t, mesh) * b
+    glob = loc
+    if mesh.p > 1:
+        glob = comm.all_reduce_(loc.clone(), mesh, axis_of(t), name="all_reduce_max", op="max")
+    big = torch.iinfo(torch.int64).max
+    cand = torch.where(loc == glob, -gidx, torch.full_like(gidx, -big))  # first index: max of -index
+    if mesh.p > 1:
+        cand = comm.all_reduce_(cand, mesh, axis_of(t), name="all_reduce_max", op="max")
+    out = -cand
+    return out if keepdim else out.squeeze(dim)
+
+
+def max_dim(x: torch.Tensor, dim: int, t, keepdim: bool = False, largest: bool = True):
+    """``torch.max(x, dim)`` / ``torch.min`` along one block-sharded dim: ``(values, global
+    indices)``; the gradient goes to the returned index, as in torch."""
+    mesh, n, n_seq = _ctx()
+    idx = arg_extreme(x, dim, t, True, largest)
+    b = block_size(global_len(t, n, n_seq), mesh.p)
+    shape = [1] * x.dim()
+    shape[dim] = x.shape[dim]
+    pos = (torch.arange(x.shape[dim], device=x.device) + index_of(t, mesh) * b).view(shape)
+    hit = pos == idx
+    val = torch.where(hit, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim, keepdim=True)
+    if mesh.p > 1:
+        val = comm.all_reduce(val, mesh, axis_of(t))
+    if not keepdim:
+        val, idx = val.squeeze(dim), idx.squeeze(dim)
+    return val, idx
 
 
 def _stable_max(x, dim, t):
@@ -314,10 +377,10 @@ def pair_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, b
     a2 = a2.expand(*bshape, *a2.shape[nb:])
     b2 = b2.expand(*bshape, *b2.shape[nb:])
     kdim, ktag = (nb + 1, "c") if direction == "outgoing" else (nb, "r")
-    a2 = mask_pad(a2.float(), [(kdim, ktag)], 0)
-    b2 = mask_pad(b2.float(), [(kdim, ktag)], 0)
+    a2 = masked_copy(a2, [(kdim, ktag)], torch.float32)
+    b2 = masked_copy(b2, [(kdim, ktag)], torch.float32)
     with torch.autocast(a.device.type, enabled=False):
-        out = trimul_contract(a2.contiguous(), b2.contiguous(), mesh, direction)
+        out = trimul_contract(a2, b2, mesh, direction)
     return torch.einsum(f"{batch}{x}{y}->{lo}", out).to(out_dtype)
 
 

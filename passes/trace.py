@@ -203,7 +203,7 @@ def _config_sig(m: nn.Module) -> tuple:
     return tuple(out)
 
 
-def _param_sig(m: nn.Module):
+def param_sig(m: nn.Module):
     return (
         type(m),
         m.training,
@@ -244,10 +244,10 @@ def find_repeated_blocks(model: nn.Module, registered: dict) -> dict:
                     mpath = f"{path}.{mname}"
                     if mpath in registered or not any(True for _ in m.parameters()):
                         continue
-                    by_sig.setdefault((mname, _param_sig(m)), []).append(mpath)
+                    by_sig.setdefault((mname, param_sig(m)), []).append(mpath)
                 unpacked.append(path)
                 continue
-            by_sig.setdefault(_param_sig(ch), []).append(path)
+            by_sig.setdefault(param_sig(ch), []).append(path)
         for i, paths in enumerate(by_sig.values()):
             if len(paths) >= 2:
                 gid = f"{paths[0]}[x{len(paths)}]"
@@ -343,7 +343,7 @@ def _export(mod, args, kwargs, paths, what):
         raise _explain_failure(exc, paths, what) from exc
 
 
-class _Bound(nn.Module):
+class BoundCall(nn.Module):
     """Calls ``block`` with recorded non-tensor arguments; only tensors are inputs."""
 
     def __init__(self, block, spec, tidx, consts):
@@ -359,7 +359,7 @@ class _Bound(nn.Module):
         return self.block(*a, **kw)
 
 
-def _example_like(shape, dtype):
+def example_like(shape, dtype):
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype)
     if dtype == torch.bool:
@@ -381,7 +381,7 @@ def capture(
     recorded by a fake run)."""
     kwargs = dict(kwargs or {})
     fallback = frozenset(fallback)
-    _registry._ensure_defaults()
+    _registry.ensure_defaults()
     key = (_sig_of(args, kwargs), model.training, _registry.registry_version(), reuse_blocks, fallback)
     if cache:
         hit = _CACHE.get(model, {}).get(key)
@@ -432,8 +432,8 @@ def capture(
             if r is None or r.get("hetero"):
                 continue
             rep = plist[0]
-            bound = _Bound(_get(inner, rep), r["spec"], r["tidx"], r["consts"])
-            ex = [_example_like(s, d) for s, d in r["in_meta"]]
+            bound = BoundCall(_get(inner, rep), r["spec"], r["tidx"], r["consts"])
+            ex = [example_like(s, d) for s, d in r["in_meta"]]
             ep = _export(bound, ex, {}, paths, f"block {rep} ({type(_get(model, rep)).__name__})")
             gm = ep.graph_module
             names = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]

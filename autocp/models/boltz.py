@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from typing import Optional
 
 import torch
 from torch import nn
 
-from ..registry import ModuleRule, PairOpAdapter, register_module
+from ..registry import ModuleRule, register_module
 
 __all__ = ["register_boltz_defaults", "NativeOpAdapter", "MSAModule2D"]
 
@@ -25,10 +24,10 @@ __all__ = ["register_boltz_defaults", "NativeOpAdapter", "MSAModule2D"]
 # tensor's dtype. The Boltz rules below evaluate the ops' own formulas.
 def _tri_mult_comm(module, *, p, r, c, n, batch, itemsize):
     """:func:`autocp.ops.triangle_mult.trimul_comm_bytes` (Cannon; runs in fp32)."""
-    from ..ops.triangle_mult import _detect_direction, trimul_comm_bytes
+    from ..ops.triangle_mult import detect_direction, trimul_comm_bytes
 
     dim = module.p_in.in_features
-    return trimul_comm_bytes(p, r, c, batch, -(-n // p), dim, _detect_direction(module), "forward", itemsize=4)
+    return trimul_comm_bytes(p, r, c, batch, -(-n // p), dim, detect_direction(module), "forward", itemsize=4)
 
 
 def _tri_attn_comm(module, *, p, r, c, n, batch, itemsize):

@@ -25,7 +25,7 @@ Distributed algorithm (rank ``(r, c)``, queries ``i in T_r, j in T_c`` stay loca
   next exchange is posted before the current block is computed (double buffering); the
   per-block ``(out, lse)`` from :func:`autocp.kernels.tile_attention_fwd` merge by
   :func:`autocp.ops.common.merge_lse`.
-* Backward (explicit, :class:`_TriAttnRing`) recomputes every block's scores: the same
+* Backward (explicit, :class:`TriAttnRing`) recomputes every block's scores: the same
   rings run again, the K/V gradient accumulator ``(dk, dv)`` (fp32) travels with its
   block along the row and the bias gradient ``dtri`` (fp32) along the column; after the
   last step one fused send returns each accumulator to its home rank (``dk, dv`` to
@@ -104,7 +104,7 @@ NAME = "triattn"
 
 
 # ----------------------------------------------------------------------------- mesh view
-class _MeshView:
+class MeshView:
     """The mesh seen by the algorithm: the real mesh, or its transpose (ending node)."""
 
     def __init__(self, mesh: SquareMesh, transposed: bool):
@@ -203,7 +203,7 @@ def _key_valid(valid: torch.Tensor):
     return valid.unsqueeze(2)
 
 
-def _gather_bias(tri, view: _MeshView) -> list:
+def _gather_bias(tri, view: MeshView) -> list:
     """Every bias block this rank's queries use: ``blocks[t] = tri[T_c, T_t]`` (the tile of
     rank ``(c, t)``), by the forward's own bias ring (skew + column shifts) run once."""
     p = view.p
@@ -218,8 +218,8 @@ def _gather_bias(tri, view: _MeshView) -> list:
     return blocks
 
 
-def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int, bias_blocks=None):
-    """Forward ring of :class:`_TriAttnRing` -> ``(out, lse, masked)`` (see there).
+def ring_forward(q, kv_box: list, tri, mask, view: MeshView, n: int, rc: int, bias_blocks=None):
+    """Forward ring of :class:`TriAttnRing` -> ``(out, lse, masked)`` (see there).
 
     ``kv_box = [kv]``: the list is emptied, so when the caller keeps no other reference
     (no-grad inference) the local K/V block is freed as soon as its skew send is done.
@@ -279,7 +279,7 @@ def _ring_forward(q, kv_box: list, tri, mask, view: _MeshView, n: int, rc: int, 
     return out, lse, masked
 
 
-class _TriAttnRing(torch.autograd.Function):
+class TriAttnRing(torch.autograd.Function):
     """Ring attention of the local queries over the whole row, explicit backward.
 
     Inputs on (virtual) rank ``(r, c)``: ``q [B, b, H, b, D]`` (already scaled; rows
@@ -293,9 +293,9 @@ class _TriAttnRing(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, kv, tri, mask, view: _MeshView, n: int, row_chunk: int):
+    def forward(ctx, q, kv, tri, mask, view: MeshView, n: int, row_chunk: int):
         rc = max(1, int(row_chunk))
-        out, lse, masked = _ring_forward(q, [kv], tri, mask, view, n, rc)
+        out, lse, masked = ring_forward(q, [kv], tri, mask, view, n, rc)
         ctx.save_for_backward(q, kv, tri, mask, out, lse, masked)
         ctx.view, ctx.n, ctx.row_chunk = view, n, rc
         return out
@@ -307,8 +307,8 @@ class _TriAttnRing(torch.autograd.Function):
         return dq, dkv, dtri, None, None, None, None
 
 
-def _ring_backward(q, kv, tri, mask, out, lse, masked, view: _MeshView, n: int, rc: int, dout):
-    """Backward ring of :class:`_TriAttnRing` -> ``(dq, dkv, dtri)`` in the dtypes of
+def _ring_backward(q, kv, tri, mask, out, lse, masked, view: MeshView, n: int, rc: int, dout):
+    """Backward ring of :class:`TriAttnRing` -> ``(dq, dkv, dtri)`` in the dtypes of
     ``q, kv, tri`` (the attention is recomputed block by block; see the module docstring)."""
     p = view.p
     dev = q.device
@@ -464,7 +464,7 @@ class TriangleAttention2D(nn.Module):
         if not torch.is_grad_enabled() or not (z.requires_grad or any(q.requires_grad for q in self.parameters())):
             return self._forward_rows(z, mask, ctx.n)
         st = self._project(z, mask, ctx.n)
-        o = _TriAttnRing.apply(st["q"], st["kv"], st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])
+        o = TriAttnRing.apply(st["q"], st["kv"], st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])
         del st["q"], st["tri"]  # (autograd keeps what backward needs)
         return self._finish(o, st)
 
@@ -479,7 +479,7 @@ class TriangleAttention2D(nn.Module):
         smaller messages) and the same bias bytes as the whole-tile ring. ``keep``: also
         return the ring's fp32 output ``[B, b, H, b, D]``, its LSE and the fully-masked rows
         (what :class:`_TriAttnRecompute` saves for backward), assembled chunk by chunk."""
-        view = _MeshView(self.mesh, transposed=not self.starting)
+        view = MeshView(self.mesh, transposed=not self.starting)
         pair_valid = TileCtx(self.mesh, n).pair_valid(z.device)
         zt, mt = z, mask
         if not self.starting:  # ending node: starting node on z^T, on the transposed mesh view
@@ -506,7 +506,7 @@ class TriangleAttention2D(nn.Module):
             rc = self.row_chunk or row_chunk_for(B, r1 - r0, H, bj, bj, self.score_chunk_elems)
             box = [kv]
             del kv
-            o, l_c, m_c = _ring_forward(q, box, None, key_mask, view, n, rc, bias_blocks=blocks)
+            o, l_c, m_c = ring_forward(q, box, None, key_mask, view, n, rc, bias_blocks=blocks)
             del q, key_mask
             if keep:
                 if r0 == 0:
@@ -532,7 +532,7 @@ class TriangleAttention2D(nn.Module):
         """LayerNorm and projections of the (virtual) rank's tile: ``q`` (scaled), packed
         ``kv``, bias ``tri``, uint8 ``key_mask``, gate input ``x``; the ending node works
         on the transposed tile."""
-        view = _MeshView(self.mesh, transposed=not self.starting)
+        view = MeshView(self.mesh, transposed=not self.starting)
         pair_valid = TileCtx(self.mesh, n).pair_valid(z.device)
         if not self.starting:  # ending node: starting node on z^T, on the transposed mesh view
             z = z.transpose(1, 2)
@@ -615,7 +615,7 @@ class _TriAttnRecompute(torch.autograd.Function):
         need_dz = z.requires_grad
         dev, enabled, dtype = ctx.autocast
         replay = _ChunkReplay(op)
-        view = _MeshView(op.mesh, transposed=not op.starting)
+        view = MeshView(op.mesh, transposed=not op.starting)
         pv = TileCtx(op.mesh, n).pair_valid(z.device)
         zt, mt, dr = z, mask, dres
         if not op.starting:  # the view's coordinates (see _project)

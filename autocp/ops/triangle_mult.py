@@ -255,7 +255,7 @@ def trimul_comm_bytes(
 
 
 # ----------------------------------------------------------------------------- module
-def _detect_direction(module: nn.Module) -> Optional[str]:
+def detect_direction(module: nn.Module) -> Optional[str]:
     """'outgoing' / 'incoming' from the module class, or None when unknown.
 
     Never imports boltz (importing it pulls in torch._dynamo, seconds per process): a
@@ -299,7 +299,7 @@ class TriangleMultiplication2D(nn.Module):
     def __init__(self, module: nn.Module, mesh=None, direction: Optional[str] = None, ring_chunks: int = 2,
                  recompute: bool = True):
         super().__init__()
-        found = _detect_direction(module)
+        found = detect_direction(module)
         if direction is None:
             direction = found
         if direction not in _DIRECTIONS:

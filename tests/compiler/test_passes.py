@@ -217,7 +217,7 @@ def test_register_module_binds_custom_class_to_2d_op():
     assert acts == {"outs.0": "op", "outs.1": "op", "ins.0": "op", "ins.1": "op"}
     from autocp.ops.triangle_mult import TriangleMultiplication2D
 
-    assert isinstance(pm._clone.outs[0].op, TriangleMultiplication2D)
+    assert isinstance(pm.inner.outs[0].op, TriangleMultiplication2D)
     assert (pm(*inputs) - model(*inputs)).abs().max() < 1e-5
 
 

@@ -163,7 +163,7 @@ def test_one_process_plan_and_unfit_attention_falls_back():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing gathered
         pmod = parallelize(model, None, example_inputs=(z, pm), strict=True)
-    assert isinstance(pmod._clone.layer.e_end, StructuralOp)
+    assert isinstance(pmod.inner.layer.e_end, StructuralOp)
     assert all(pmod.plan.actions[p].why == "structural:triangle_attn" for p in EXPECTED)
     assert (pmod(z, pm) - model(z, pm)).abs().max() < 1e-5
 

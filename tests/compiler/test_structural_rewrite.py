@@ -134,7 +134,7 @@ def _nograd_peaks(big, pmod, mesh, zb, pmb):
     with torch.no_grad():
         with MemoryTracker(track=[*big.parameters(), *loc]) as mt:
             with tile_context(mesh, n):
-                pmod._clone(*loc)
+                pmod.inner(*loc)
         with MemoryTracker(track=[*big.parameters(), zb, pmb]) as mt1:
             big(zb, pmb)
     return mt.peak_bytes, mt1.peak_bytes
@@ -269,7 +269,7 @@ def test_one_process_plan_and_strict():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no gather warning: everything is rewritten
         pm = parallelize(model, None, example_inputs=(z, pm_), strict=True)
-    assert isinstance(pm._clone.layers[1].b_in, StructuralOp)
+    assert isinstance(pm.inner.layers[1].b_in, StructuralOp)
     assert list(pm.state_dict()) == list(model.state_dict())
     assert all(a is b for a, b in zip(pm.parameters(), model.parameters()))
     assert (pm(z, pm_) - model(z, pm_)).abs().max() < 1e-5

@@ -62,6 +62,10 @@ def matvec_token(z): return torch.matmul(z.permute(0, 3, 1, 2), z[..., 0].mean(1
 def cumsum_channel(z): return z.cumsum(dim=-1)
 def cumsum_token(z): return z.cumsum(dim=1)  # no rule over a token axis: gathered (exact)
 def sort_channel(z): return z.sort(dim=-1).values
+def max_dim_token(z):
+    v, i = z.max(dim=1)
+    w, _ = torch.min(z, 2, keepdim=True)
+    return v + i.to(z.dtype) + z.argmin(dim=2).to(z.dtype) + w[:, :, 0] + z.argmax(dim=-1).to(z.dtype)[:, 0, :, None]
 def one_hot_relpos(z):
     i = torch.arange(z.shape[1])
     rel = (i[:, None] - i[None, :]).clamp(-2, 2) + 2
@@ -88,7 +92,7 @@ def fresh_buffer(z):
 CASES = [pw_unary, pw_binary_bcast, where_fill, sum_token, mean_amax, var_std, softmax_token, logsumexp_token,
          any_all, layer_norm, reshape_merge, reshape_row, permute_t, unsq_sq, cat_stack, cat_token, slice_token,
          narrow_select, index_select_token, contraction_channel, contraction_token, trimul_out, trimul_in,
-         matvec_token, cumsum_channel, cumsum_token, sort_channel, one_hot_relpos, glu_channel, sdpa_tri,
+         matvec_token, cumsum_channel, cumsum_token, sort_channel, max_dim_token, one_hot_relpos, glu_channel, sdpa_tri,
          attn_decomposed, inplace_residual, fresh_buffer]
 # ops with no rule over a token axis: exact by gathering, refused under strict=True
 GATHERED = {"cumsum_token", "reshape_row", "cat_token"}
