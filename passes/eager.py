@@ -1,0 +1,351 @@
+"""Eager 2D tensors: a model's own python, op by op, through the shard rule table.
+
+Some model code cannot be captured as one graph: host-side control flow on data
+(``if torch.any(x > 0)``, ``.item()``, recycling and sampling loops, ``torch.unique``
+loops inside a ``try``). Running such python on raw tiles is unsound (a glue op like
+``mask[:, :, None] * mask[:, None, :]`` on a rank holding ``mask[T_r]`` computes
+``T_r x T_r`` where ``T_r x T_c`` is needed). :class:`TileTensor` makes it sound the way
+DTensor does, with autocp's rules:
+
+* a ``TileTensor`` has the tensor's **global** shape and dtype; it holds this rank's tile
+  (``.local``) and one layout tag per dim (``.tags``: ``"r"`` / ``"c"`` token blocks over
+  mesh rows / columns, ``"s"`` MSA rows, ``None`` whole);
+* every torch function called with a ``TileTensor`` argument (``__torch_function__``) is
+  traced once per signature into an ATen graph on fake tensors of the global shapes
+  (``make_fx``), sharded by :func:`autocp.passes.shard.shard_graph` -- the same rule
+  table as the compiled path: tile-local, an inserted redistribution, a distributed
+  reduction / contraction, or an exact gathered fallback (noted; refused under
+  ``strict``) -- and the resulting tile program runs on the local tiles;
+* results whose tags are all ``None`` (replicated: identical on every rank) come back as
+  **plain tensors**, so ``bool(...)``, ``.item()``, ``torch.unique`` and python control
+  flow on them work unchanged; the others come back as ``TileTensor``;
+* autograd records on the local tiles (the tile programs' own ops and their
+  communication), so gradients follow autocp's convention: summing a replicated
+  value's local gradients over all ranks gives the single-device gradient (what
+  :mod:`autocp.grad_sync` does).
+
+Metadata queries (``shape``, ``dim()``, ``dtype``, ...) answer from the global metadata
+without tracing. Functions that return python values of a sharded tensor (``item``,
+``tolist``, ``__bool__``, ``equal``) gather it first (exact).
+
+Use :func:`distribute` to make one, ``x.full()`` to gather it; both need an active
+:func:`autocp.passes.context.tile_context` (the mesh and the global token length N).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .context import current
+from .rewrite import gather_tags, shard_tags
+from .shard import ShardingError, shard_graph
+
+__all__ = ["TileTensor", "distribute", "eager_stats", "EagerShardingError", "clear_cache", "strict_mode"]
+
+
+class EagerShardingError(RuntimeError):
+    """A torch function on a TileTensor that the rules refuse (strict mode, or an in-place
+    write autocp cannot prove)."""
+
+
+_METADATA = {
+    torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex, torch.Tensor.element_size, torch.Tensor.nelement, torch.Tensor.ndimension,
+    torch.Tensor.__len__, torch.Tensor.is_contiguous, torch.Tensor.get_device,
+    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__,
+    torch.Tensor.ndim.__get__, torch.Tensor.is_cuda.__get__, torch.Tensor.layout.__get__,
+    torch.Tensor.is_sparse.__get__, torch.Tensor.is_quantized.__get__, torch.Tensor.is_meta.__get__,
+    torch.Tensor.__hash__,
+}
+# python values of the data: gather (exact), then the plain call
+_TO_PYTHON = {
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+    torch.Tensor.__index__, torch.Tensor.numpy, torch.equal, torch.Tensor.equal, torch.Tensor.__format__,
+    torch.Tensor.__repr__, torch.Tensor.__str__, torch.Tensor.__array__, torch.Tensor.cpu,
+}
+
+
+class TileTensor(torch.Tensor):
+    """A tensor 2D-sharded over the mesh (see the module doc). ``shape``: global; ``local``:
+    this rank's tile (on rank ``(r, c)``: block ``T_r`` of each ``"r"`` dim, ``T_c`` of each
+    ``"c"`` dim, padded to ``ceil(N / p)``); ``tags``: one layout tag per dim."""
+
+    _local: torch.Tensor
+    _tags: tuple
+
+    @staticmethod
+    def __new__(cls, local: torch.Tensor, tags, shape):
+        r = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=local.dtype, device=local.device,
+                                                requires_grad=False)
+        r._local = local
+        r._tags = tuple(tags)
+        return r
+
+    @property
+    def local(self) -> torch.Tensor:
+        return self._local
+
+    @property
+    def tags(self) -> tuple:
+        return self._tags
+
+    @property
+    def requires_grad(self):  # noqa: D401 -- the local tile's (autograd runs on the tiles)
+        return self._local.requires_grad
+
+    @property
+    def grad(self):
+        return self._local.grad
+
+    @property
+    def grad_fn(self):
+        return self._local.grad_fn
+
+    def full(self) -> torch.Tensor:
+        """The whole tensor on every rank (differentiable all-gathers)."""
+        ctx = _ctx("TileTensor.full")
+        return gather_tags(self._local, self._tags, ctx.mesh, ctx.n, ctx.n_seq)
+
+    def __repr__(self):
+        with torch._C.DisableTorchFunctionSubclass():
+            return (f"TileTensor(shape={tuple(self.shape)}, tags={self._tags}, dtype={self.dtype}, "
+                    f"local={tuple(self._local.shape)})")
+
+    __str__ = __repr__
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return _dispatch(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise EagerShardingError(
+            f"autocp TileTensor: {func} reached the dispatcher with a TileTensor (a call that bypassed "
+            f"__torch_function__). Fix: call the op through torch / Tensor methods, or on x.full().")
+
+
+def distribute(x: torch.Tensor, tags) -> TileTensor:
+    """This rank's ``TileTensor`` of the whole tensor ``x`` (same on every rank) with layout
+    ``tags`` (e.g. ``(None, "r", "c", None)`` for a Pair2D ``z[B, N, N, C]``)."""
+    ctx = _ctx("distribute")
+    tags = tuple(tags)
+    if len(tags) != x.dim():
+        raise ValueError(f"distribute: given {len(tags)} tags {tags} for a {x.dim()}-dim tensor; required one per "
+                         f"dim. Fix: e.g. (None, 'r', 'c', None) for z[B, N, N, C].")
+    if all(t is None for t in tags):
+        return x
+    return TileTensor(shard_tags(x, tags, ctx.mesh).contiguous(), tags, x.shape)
+
+
+# ----------------------------------------------------------------------------- dispatch
+_STRICT = threading.local()
+
+
+@contextlib.contextmanager
+def strict_mode(on: bool = True):
+    """Inside the block, a torch function on a TileTensor that would gather a sharded
+    tensor (no rule makes it tile-local) raises :class:`EagerShardingError` naming the
+    op and the fix, instead of running gathered with a warning."""
+    old = getattr(_STRICT, "on", False)
+    _STRICT.on = on
+    try:
+        yield
+    finally:
+        _STRICT.on = old
+
+
+def _strict() -> bool:
+    return getattr(_STRICT, "on", False)
+
+
+_CACHE: dict = {}
+_LOCK = threading.Lock()
+_STATS = {"traced": 0, "calls": 0, "gathered_python": 0}
+
+
+def eager_stats() -> dict:
+    """Counters: distinct signatures traced, calls, python-value gathers."""
+    return dict(_STATS, cached=len(_CACHE))
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+def _ctx(what):
+    return current()  # raises, naming the fix, outside a tile context
+
+
+def _hashable(x):
+    if isinstance(x, slice):
+        return ("slice", _hashable(x.start), _hashable(x.stop), _hashable(x.step))
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__,) + tuple(_hashable(a) for a in x)
+    if isinstance(x, dict):
+        return ("dict",) + tuple(sorted((k, _hashable(v)) for k, v in x.items()))
+    try:
+        hash(x)
+        return x
+    except TypeError:
+        return ("repr", repr(x))
+
+
+def _plain_call(func, args, kwargs):
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+def _dispatch(func, args, kwargs):
+    if func in _METADATA:
+        return _plain_call(func, args, kwargs)
+    leaves, spec = tree_flatten((args, kwargs))
+    if not any(isinstance(a, TileTensor) for a in leaves):
+        return _plain_call(func, args, kwargs)
+    if func in _TO_PYTHON:
+        _STATS["gathered_python"] += 1
+        leaves = [a.full() if isinstance(a, TileTensor) else a for a in leaves]
+        a, kw = tree_unflatten(leaves, spec)
+        return _plain_call(func, a, kw)
+    ctx = _ctx(getattr(func, "__name__", str(func)))
+    _STATS["calls"] += 1
+    tpos = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+    sig = []
+    for i, a in enumerate(leaves):
+        if isinstance(a, TileTensor):
+            sig.append(("T", tuple(a.shape), a.dtype, a.tags))
+        elif isinstance(a, torch.Tensor):
+            sig.append(("t", tuple(a.shape), a.dtype))
+        else:
+            sig.append(("v", _hashable(a)))
+    key = (func, str(spec), tuple(sig), ctx.n, ctx.n_seq, ctx.mesh.p, torch.is_grad_enabled(),
+           _strict())
+    entry = _CACHE.get(key)
+    if entry is None:
+        with _LOCK:
+            entry = _build(func, leaves, spec, tpos, ctx)
+            _CACHE[key] = entry
+            _STATS["traced"] += 1
+    if isinstance(entry, _PlainFallback):
+        return entry(func, leaves, spec)
+    prog, out_spec, out_meta = entry
+    # the graph was traced on contiguous fakes (view vs reshape decided on them): give a
+    # non-mutating call contiguous tiles; a mutating one keeps its tiles (aliasing)
+    mutates = _mutates(func)
+    locals_ = [_local_of(leaves[i], mutates) for i in tpos]
+    with torch._C.DisableTorchFunctionSubclass():
+        outs = prog.gm(*prog.const_targets, [], *locals_)
+    flat = tree_flatten(outs)[0]
+    by_id = {id(leaves[i].local if isinstance(leaves[i], TileTensor) else leaves[i]): leaves[i] for i in tpos}
+    res = []
+    for o, tags, meta in zip(flat, prog.out_tags, out_meta):
+        if not isinstance(o, torch.Tensor):
+            res.append(o)
+        elif id(o) in by_id:  # in place (x += y, x.mul_(...)): the same object back
+            res.append(by_id[id(o)])
+        elif tags is None or all(t is None for t in tags):
+            res.append(o)
+        else:
+            res.append(TileTensor(o, tags, meta))
+    return tree_unflatten(res, out_spec)
+
+
+def _local_of(a, mutates: bool):
+    x = a.local if isinstance(a, TileTensor) else a
+    return x if mutates or x.is_contiguous() else x.contiguous()
+
+
+def _mutates(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") or name in ("__setitem__", "__iadd__", "__isub__",
+                                                                        "__imul__", "__itruediv__", "__ior__",
+                                                                        "__iand__", "__ixor__", "__ipow__")
+
+
+class _PlainFallback:
+    """A call that cannot be traced to tensors (it returns python values): gather every
+    sharded argument and run it on whole tensors (exact, replicated)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def __call__(self, func, leaves, spec):
+        leaves = [a.full() if isinstance(a, TileTensor) else a for a in leaves]
+        a, kw = tree_unflatten(leaves, spec)
+        return _plain_call(func, a, kw)
+
+
+def _build(func, leaves, spec, tpos, ctx):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fmode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = []
+    with fmode:
+        for i in tpos:
+            a = leaves[i]
+            fakes.append(torch.empty(tuple(a.shape), dtype=a.dtype, device="cpu"))
+
+    def f(*ts):
+        new = list(leaves)
+        for i, t in zip(tpos, ts):
+            new[i] = t
+        a, kw = tree_unflatten(new, spec)
+        out = func(*a, **kw)
+        return out
+
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            gm = make_fx(f, tracing_mode="fake", pre_dispatch=True)(*fakes)
+    except Exception as e:  # noqa: BLE001 -- not traceable to a tensor graph: exact gathered fallback
+        why = f"{getattr(func, '__name__', func)} could not be traced ({type(e).__name__}: {str(e)[:160]})"
+        if _strict():
+            raise EagerShardingError(f"autocp (strict): {why}; it would run on gathered tensors. Fix: "
+                                     f"call it on x.full() explicitly, or register the module.") from e
+        warnings.warn(f"autocp: {why}; runs on gathered tensors (exact).", stacklevel=4)
+        return _PlainFallback(why)
+    out_vals = []
+    for nd in gm.graph.nodes:
+        if nd.op == "output":
+            out_vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a
+                        for a in tree_flatten(nd.args[0])[0]]
+    in_tags = []
+    for i in tpos:
+        a = leaves[i]
+        in_tags.append(a.tags if isinstance(a, TileTensor) else (None,) * a.dim())
+    try:
+        prog = shard_graph(gm, in_tags, n=ctx.n, n_seq=ctx.n_seq, p=ctx.mesh.p, resolver=_no_opaque,
+                           strict=_strict(), what=getattr(func, "__name__", str(func)))
+    except ShardingError as e:
+        raise EagerShardingError(f"{e}\n  called at {_user_line()}") from e
+    prog.const_targets = []
+    for nt in prog.notes:
+        if nt.pair and nt.what in ("gather", "op-gather"):
+            warnings.warn(f"autocp: {getattr(func, '__name__', func)} gathers a pair tensor ({nt.op}: "
+                          f"{getattr(nt, 'detail', '')}); exact, O(N^2/p) per rank.", stacklevel=4)
+    out_meta = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in out_vals]
+    # the output pytree of the call (a tuple of tensors, a named tuple, one tensor, ...)
+    with fmode, torch._C.DisableTorchFunctionSubclass():
+        sample = f(*fakes)
+    out_spec = tree_flatten(sample)[1]
+    return prog, out_spec, out_meta
+
+
+def _user_line() -> str:
+    """The model's source line of the current torch call (first frame outside torch/autocp)."""
+    import os
+    import traceback
+
+    skip = (os.sep + "torch" + os.sep, os.sep + "passes" + os.sep + "eager.py", os.sep + "autocp" + os.sep)
+    for fr in reversed(traceback.extract_stack()[:-1]):
+        if not any(k in fr.filename for k in skip):
+            return f'File "{fr.filename}", line {fr.lineno}: {(fr.line or "").strip()}'
+    return "?"
+
+
+def _no_opaque(entry, in_tags):
+    raise EagerShardingError("autocp TileTensor: a traced op contains an opaque module call (internal error)")
