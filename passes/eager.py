@@ -42,10 +42,13 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .context import current
+from . import tile_ops as T
 from .rewrite import gather_tags, shard_tags
 from .shard import ShardingError, shard_graph
+from .wrapper import ModuleWrapper
 
-__all__ = ["TileTensor", "distribute", "eager_stats", "EagerShardingError", "clear_cache", "strict_mode"]
+__all__ = ["TileTensor", "distribute", "eager_stats", "EagerShardingError", "clear_cache", "strict_mode",
+           "RegisteredOp", "bind_registered", "standard_tags", "global_shape"]
 
 
 class EagerShardingError(RuntimeError):
@@ -349,3 +352,99 @@ def _user_line() -> str:
 
 def _no_opaque(entry, in_tags):
     raise EagerShardingError("autocp TileTensor: a traced op contains an opaque module call (internal error)")
+
+
+# ----------------------------------------------------------------------------- registered modules
+def standard_tags(tags) -> tuple:
+    """The layout a registered 2D op is built for: the first token dim of a tensor on the
+    mesh rows (``"r"``), the second on the columns (``"c"``), MSA rows ``"s"`` kept --
+    Pair2D ``[B, N, N, C]``, RowToken ``[B, N, C]``, MsaTiles ``[B, S, N, C]``."""
+    out, k = [], 0
+    for t in tags:
+        if t is None:
+            out.append(None)
+        elif T.base_tag(t) == "s":
+            out.append("s")
+        else:
+            out.append(("r", "c")[min(k, 1)] if not any(x == "s" for x in tags) else "c")
+            k += 1
+    return tuple(out)
+
+
+def global_shape(local_shape, tags, n: int, n_seq) -> tuple:
+    """Global shape of a tile with ``tags`` (token dims ``n``, MSA rows ``n_seq``)."""
+    return tuple((n_seq if T.base_tag(t) == "s" else n) if t is not None else s for s, t in zip(local_shape, tags))
+
+
+class RegisteredOp(ModuleWrapper):
+    """A registered module (:func:`autocp.register_module`) called from eager TileTensor
+    code: its TileTensor arguments are converted to :func:`standard_tags` (one
+    redistribution each when they differ), its 2D op (``rule.build(module, mesh)``) runs on
+    the tiles, and its tensor outputs come back as TileTensors in ``rule.out_layouts``
+    (default: the first tensor argument's layout). Same parameters and ``state_dict``
+    keys as the module. A rule without a 2D op runs the module on gathered tensors
+    (exact; refused under :func:`strict_mode`)."""
+
+    def __init__(self, module, rule, mesh):
+        super().__init__(module, mesh)
+        object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "_op", None)
+
+    def op(self):
+        if self._op is None:
+            object.__setattr__(self, "_op", self.rule.build(self.inner, self.mesh) or False)
+        return self._op
+
+    def forward(self, *args, **kwargs):
+        leaves, spec = tree_flatten((args, kwargs))
+        if not any(isinstance(a, TileTensor) for a in leaves):
+            return self.inner(*args, **kwargs)  # replicated inputs (e.g. atom-window attention): the module itself
+        ctx = current()
+        op = self.op()
+        if op is False:
+            if _strict():
+                raise EagerShardingError(f"autocp (strict): registered {type(self.inner).__name__} has no 2D op; it "
+                                         f"would run gathered. Fix: give its rule an op_factory.")
+            full = [a.full() if isinstance(a, TileTensor) else a for a in leaves]
+            a, kw = tree_unflatten(full, spec)
+            return self.inner(*a, **kw)
+        tiles, in_tags = [], []
+        for a in leaves:
+            if isinstance(a, TileTensor):
+                want = standard_tags(a.tags)
+                tiles.append(T.convert(a.local, a.tags, want) if want != a.tags else a.local)
+                in_tags.append(want)
+            else:
+                tiles.append(a)
+                if isinstance(a, torch.Tensor):
+                    in_tags.append((None,) * a.dim())
+        a, kw = tree_unflatten(tiles, spec)
+        out = op(*a, **kw)
+        oleaves, ospec = tree_flatten(out)
+        out_tags = self.rule.out_layouts(in_tags) if self.rule.out_layouts is not None else \
+            [next((t for t in in_tags if any(x is not None for x in t)), None)]
+        res, k = [], 0
+        for o in oleaves:
+            if isinstance(o, torch.Tensor):
+                tags = out_tags[k] if k < len(out_tags) else None
+                k += 1
+                if tags is not None and len(tags) == o.dim() and any(t is not None for t in tags):
+                    o = TileTensor(o, tags, global_shape(o.shape, tags, ctx.n, ctx.n_seq))
+            res.append(o)
+        return tree_unflatten(res, ospec)
+
+
+def bind_registered(model, mesh, lookup=None):
+    """Replace (in place) every outermost submodule of ``model`` that has a registered rule
+    by a :class:`RegisteredOp`; returns the number replaced."""
+    if lookup is None:
+        from ..registry import lookup_module as lookup
+    count = 0
+    for name, child in list(model.named_children()):
+        rule = lookup(child)
+        if rule is not None:
+            setattr(model, name, RegisteredOp(child, rule, mesh))
+            count += 1
+        else:
+            count += bind_registered(child, mesh, lookup)
+    return count
