@@ -54,7 +54,10 @@ class ModuleRule:
     the first tensor input's); ``comm_bytes(n, p, channels, itemsize)`` the analytic
     per-rank communication volume of one call (for explain); ``call`` = ``"native"``
     (factory result takes the original arguments) or ``"pair"`` (op contract
-    ``op(z, mask, n_tokens=N)``, adapted).
+    ``op(z, mask, n_tokens=N)``, adapted); ``arg_layouts``: ``{forward argument name: {dim:
+    tag}}`` -- the layout the op needs for each tensor argument (``{1: "r", 2: "c"}`` a pair,
+    ``{1: "r"}`` a token tensor), used to shard a whole (replicated) argument when the module
+    is called from eager TileTensor code.
     """
 
     cls: type
@@ -66,6 +69,7 @@ class ModuleRule:
     comm_bytes: Optional[Callable] = None
     call: str = "native"
     name: str = ""
+    arg_layouts: Optional[dict] = None  # forward argument name -> {dim: tag} its op needs (eager calls)
 
     def check(self, module) -> Any:
         try:
@@ -121,6 +125,7 @@ def register_module(
     comm_bytes: Optional[Callable] = None,
     call: str = "native",
     name: str = "",
+    arg_layouts: Optional[dict] = None,
 ) -> ModuleRule:
     """Teach the compiler to replace every ``cls`` instance by ``op_factory(module, mesh)``.
 
@@ -143,6 +148,7 @@ def register_module(
         comm_bytes=comm_bytes,
         call=call,
         name=name or f"{cls.__module__}.{cls.__qualname__}",
+        arg_layouts=arg_layouts,
     )
     _MODULES[:] = [r for r in _MODULES if not (r.cls is cls and r.name == rule.name)]
     _MODULES.append(rule)

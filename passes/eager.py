@@ -385,17 +385,26 @@ class RegisteredOp(ModuleWrapper):
     keys as the module. A rule without a 2D op runs the module on gathered tensors
     (exact; refused under :func:`strict_mode`)."""
 
-    def __init__(self, module, rule, mesh):
+    def __init__(self, module, rule, mesh, build=None, prepare=None):
         super().__init__(module, mesh)
         object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "_build_op", build)  # build(module, mesh) -> op, instead of rule.build
+        object.__setattr__(self, "_prepare", prepare)  # prepare(module, args, kwargs) -> (args, kwargs)
         object.__setattr__(self, "_op", None)
+
+    def _declared(self, args, kwargs, leaves, ctx):
+        return _declared_tags(self.rule, self.inner.forward, args, kwargs, leaves, ctx)
 
     def op(self):
         if self._op is None:
-            object.__setattr__(self, "_op", self.rule.build(self.inner, self.mesh) or False)
+            op = self._build_op(self.inner, self.mesh) if self._build_op is not None else \
+                self.rule.build(self.inner, self.mesh)
+            object.__setattr__(self, "_op", op or False)
         return self._op
 
     def forward(self, *args, **kwargs):
+        if self._prepare is not None:
+            args, kwargs = self._prepare(self.inner, args, kwargs)
         leaves, spec = tree_flatten((args, kwargs))
         if not any(isinstance(a, TileTensor) for a in leaves):
             return self.inner(*args, **kwargs)  # replicated inputs (e.g. atom-window attention): the module itself
@@ -408,9 +417,14 @@ class RegisteredOp(ModuleWrapper):
             full = [a.full() if isinstance(a, TileTensor) else a for a in leaves]
             a, kw = tree_unflatten(full, spec)
             return self.inner(*a, **kw)
+        declared = self._declared(args, kwargs, leaves, ctx)
         tiles, in_tags = [], []
-        for a in leaves:
-            if isinstance(a, TileTensor):
+        for i, a in enumerate(leaves):
+            if i in declared and isinstance(a, torch.Tensor) and not isinstance(a, TileTensor):
+                tags = declared[i]  # a whole (replicated) argument: this rank's block is a free slice
+                tiles.append(shard_tags(a, tags, self.mesh))
+                in_tags.append(tags)
+            elif isinstance(a, TileTensor):
                 want = standard_tags(a.tags)
                 tiles.append(T.convert(a.local, a.tags, want) if want != a.tags else a.local)
                 in_tags.append(want)
@@ -432,6 +446,35 @@ class RegisteredOp(ModuleWrapper):
                     o = TileTensor(o, tags, global_shape(o.shape, tags, ctx.n, ctx.n_seq))
             res.append(o)
         return tree_unflatten(res, ospec)
+
+
+def _declared_tags(rule, fn, args, kwargs, leaves, ctx):
+    """``{leaf index: tags}`` of the tensor arguments the rule declares a layout for."""
+    decl = getattr(rule, "arg_layouts", None)
+    if not decl:
+        return {}
+    import inspect
+
+    try:
+        bound = inspect.signature(fn).bind(*args, **kwargs).arguments
+    except TypeError:
+        return {}
+    ids = {id(v): name for name, v in bound.items() if isinstance(v, torch.Tensor)}
+    out = {}
+    for i, a in enumerate(leaves):
+        name = ids.get(id(a)) if isinstance(a, torch.Tensor) else None
+        if name in decl:
+            tags = [None] * a.dim()
+            for d, t in decl[name].items():
+                want = ctx.n_seq if t == "s" else ctx.n
+                if d >= a.dim() or int(a.shape[d]) != int(want):
+                    raise EagerShardingError(
+                        f"autocp RegisteredOp {type(fn.__self__).__name__}: argument {name!r} has shape "
+                        f"{tuple(a.shape)}; its op needs dim {d} of length {want} (tag {t!r}). Fix: pass the "
+                        f"token-level tensor, or unregister the module for this call.")
+                tags[d] = t
+            out[i] = tuple(tags)
+    return out
 
 
 def bind_registered(model, mesh, lookup=None):

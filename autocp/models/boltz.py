@@ -55,6 +55,18 @@ def _pair_bias_comm(module, *, p, r, c, n, batch, itemsize):
 
 
 # ----------------------------------------------------------------------------- Boltz defaults
+_PAIR, _TOK, _MSA = {1: "r", 2: "c"}, {1: "r"}, {1: "s", 2: "c"}
+#: the layouts each op takes, by the Boltz module's forward argument names
+ARG_LAYOUTS = {
+    "triangle": {"x": _PAIR, "mask": _PAIR},
+    "pair_bias_attn": {"s": _TOK, "z": _PAIR, "mask": _TOK, "k_in": _TOK},
+    "outer_product_mean": {"m": _MSA, "mask": _MSA},
+    "pair_weighted_averaging": {"m": _MSA, "z": _PAIR, "mask": _PAIR},
+    "msa_module": {"z": _PAIR, "emb": _TOK},
+}
+#: output layouts that differ from the first input's: the outer product mean of MsaTiles m is a pair
+OUT_LAYOUTS = {"outer_product_mean": lambda in_layouts: [(None, "r", "c", None)]}
+
 def _try_factory(modname: str, clsname: str, **kw):
     """Factory that builds ``autocp.ops.<modname>.<clsname>(module, mesh, **kw)`` when that op
     exists in this checkout, else ``None`` (the rewrite then gathers -> original -> shards)."""
@@ -91,16 +103,16 @@ def register_boltz_defaults() -> list[ModuleRule]:
         return rules
     rules.append(register_module(
         TriangleMultiplicationOutgoing, _try_factory("triangle_mult", "TriangleMultiplication2D"),
-        kind="triangle_mult_out", call="pair", comm_bytes=_tri_mult_comm))
+        kind="triangle_mult_out", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_mult_comm))
     rules.append(register_module(
         TriangleMultiplicationIncoming, _try_factory("triangle_mult", "TriangleMultiplication2D"),
-        kind="triangle_mult_in", call="pair", comm_bytes=_tri_mult_comm))
+        kind="triangle_mult_in", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_mult_comm))
     rules.append(register_module(
         TriangleAttentionStartingNode, _try_factory("triangle_attn", "TriangleAttention2D"),
-        kind="triangle_attn_start", call="pair", comm_bytes=_tri_attn_comm))
+        kind="triangle_attn_start", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_attn_comm))
     rules.append(register_module(
         TriangleAttentionEndingNode, _try_factory("triangle_attn", "TriangleAttention2D"),
-        kind="triangle_attn_end", call="pair", comm_bytes=_tri_attn_comm))
+        kind="triangle_attn_end", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_attn_comm))
     optional = [
         ("boltz.model.layers.attentionv2", "AttentionPairBias", "pair_bias_attn", "pair_bias_attn", "AttentionPairBias2D"),
         ("boltz.model.layers.attention", "AttentionPairBias", "pair_bias_attn", "pair_bias_attn", "AttentionPairBias2D"),
@@ -117,7 +129,7 @@ def register_boltz_defaults() -> list[ModuleRule]:
 
         rules.append(register_module(
             _MSAModuleV2, _msa_module_factory, kind="msa_module", checker=_msa_module_checker,
-            comm_bytes=None, name="boltz.model.modules.trunkv2.MSAModule"))
+            comm_bytes=None, arg_layouts=ARG_LAYOUTS["msa_module"], name="boltz.model.modules.trunkv2.MSAModule"))
     except Exception:  # noqa: BLE001 -- boltz-2 missing in this install
         pass
 
@@ -127,7 +139,8 @@ def register_boltz_defaults() -> list[ModuleRule]:
         except Exception:  # noqa: BLE001
             continue
         comm = _pair_bias_comm if kind == "pair_bias_attn" else None
-        rules.append(register_module(cls, _native_factory(opmod, opcls, kind), kind=kind, comm_bytes=comm))
+        rules.append(register_module(cls, _native_factory(opmod, opcls, kind), kind=kind, comm_bytes=comm,
+                                     arg_layouts=ARG_LAYOUTS.get(kind), out_layouts=OUT_LAYOUTS.get(kind)))
     return rules
 
 
@@ -213,7 +226,7 @@ class MSAModule2D(nn.Module):
     ``activation_checkpointing`` in training checkpoints each layer (non-reentrant).
     """
 
-    def __init__(self, module, mesh):
+    def __init__(self, module, mesh, reproduce_dropout: bool = False):
         super().__init__()
         from ..mesh import SquareMesh
         from ..ops.msa import MSALayer2D
@@ -221,7 +234,10 @@ class MSAModule2D(nn.Module):
         self.mesh = SquareMesh.from_any(mesh)
         self.s_proj = module.s_proj
         self.msa_proj = module.msa_proj
-        self.layers = nn.ModuleList([MSALayer2D(layer, self.mesh) for layer in module.layers])
+        # reproduce_dropout: dropout masks drawn at the global shape and sliced, so the
+        # generator advances exactly as Boltz's (the end-to-end driver needs the same noise)
+        self.layers = nn.ModuleList([MSALayer2D(layer, self.mesh, reproduce_dropout=reproduce_dropout)
+                                     for layer in module.layers])
         self.use_paired_feature = module.use_paired_feature
         self.activation_checkpointing = module.activation_checkpointing
         self.train(module.training)

@@ -1,0 +1,174 @@
+"""The whole Boltz-1 / Boltz-2 model through autocp: trunk, templates, MSA, diffusion
+sampling, confidence and affinity, on a ``p x p`` mesh.
+
+Capture granularity (see docs/end_to_end.md): Boltz's own ``forward`` -- recycling loop,
+sampling loop, ``.item()`` in the noise schedule, data-dependent ``if torch.any(...)``,
+the ``torch.unique`` loop of ``compute_ptms`` inside its ``try`` -- stays python and runs
+*unchanged* on :class:`autocp.passes.eager.TileTensor` features: every torch call on a
+sharded tensor goes through the shard pass's rule table (tile-local, redistributed, a
+distributed reduction / contraction, or an exact gathered fallback), and every registered
+module (triangle updates and attentions, pair-bias attention, transitions, outer product
+mean, pair-weighted averaging, the Boltz-2 MSA module) runs its 2D op on the tiles
+(:class:`autocp.passes.eager.RegisteredOp`). No Boltz glue module is re-written by hand.
+
+Feature layouts are declared by key (:data:`FEATURE_LAYOUTS`), never guessed from sizes:
+token features ``[B, N, ...]`` RowToken, pair features ``[B, N, N, ...]`` Pair2D, MSA
+features ``[B, S, N]`` MsaTiles, template features ``[B, T, N, ...]`` with the token dim on
+the mesh rows, token<->atom maps with their token dim sharded; everything else (atom
+features, constraints) replicated.
+
+Random numbers: Boltz's own python draws its noise (initial coordinates, augmentation
+rotations / translations, per-step eps) on every rank with the same calls as on one device;
+random draws on sharded tensors (dropout masks) are made at the global shape and sliced
+(``tile_ops.draw_global``); a registered 2D op runs with a forked generator and then
+advances the real one exactly as the original module would have (its draws are recorded
+once per call signature by a fake-tensor run of the original and replayed). So a fixed
+seed gives the single-device numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["FEATURE_LAYOUTS", "FEATURE_LAYOUTS_V1", "feature_tags", "ParallelBoltz", "parallelize_boltz"]
+
+_TOKEN = ("token_index", "residue_index", "asym_id", "entity_id", "sym_id", "mol_type", "token_pad_mask",
+          "token_resolved_mask", "token_disto_mask", "res_type", "disto_center", "method_feature", "modified",
+          "cyclic_period", "affinity_token_mask", "deletion_mean", "profile", "deletion_mean_affinity",
+          "profile_affinity", "pocket_feature")
+_PAIR = ("token_bonds", "type_bonds", "contact_conditioning", "contact_threshold", "disto_target")
+_MSA = ("msa", "msa_paired", "deletion_value", "has_deletion", "msa_mask")
+_TEMPLATE = ("template_restype", "template_frame_rot", "template_frame_t", "template_cb", "template_ca",
+             "template_mask_cb", "template_mask_frame", "template_mask", "query_to_template", "visibility_ids",
+             "frames_idx", "disto_coords_ensemble", "frame_resolved_mask")
+
+#: feature key -> {dim: tag} (dims not listed are whole). Unknown keys are replicated.
+FEATURE_LAYOUTS: dict = {}
+FEATURE_LAYOUTS.update({k: {1: "r"} for k in _TOKEN})
+FEATURE_LAYOUTS.update({k: {1: "r", 2: "c"} for k in _PAIR})
+FEATURE_LAYOUTS.update({k: {1: "s", 2: "c"} for k in _MSA})
+FEATURE_LAYOUTS.update({k: {2: "r"} for k in _TEMPLATE})
+FEATURE_LAYOUTS.update({"atom_to_token": {2: "r"}, "token_to_rep_atom": {1: "r"}, "token_to_center_atom": {1: "r"}})
+
+
+#: Boltz-1 keys whose shapes differ from Boltz-2's
+FEATURE_LAYOUTS_V1 = dict(FEATURE_LAYOUTS, frames_idx={1: "r"}, frame_resolved_mask={1: "r"},
+                          disto_coords_ensemble={1: "r"})
+
+
+def feature_tags(key: str, x: torch.Tensor, n: int, n_seq: Optional[int] = None, version: int = 2) -> tuple:
+    """The layout tags of feature ``key`` (see :data:`FEATURE_LAYOUTS`); a declared token
+    dim must have length ``n`` (an MSA dim ``n_seq``), else ``ValueError`` (no guessing)."""
+    table = FEATURE_LAYOUTS_V1 if version == 1 else FEATURE_LAYOUTS
+    tags = [None] * x.dim()
+    for d, t in table.get(key, {}).items():
+        want = n_seq if t == "s" else n
+        if d >= x.dim() or int(x.shape[d]) != want:
+            raise ValueError(
+                f"autocp Boltz features: {key!r} has shape {tuple(x.shape)}; its layout {table[key]} needs dim {d} "
+                f"of length {want} ({'MSA depth' if t == 's' else 'token count N'}). Fix: pass Boltz's featurizer "
+                f"output for this model version (batch first), or correct FEATURE_LAYOUTS for this key.")
+        tags[d] = t
+    return tuple(tags)
+
+
+def _msa_module_2d(module, mesh):
+    from .boltz import MSAModule2D
+
+    return MSAModule2D(module, mesh, reproduce_dropout=True)  # the single-device random stream
+
+
+#: registered kinds built differently end to end (rule.kind -> build(module, mesh))
+_BUILDERS = {"msa_module": _msa_module_2d}
+
+
+def _z_cache(module, args, kwargs):
+    """Boltz-1's inference cache (``use_inference_model_cache``): its AttentionPairBias
+    stores ``proj_z(z)`` in ``model_cache`` on the first sampling step and is called with
+    ``z=None`` afterwards. The 2D op takes the conditioned ``z`` tile instead: it is kept
+    (one reference, no copy) in the cache and the per-layer bias is recomputed from it at
+    every step -- one pair tile resident instead of one bias tile per layer."""
+    import inspect
+
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    a = bound.arguments
+    cache = a.get("model_cache")
+    if cache is None:
+        return args, kwargs
+    if a.get("z") is None and "autocp_z" in cache:
+        a["z"] = cache["autocp_z"]
+    elif a.get("z") is not None:
+        cache["autocp_z"] = a["z"]
+    return bound.args, bound.kwargs
+
+
+_PREPARE = {"pair_bias_attn": _z_cache}
+
+
+def _wrapper_base():
+    from ..passes.wrapper import ModuleWrapper
+
+    return ModuleWrapper
+
+
+class ParallelBoltz(_wrapper_base()):
+    """A Boltz-1 / Boltz-2 model on a ``p x p`` mesh (same parameters and ``state_dict``
+    keys). ``forward(feats, **boltz_kwargs, output="full")`` returns Boltz's output dict:
+    whole tensors on every rank (``output="full"``) or :class:`TileTensor` for the sharded
+    ones (``output="tiles"``: on rank ``(r, c)`` ``z`` holds ``z[T_r, T_c]``, ``s`` the
+    block ``T_r``)."""
+
+    def __init__(self, model: nn.Module, mesh):
+        from ..passes.eager import RegisteredOp
+        from ..passes.trace import find_registered, structural_clone
+
+        rules = find_registered(model)
+        clone = structural_clone(model, {path: RegisteredOp(model.get_submodule(path), rule, mesh,
+                                                            build=_BUILDERS.get(rule.kind),
+                                                            prepare=_PREPARE.get(rule.kind))
+                                         for path, rule in rules.items()})
+        super().__init__(clone, mesh)
+        object.__setattr__(self, "_original_type", type(model))
+        self.n_registered = len(rules)
+        self.version = 1 if type(model).__name__ == "Boltz1" else 2
+
+    def forward(self, feats: dict, *args, output: str = "full", strict: bool = False, **kwargs) -> Any:
+        from ..passes.context import tile_context
+        from ..passes.eager import TileTensor, distribute, strict_mode
+
+        if output not in ("full", "tiles"):
+            raise ValueError(f"ParallelBoltz: output={output!r}; required 'full' or 'tiles'.")
+        if "token_pad_mask" not in feats:
+            raise KeyError("ParallelBoltz: the feature dict has no 'token_pad_mask' (required: Boltz's featurizer "
+                           "output, batch first). Fix: pass the dict Boltz's datamodule / featurizer produces.")
+        n = int(feats["token_pad_mask"].shape[1])
+        n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
+        with tile_context(self.mesh, n, n_seq), strict_mode(strict):
+            tf = {k: (distribute(v, feature_tags(k, v, n, n_seq, self.version))
+                      if isinstance(v, torch.Tensor) and not isinstance(v, TileTensor) else v) for k, v in feats.items()}
+            out = self.inner(tf, *args, **kwargs)
+            if output == "full":
+                out = _full(out)
+        return out
+
+
+def _full(x):
+    from ..passes.eager import TileTensor
+
+    if isinstance(x, TileTensor):
+        return x.full()
+    if isinstance(x, dict):
+        return {k: _full(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_full(v) for v in x)
+    return x
+
+
+def parallelize_boltz(model: nn.Module, mesh, **unused) -> ParallelBoltz:
+    """The model driver :func:`autocp.parallelize` uses for ``Boltz1`` / ``Boltz2``."""
+    from ..mesh import SquareMesh
+
+    return ParallelBoltz(model, SquareMesh.from_any(mesh))
