@@ -42,7 +42,7 @@ def parallelize(
     model: nn.Module,
     mesh=None,
     *,
-    example_inputs,
+    example_inputs=None,
     input_layouts=None,
     strict: bool = False,
     reuse_blocks: bool = True,
@@ -104,6 +104,15 @@ def parallelize(
                          f"'none'. Fix: pass one of those.")
     if not isinstance(model, nn.Module):
         raise TypeError(f"parallelize: given {type(model).__name__}; required an nn.Module.")
+    from .registry import lookup_model
+
+    driver = lookup_model(model)
+    if driver is not None:  # a whole model with its own driver (e.g. Boltz1 / Boltz2: autocp.models.boltz_e2e)
+        return driver(model, mesh, strict=strict)
+    if example_inputs is None:
+        raise TypeError(f"parallelize: example_inputs not given for {type(model).__name__}; required (args, kwargs) "
+                        f"or a tuple of args of one call (their shapes and the token length N are captured). Fix: "
+                        f"autocp.parallelize(model, mesh, example_inputs=((z, mask), {{}})).")
     mesh, dp_size, dp_world = _split_dp(mesh)
     sq = SquareMesh.from_any(mesh)
     pm = _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks, check_inputs, broadcast_from,

@@ -40,6 +40,8 @@ __all__ = [
     "call_comm_formula",
     "ensure_defaults",
     "DEFAULT_PROVIDERS",
+    "register_model",
+    "lookup_model",
 ]
 
 
@@ -253,6 +255,32 @@ def call_comm_formula(fn, module, *, p, r, c, n, batch, itemsize, channels=0) ->
     if params and params[0] == "module":
         return int(fn(module, p=p, r=r, c=c, n=n, batch=batch, itemsize=itemsize))
     return int(fn(n, p, channels, itemsize))
+
+
+_MODELS: dict = {}
+
+
+def register_model(qualname: str, driver: str) -> None:
+    """A whole-model driver: instances of the class named ``qualname``
+    (``"module.Class"``, matched by name so the class is never imported here) are
+    parallelized by ``driver`` (``"module:function"``, called as ``fn(model, mesh, **kw)``)
+    instead of the capture pipeline -- for models whose top-level forward is host-side
+    python no graph capture survives (Boltz: recycling / sampling loops, ``.item()``)."""
+    _MODELS[qualname] = driver
+    _VERSION[0] += 1
+
+
+def lookup_model(model: nn.Module) -> Optional[Callable]:
+    """The driver function registered for ``type(model)`` (or a base class), else None."""
+    ensure_defaults()
+    import importlib
+
+    for cls in type(model).__mro__:
+        entry = _MODELS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if entry is not None:
+            mod, fn = entry.split(":")
+            return getattr(importlib.import_module(mod), fn)
+    return None
 
 
 #: The built-in registrations, loaded on first lookup as ``"module:function"`` entry points

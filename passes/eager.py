@@ -51,9 +51,12 @@ __all__ = ["TileTensor", "distribute", "eager_stats", "EagerShardingError", "cle
            "RegisteredOp", "bind_registered", "standard_tags", "global_shape"]
 
 
-class EagerShardingError(RuntimeError):
-    """A torch function on a TileTensor that the rules refuse (strict mode, or an in-place
-    write autocp cannot prove)."""
+class EagerShardingError(BaseException):
+    """A torch function on a TileTensor that the rules refuse (strict mode, or a write
+    autocp cannot prove), or that failed inside its tile program. Derives from
+    ``BaseException`` on purpose: a model's own ``try/except Exception`` (Boltz's
+    ``compute_ptms`` turns any exception into pTM = ipTM = 0) must not turn a refusal into
+    a silent wrong result."""
 
 
 _METADATA = {
@@ -233,15 +236,19 @@ def _dispatch(func, args, kwargs):
             entry = _build(func, leaves, spec, tpos, ctx)
             _CACHE[key] = entry
             _STATS["traced"] += 1
-    if isinstance(entry, _PlainFallback):
+    if isinstance(entry, (_PlainFallback, _InplaceFallback)):
         return entry(func, leaves, spec)
     prog, out_spec, out_meta = entry
     # the graph was traced on contiguous fakes (view vs reshape decided on them): give a
     # non-mutating call contiguous tiles; a mutating one keeps its tiles (aliasing)
     mutates = _mutates(func)
     locals_ = [_local_of(leaves[i], mutates) for i in tpos]
-    with torch._C.DisableTorchFunctionSubclass():
-        outs = prog.gm(*prog.const_targets, [], *locals_)
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            outs = prog.gm(*prog.const_targets, [], *locals_)
+    except Exception as e:  # noqa: BLE001 -- ours, never the model's to swallow
+        raise EagerShardingError(f"autocp: the tile program of {getattr(func, '__name__', func)} failed "
+                                 f"({type(e).__name__}: {e}) at {_user_line()}") from e
     flat = tree_flatten(outs)[0]
     by_id = {id(leaves[i].local if isinstance(leaves[i], TileTensor) else leaves[i]): leaves[i] for i in tpos}
     res = []
@@ -282,6 +289,27 @@ class _PlainFallback:
         return _plain_call(func, a, kw)
 
 
+class _InplaceFallback:
+    """An in-place call on a TileTensor (first tensor argument) that no rule proves
+    tile-local: the target is gathered, the call runs on whole tensors, and this rank's
+    block is written back into the target's tile (differentiable copy)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+    def __call__(self, func, leaves, spec):
+        ctx = current()
+        first = next(i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor))
+        target = leaves[first]
+        full = target.full().clone()
+        new = [full if i == first else (a.full() if isinstance(a, TileTensor) else a) for i, a in enumerate(leaves)]
+        a, kw = tree_unflatten(new, spec)
+        out = _plain_call(func, a, kw)
+        with torch._C.DisableTorchFunctionSubclass():
+            target.local.copy_(shard_tags(full, target.tags, ctx.mesh))
+        return target if out is full else out
+
+
 def _build(func, leaves, spec, tpos, ctx):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -306,10 +334,11 @@ def _build(func, leaves, spec, tpos, ctx):
             gm = make_fx(f, tracing_mode="fake", pre_dispatch=True)(*fakes)
     except Exception as e:  # noqa: BLE001 -- not traceable to a tensor graph: exact gathered fallback
         why = f"{getattr(func, '__name__', func)} could not be traced ({type(e).__name__}: {str(e)[:160]})"
-        if _strict():
+        pair = any(isinstance(leaves[i], TileTensor) and sum(t is not None for t in leaves[i].tags) >= 2 for i in tpos)
+        if _strict() and pair:  # a token vector gathered for a python-level op is O(N): allowed
             raise EagerShardingError(f"autocp (strict): {why}; it would run on gathered tensors. Fix: "
                                      f"call it on x.full() explicitly, or register the module.") from e
-        warnings.warn(f"autocp: {why}; runs on gathered tensors (exact).", stacklevel=4)
+        warnings.warn(f"autocp: {why}; runs on gathered tensors (exact). At {_user_line()}", stacklevel=4)
         return _PlainFallback(why)
     out_vals = []
     for nd in gm.graph.nodes:
@@ -324,12 +353,23 @@ def _build(func, leaves, spec, tpos, ctx):
         prog = shard_graph(gm, in_tags, n=ctx.n, n_seq=ctx.n_seq, p=ctx.mesh.p, resolver=_no_opaque,
                            strict=_strict(), what=getattr(func, "__name__", str(func)))
     except ShardingError as e:
+        first = leaves[tpos[0]] if tpos else None
+        if _mutates(func) and isinstance(first, TileTensor):
+            # an in-place write the rules cannot prove tile-local (a slice assignment across
+            # token blocks): gather the target, write, and keep this rank's block (exact)
+            pair = sum(t is not None for t in first.tags) >= 2
+            if _strict() and pair:
+                raise EagerShardingError(f"{e}\n  called at {_user_line()}") from e
+            if pair:
+                warnings.warn(f"autocp: in-place {getattr(func, '__name__', func)} into a sharded pair tensor runs "
+                              f"gathered (exact, O(N^2/p)). At {_user_line()}", stacklevel=4)
+            return _InplaceFallback(str(e))
         raise EagerShardingError(f"{e}\n  called at {_user_line()}") from e
     prog.const_targets = []
     for nt in prog.notes:
         if nt.pair and nt.what in ("gather", "op-gather"):
             warnings.warn(f"autocp: {getattr(func, '__name__', func)} gathers a pair tensor ({nt.op}: "
-                          f"{getattr(nt, 'detail', '')}); exact, O(N^2/p) per rank.", stacklevel=4)
+                          f"{getattr(nt, 'detail', '')}); exact, O(N^2/p) per rank. At {_user_line()}", stacklevel=4)
     out_meta = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in out_vals]
     # the output pytree of the call (a tuple of tensors, a named tuple, one tensor, ...)
     with fmode, torch._C.DisableTorchFunctionSubclass():

@@ -619,7 +619,8 @@ for _op in (aten.clone.default, aten.detach.default, aten.alias.default, aten.li
       # elementwise ops that ATen does not tag pointwise (found by the OpInfo sweep)
       aten.rsub.Tensor, aten.subtract.Tensor, aten.subtract.Scalar, aten.floor_divide.default,
       aten.floor_divide.Scalar, aten.isclose.default, aten.real.default, aten.log_sigmoid.default,
-      aten.special_ndtr.default, aten.isreal.default)
+      aten.special_ndtr.default, aten.isreal.default, aten.__and__.Tensor, aten.__or__.Tensor,
+      aten.__and__.Scalar, aten.__or__.Scalar)
 def _pw_rule(s, node):
     _pointwise(s, node)
 
@@ -1633,6 +1634,33 @@ def _index(s, node):
     for i, v in zip(pos, ivals):
         new_idx[i] = v
     s.set(node, s.emit(node.target, xv, new_idx), tuple(ot))
+
+
+@rule(aten.flatten.using_ints)
+def _flatten(s, node):
+    """flatten(start, end) as the view it is (merged token axes keep a merged tag)."""
+    x = node.args[0]
+    out_shape = tuple(int(v) for v in _val(node).shape)
+    in_shape, tags = s.gshape(x), s.tg(x)
+    ot = _view_tags(s, in_shape, tags, out_shape) if any(t is not None for t in tags) else (None,) * len(out_shape)
+    if ot is None:
+        return _fallback(s, node, "flatten splits a sharded axis")
+    xv = s.env[x]
+    s.set(node, s.emit(aten.reshape.default, xv, s.local_shape(out_shape, ot)), ot)
+
+
+@rule(aten.repeat_interleave.self_int)
+def _repeat_interleave(s, node):
+    """repeat_interleave(x, repeats, dim): tile-local along a whole dim (Boltz's
+    ``multiplicity`` copies of the batch dim); along a sharded dim: that dim made whole."""
+    x = node.args[0]
+    t = s.tg(x)
+    d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if d is None:
+        return _fallback(s, node, "repeat_interleave over the flattened tensor")
+    d = d % len(t)
+    xv, nt = _whole_dims(s, x, {d}) if t[d] is not None else (s.env[x], t)
+    s.set(node, s.emit(node.target, xv, *node.args[1:], **node.kwargs), nt)
 
 
 @rule(aten.constant_pad_nd.default, aten.repeat.default)

@@ -86,7 +86,12 @@ def _try_factory(modname: str, clsname: str, **kw):
 
 
 def register_boltz_defaults() -> list[ModuleRule]:
-    """Register the Boltz-1/2 pairformer, MSA and attention layer classes (if boltz imports)."""
+    """Register the Boltz-1/2 pairformer, MSA and attention layer classes (if boltz imports),
+    and the whole-model driver of ``Boltz1`` / ``Boltz2`` (:mod:`autocp.models.boltz_e2e`)."""
+    from ..registry import register_model
+
+    for q in ("boltz.model.models.boltz2.Boltz2", "boltz.model.models.boltz1.Boltz1"):
+        register_model(q, "autocp.models.boltz_e2e:parallelize_boltz")
     rules = []
     try:
         with warnings.catch_warnings():

@@ -121,7 +121,7 @@ class ParallelBoltz(_wrapper_base()):
     ones (``output="tiles"``: on rank ``(r, c)`` ``z`` holds ``z[T_r, T_c]``, ``s`` the
     block ``T_r``)."""
 
-    def __init__(self, model: nn.Module, mesh):
+    def __init__(self, model: nn.Module, mesh, strict: bool = False):
         from ..passes.eager import RegisteredOp
         from ..passes.trace import find_registered, structural_clone
 
@@ -134,8 +134,9 @@ class ParallelBoltz(_wrapper_base()):
         object.__setattr__(self, "_original_type", type(model))
         self.n_registered = len(rules)
         self.version = 1 if type(model).__name__ == "Boltz1" else 2
+        self.strict = strict
 
-    def forward(self, feats: dict, *args, output: str = "full", strict: bool = False, **kwargs) -> Any:
+    def forward(self, feats: dict, *args, output: str = "full", strict: Optional[bool] = None, **kwargs) -> Any:
         from ..passes.context import tile_context
         from ..passes.eager import TileTensor, distribute, strict_mode
 
@@ -146,7 +147,7 @@ class ParallelBoltz(_wrapper_base()):
                            "output, batch first). Fix: pass the dict Boltz's datamodule / featurizer produces.")
         n = int(feats["token_pad_mask"].shape[1])
         n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
-        with tile_context(self.mesh, n, n_seq), strict_mode(strict):
+        with tile_context(self.mesh, n, n_seq), strict_mode(self.strict if strict is None else strict):
             tf = {k: (distribute(v, feature_tags(k, v, n, n_seq, self.version))
                       if isinstance(v, torch.Tensor) and not isinstance(v, TileTensor) else v) for k, v in feats.items()}
             out = self.inner(tf, *args, **kwargs)
@@ -167,8 +168,9 @@ def _full(x):
     return x
 
 
-def parallelize_boltz(model: nn.Module, mesh, **unused) -> ParallelBoltz:
-    """The model driver :func:`autocp.parallelize` uses for ``Boltz1`` / ``Boltz2``."""
+def parallelize_boltz(model: nn.Module, mesh, strict: bool = False, **unused) -> ParallelBoltz:
+    """The model driver :func:`autocp.parallelize` uses for ``Boltz1`` / ``Boltz2``
+    (registered by :func:`autocp.models.boltz.register_boltz_defaults`)."""
     from ..mesh import SquareMesh
 
-    return ParallelBoltz(model, SquareMesh.from_any(mesh))
+    return ParallelBoltz(model, SquareMesh.from_any(mesh), strict=strict)

@@ -42,7 +42,8 @@ def e2e_worker(rank, world, version):
     with torch.no_grad():
         ref = model(dict(feats), **kw)
     mesh = autocp.init_mesh()
-    pm = ParallelBoltz(model, mesh)
+    pm = autocp.parallelize(model, mesh)
+    assert isinstance(pm, ParallelBoltz), type(pm)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
