@@ -1321,13 +1321,12 @@ def _letters_contract(s: _Sharder, node, operands, letters, out_letters, emit_fn
     out_t = tuple(chosen[l] for l in out_letters)
     if not summed:
         return emit_fn(*vals), out_t
-    if len(operands) != 2:
-        vals = [s.to_tags(a, tuple(None if l in summed else t for l, t in zip(ls, tt)))
-                for a, ls, tt in zip(operands, letters, a_tags)]
-        return emit_fn(*vals), out_t
     dims_tags = [[(i, chosen[l]) for i, l in enumerate(ls) if l in summed and a_tags[k][i] is not None]
                  for k, ls in enumerate(letters)]
     s.note("all-reduce", f"contraction over sharded index {summed}")
+    if len(operands) != 2:  # e.g. einsum("bijd,bwki,bwlj->bwkld", z, q_map, k_map): one partial, all-reduced
+        out = s.emit(T.contract_n, s.const(_EmitFn(emit_fn, s)), list(vals), dims_tags, [chosen[l] for l in summed])
+        return out, out_t
     out = s.emit(T.contract, s.const(_EmitFn(emit_fn, s)), vals[0], vals[1], dims_tags[0], dims_tags[1],
                  [chosen[l] for l in summed])
     return out, out_t
@@ -1386,8 +1385,8 @@ class _EmitFn:
         self.op = getattr(emit_fn, "op", None)
         self.extra = getattr(emit_fn, "extra", ())
 
-    def __call__(self, a, b):
-        return self.op(a, b, *self.extra)
+    def __call__(self, *operands):
+        return self.op(*operands, *self.extra)
 
     def __repr__(self):
         return f"EmitFn({self.op})"

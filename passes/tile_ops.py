@@ -26,7 +26,7 @@ from .context import current
 
 __all__ = [
     "base_tag", "axis_of", "index_of", "global_len",
-    "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad", "masked_copy", "safe_root", "arg_extreme", "max_dim",
+    "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad", "masked_copy", "contract_n", "safe_root", "arg_extreme", "max_dim",
     "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract", "pair_contract",
     "reduce_var",
     "sdpa_keys_sharded", "narrow_global", "select_global", "index_select_global", "draw_global", "dropout_global",
@@ -348,6 +348,18 @@ def contract(fn, a: torch.Tensor, b: torch.Tensor, a_dims_tags, b_dims_tags, tag
     a = mask_pad(a, a_dims_tags, 0)
     b = mask_pad(b, b_dims_tags, 0)
     y = fn(a, b, *extra)
+    for ax in sorted({axis_of(t) for t in tags}):
+        y = comm.all_reduce(y, mesh, ax)
+    return y
+
+
+def contract_n(fn, operands: list, dims_tags: list, tags):
+    """``fn(*operands)`` (three or more operands) where the contracted dims are
+    block-sharded with ``tags``: each operand's padding along its sharded summed dims
+    zeroed, the local product is a partial sum, all-reduced over those mesh axes."""
+    mesh = current().mesh
+    ops = [mask_pad(x, dt, 0) if dt else x for x, dt in zip(operands, dims_tags)]
+    y = fn(*ops)
     for ax in sorted({axis_of(t) for t in tags}):
         y = comm.all_reduce(y, mesh, ax)
     return y

@@ -42,7 +42,7 @@ def e2e_worker(rank, world, version):
     with torch.no_grad():
         ref = model(dict(feats), **kw)
     mesh = autocp.init_mesh()
-    pm = autocp.parallelize(model, mesh)
+    pm = autocp.parallelize(model, mesh, strict=True)  # no pair tensor gathered anywhere in the model
     assert isinstance(pm, ParallelBoltz), type(pm)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
