@@ -25,6 +25,12 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["MemoryTracker", "peak_memory"]
 
 
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
 class MemoryTracker(TorchDispatchMode):
     """Live/peak bytes of tensor storages created inside the block (plus ``track``).
 
@@ -52,6 +58,8 @@ class MemoryTracker(TorchDispatchMode):
                 self._add(t)
 
     def _add(self, t: torch.Tensor) -> None:
+        if _is_fake(t):
+            return  # a FakeTensor (tracing, autocp.estimate) allocates nothing
         if is_traceable_wrapper_subclass(t):
             # a DTensor (or any wrapper subclass) owns no storage of its own: count the
             # local tensors it wraps, not its global size

@@ -136,9 +136,22 @@ class ParallelBoltz(_wrapper_base()):
         self.version = 1 if type(model).__name__ == "Boltz1" else 2
         self.strict = strict
 
+    def distribute_features(self, feats: dict) -> dict:
+        """This rank's tiles of a whole feature dict (:data:`FEATURE_LAYOUTS`); pass the result
+        to ``forward`` and drop the whole dict, so only the tiles (and the replicated atom
+        features) stay resident."""
+        from ..passes.context import tile_context
+        from ..passes.eager import TileTensor, distribute
+
+        n = int(feats["token_pad_mask"].shape[1])
+        n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
+        with tile_context(self.mesh, n, n_seq):
+            return {k: (distribute(v, feature_tags(k, v, n, n_seq, self.version))
+                        if isinstance(v, torch.Tensor) and not isinstance(v, TileTensor) else v) for k, v in feats.items()}
+
     def forward(self, feats: dict, *args, output: str = "full", strict: Optional[bool] = None, **kwargs) -> Any:
         from ..passes.context import tile_context
-        from ..passes.eager import TileTensor, distribute, strict_mode
+        from ..passes.eager import strict_mode
 
         if output not in ("full", "tiles"):
             raise ValueError(f"ParallelBoltz: output={output!r}; required 'full' or 'tiles'.")
@@ -147,9 +160,8 @@ class ParallelBoltz(_wrapper_base()):
                            "output, batch first). Fix: pass the dict Boltz's datamodule / featurizer produces.")
         n = int(feats["token_pad_mask"].shape[1])
         n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
+        tf = self.distribute_features(feats)
         with tile_context(self.mesh, n, n_seq), strict_mode(self.strict if strict is None else strict):
-            tf = {k: (distribute(v, feature_tags(k, v, n, n_seq, self.version))
-                      if isinstance(v, torch.Tensor) and not isinstance(v, TileTensor) else v) for k, v in feats.items()}
             out = self.inner(tf, *args, **kwargs)
             if output == "full":
                 out = _full(out)
