@@ -47,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "BoltzArgs",
     "INSTALL_HINT",
     "BoltzFullUnavailable",
     "ConfidenceZeroedError",
@@ -213,7 +214,8 @@ def tiny_boltz2_config(**overrides) -> dict[str, Any]:
         "atoms_per_window_keys": 128,
         "training_args": {"recycling_steps": 0, "sampling_steps": 2, "diffusion_multiplicity": 1,
                           "diffusion_samples": 1, "confidence_loss_weight": 1e-4, "diffusion_loss_weight": 4.0,
-                          "distogram_loss_weight": 3e-2, "bfactor_loss_weight": 1e-3, "affinity_loss_weight": 3e-3},
+                          "distogram_loss_weight": 3e-2, "bfactor_loss_weight": 1e-3, "affinity_loss_weight": 3e-3,
+                          "symmetry_correction": False, "max_lr": 1e-3, "weight_decay": 0.0},
         "validation_args": {"recycling_steps": 0, "sampling_steps": 2, "diffusion_samples": 1,
                             "symmetry_correction": False, "run_confidence_sequentially": False},
         "embedder_args": {"atom_encoder_depth": 1, "atom_encoder_heads": 2, "add_mol_type_feat": True,
@@ -375,6 +377,17 @@ def reinit_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+class BoltzArgs(dict):
+    """A dict with attribute access, what Boltz's training code expects of
+    ``training_args`` / ``validation_args`` (Boltz's own configs are omegaconf DictConfigs)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
 def _build(cls, cfg: dict, seed: int) -> nn.Module:
     # boltz's own init draws from scipy's / numpy's global RNG (trunc_normal_init_); pin it
     # so construction is reproducible even before the re-draw, and restore the caller's.
@@ -387,6 +400,9 @@ def _build(cls, cfg: dict, seed: int) -> nn.Module:
     finally:
         np.random.set_state(np_state)
         torch.random.set_rng_state(torch_state)
+    for name in ("training_args", "validation_args"):
+        if isinstance(getattr(model, name, None), dict):
+            setattr(model, name, BoltzArgs(getattr(model, name)))
     reinit_parameters(model, seed)
     return model.eval()
 

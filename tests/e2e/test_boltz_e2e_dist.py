@@ -57,7 +57,7 @@ def e2e_worker(rank, world, version):
     return res, sorted(set(pm.state_dict()) ^ set(model.state_dict()))
 
 
-@pytest.mark.parametrize("version,world", [(2, 1), (2, 4), (2, 9), (1, 4), (1, 9)])
+@pytest.mark.parametrize("version,world", [(2, 4), (2, 9), (1, 4), (1, 9)])
 def test_whole_model_inference_parity(version, world):
     res = run_distributed(e2e_worker, world, version, timeout=1200)
     expected = {"pdistogram", "s", "z", "sample_atom_coords", "plddt", "pae", "pde", "ptm", "iptm"}
