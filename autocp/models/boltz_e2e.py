@@ -149,6 +149,23 @@ class ParallelBoltz(_wrapper_base()):
             return {k: (distribute(v, feature_tags(k, v, n, n_seq, self.version))
                         if isinstance(v, torch.Tensor) and not isinstance(v, TileTensor) else v) for k, v in feats.items()}
 
+    def apply(self, fn, feats: dict, *args, strict: Optional[bool] = None, **kwargs) -> Any:
+        """``fn(model, tiled_feats, *args, **kwargs)`` on this mesh: ``model`` is the 2D model
+        (Boltz's class, its registered modules bound to their 2D ops), ``tiled_feats`` this
+        rank's tiles of ``feats``; for a training step or a loss written against Boltz's API,
+        e.g. ``loss = pm.apply(lambda m, b: m.training_step(b, 0), batch)``. A loss that is
+        the same on every rank comes back as a plain tensor: ``(loss / P).backward()`` on
+        every rank, then the sum of the parameter gradients over the ranks is the
+        single-device gradient (:func:`autocp.ops.common.sync_grads`)."""
+        from ..passes.context import tile_context
+        from ..passes.eager import strict_mode
+
+        n = int(feats["token_pad_mask"].shape[1])
+        n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
+        tf = self.distribute_features(feats)
+        with tile_context(self.mesh, n, n_seq), strict_mode(self.strict if strict is None else strict):
+            return fn(self.inner, tf, *args, **kwargs)
+
     def forward(self, feats: dict, *args, output: str = "full", strict: Optional[bool] = None, **kwargs) -> Any:
         from ..passes.context import tile_context
         from ..passes.eager import strict_mode

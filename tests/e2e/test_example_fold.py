@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_fold_complex_example_writes_a_pdb(tmp_path):
     out = tmp_path / "fold.pdb"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "04_fold_complex.py"), "--world", "4",
-                           "--n", "22", "--steps", "4", "--out", str(out)], capture_output=True, text=True,
+                           "--n", "22", "--steps", "10", "--out", str(out)], capture_output=True, text=True,
                           timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rep = {}
