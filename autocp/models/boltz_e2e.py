@@ -136,6 +136,14 @@ class ParallelBoltz(_wrapper_base()):
         self.version = 1 if type(model).__name__ == "Boltz1" else 2
         self.strict = strict
 
+    def _sizes(self, feats: dict) -> tuple:
+        """``(N, S)``: the token count from ``token_pad_mask``, the MSA depth from ``msa``."""
+        if "token_pad_mask" not in feats:
+            raise KeyError("ParallelBoltz: the feature dict has no 'token_pad_mask' (required: Boltz's featurizer "
+                           "output, batch first). Fix: pass the dict Boltz's datamodule / featurizer produces.")
+        n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
+        return int(feats["token_pad_mask"].shape[1]), n_seq
+
     def distribute_features(self, feats: dict) -> dict:
         """This rank's tiles of a whole feature dict (:data:`FEATURE_LAYOUTS`); pass the result
         to ``forward`` and drop the whole dict, so only the tiles (and the replicated atom
@@ -143,8 +151,7 @@ class ParallelBoltz(_wrapper_base()):
         from ..passes.context import tile_context
         from ..passes.eager import TileTensor, distribute
 
-        n = int(feats["token_pad_mask"].shape[1])
-        n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
+        n, n_seq = self._sizes(feats)
         with tile_context(self.mesh, n, n_seq):
             return {k: (distribute(v, feature_tags(k, v, n, n_seq, self.version))
                         if isinstance(v, torch.Tensor) and not isinstance(v, TileTensor) else v) for k, v in feats.items()}
@@ -160,29 +167,20 @@ class ParallelBoltz(_wrapper_base()):
         from ..passes.context import tile_context
         from ..passes.eager import strict_mode
 
-        n = int(feats["token_pad_mask"].shape[1])
-        n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
+        n, n_seq = self._sizes(feats)
         tf = self.distribute_features(feats)
         with tile_context(self.mesh, n, n_seq), strict_mode(self.strict if strict is None else strict):
             return fn(self.inner, tf, *args, **kwargs)
 
     def forward(self, feats: dict, *args, output: str = "full", strict: Optional[bool] = None, **kwargs) -> Any:
-        from ..passes.context import tile_context
-        from ..passes.eager import strict_mode
-
         if output not in ("full", "tiles"):
             raise ValueError(f"ParallelBoltz: output={output!r}; required 'full' or 'tiles'.")
-        if "token_pad_mask" not in feats:
-            raise KeyError("ParallelBoltz: the feature dict has no 'token_pad_mask' (required: Boltz's featurizer "
-                           "output, batch first). Fix: pass the dict Boltz's datamodule / featurizer produces.")
-        n = int(feats["token_pad_mask"].shape[1])
-        n_seq = int(feats["msa"].shape[1]) if isinstance(feats.get("msa"), torch.Tensor) else None
-        tf = self.distribute_features(feats)
-        with tile_context(self.mesh, n, n_seq), strict_mode(self.strict if strict is None else strict):
-            out = self.inner(tf, *args, **kwargs)
-            if output == "full":
-                out = _full(out)
-        return out
+
+        def run(model, tf):  # the gather to whole tensors runs inside the tile context (TileTensor.full needs it)
+            out = model(tf, *args, **kwargs)
+            return _full(out) if output == "full" else out
+
+        return self.apply(run, feats, strict=strict)
 
 
 def _full(x):
