@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --test
-bash scripts/install_boltz_full.sh  # the whole Boltz-1/2 models (tests/e2e); --no-deps, keeps torch
+bash scripts/install_boltz_full.sh || echo "test.sh: whole-model deps not installed; the whole-Boltz tests (tests/e2e) skip" >&2  # --no-deps, keeps torch
 export OMP_NUM_THREADS=1
 set +e
 python3 -m pytest -q -ra --durations=15 "$@"
