@@ -106,18 +106,13 @@ def register_boltz_defaults() -> list[ModuleRule]:
             )
     except Exception:  # noqa: BLE001 -- boltz is optional
         return rules
-    rules.append(register_module(
-        TriangleMultiplicationOutgoing, _try_factory("triangle_mult", "TriangleMultiplication2D"),
-        kind="triangle_mult_out", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_mult_comm))
-    rules.append(register_module(
-        TriangleMultiplicationIncoming, _try_factory("triangle_mult", "TriangleMultiplication2D"),
-        kind="triangle_mult_in", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_mult_comm))
-    rules.append(register_module(
-        TriangleAttentionStartingNode, _try_factory("triangle_attn", "TriangleAttention2D"),
-        kind="triangle_attn_start", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_attn_comm))
-    rules.append(register_module(
-        TriangleAttentionEndingNode, _try_factory("triangle_attn", "TriangleAttention2D"),
-        kind="triangle_attn_end", call="pair", arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=_tri_attn_comm))
+    for cls, opmod, opcls, kind, comm in (
+            (TriangleMultiplicationOutgoing, "triangle_mult", "TriangleMultiplication2D", "triangle_mult_out", _tri_mult_comm),
+            (TriangleMultiplicationIncoming, "triangle_mult", "TriangleMultiplication2D", "triangle_mult_in", _tri_mult_comm),
+            (TriangleAttentionStartingNode, "triangle_attn", "TriangleAttention2D", "triangle_attn_start", _tri_attn_comm),
+            (TriangleAttentionEndingNode, "triangle_attn", "TriangleAttention2D", "triangle_attn_end", _tri_attn_comm)):
+        rules.append(register_module(cls, _try_factory(opmod, opcls), kind=kind, call="pair",
+                                     arg_layouts=ARG_LAYOUTS["triangle"], comm_bytes=comm))
     optional = [
         ("boltz.model.layers.attentionv2", "AttentionPairBias", "pair_bias_attn", "pair_bias_attn", "AttentionPairBias2D"),
         ("boltz.model.layers.attention", "AttentionPairBias", "pair_bias_attn", "pair_bias_attn", "AttentionPairBias2D"),

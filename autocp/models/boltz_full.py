@@ -193,6 +193,11 @@ _STEERING_OFF = {
 }
 
 
+#: the tiny widths both versions share
+_TINY_WIDTHS = {"atom_s": 16, "atom_z": 8, "token_s": 32, "token_z": 16}
+_TINY_PAIR = {"pairwise_head_width": 8, "pairwise_num_heads": 2, "dropout": 0.0, "activation_checkpointing": False}
+
+
 def tiny_boltz2_config(**overrides) -> dict[str, Any]:
     """Constructor kwargs of the tiny Boltz-2 (see :func:`tiny_boltz2`).
 
@@ -202,13 +207,10 @@ def tiny_boltz2_config(**overrides) -> dict[str, Any]:
     atom_z 8, one block per stack, 2 heads). A dict-valued override is merged into the
     default dict; anything else replaces it.
     """
-    pair = {"pairwise_head_width": 8, "pairwise_num_heads": 2, "dropout": 0.0, "activation_checkpointing": False}
+    pair = dict(_TINY_PAIR)
     cfg: dict[str, Any] = {
-        "atom_s": 16,
-        "atom_z": 8,
-        "token_s": 32,
-        "token_z": 16,
-        "num_bins": 64,  # ConfidenceHeads hard-codes a (1,1,1,64) contact mask on the distogram
+        **_TINY_WIDTHS,
+        "num_bins": 64,  # ConfidenceHeads hard-codes a (1,1,1,64) contact mask on the distogram (both versions)
         "atom_feature_dim": 388,  # ref_pos 3 + charge 1 + element 128 + name chars 4*64
         "atoms_per_window_queries": 32,
         "atoms_per_window_keys": 128,
@@ -273,12 +275,9 @@ def tiny_boltz1_config(**overrides) -> dict[str, Any]:
     confidence: ``confidence_imitate_trunk=True``, ``alpha_pae=1`` so PAE/pTM are
     computed, ``use_s_diffusion=True``); widths as :func:`tiny_boltz2_config`.
     """
-    pair = {"pairwise_head_width": 8, "pairwise_num_heads": 2, "dropout": 0.0, "activation_checkpointing": False}
+    pair = dict(_TINY_PAIR)
     cfg: dict[str, Any] = {
-        "atom_s": 16,
-        "atom_z": 8,
-        "token_s": 32,
-        "token_z": 16,
+        **_TINY_WIDTHS,
         "num_bins": 64,
         "atom_feature_dim": 389,  # ref_pos 3 + charge 1 + pad mask 1 + element 128 + name chars 4*64
         "atoms_per_window_queries": 32,
