@@ -76,6 +76,7 @@ class SquareMesh:
     def __init__(self, device_mesh=None, *, _single: bool = False):
         self.timeout = None  # seconds; set by init_mesh (None: the process groups' own)
         self._control = None
+        self._flat = None
         if _single:
             self.device_mesh = None
             self.p = 1
@@ -251,6 +252,26 @@ class SquareMesh:
             else:
                 self._control = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True, **kw)
         return self._control
+
+    def flat_group(self):
+        """A process group over all ``p*p`` mesh ranks (the mesh's own backend) for the
+        collectives of tensors split over the whole mesh (atom windows,
+        :mod:`autocp.ops.atom_windows`); members in ascending global rank (see
+        :meth:`flat_order`). ``None`` on a 1x1 mesh. Created on first use by every mesh rank."""
+        if self.device_mesh is None or self.p == 1:
+            return None
+        if self._flat is None:
+            ranks = sorted(self.ranks_flat)
+            if len(ranks) == dist.get_world_size():
+                self._flat = dist.new_group(ranks=ranks)
+            else:
+                self._flat = dist.new_group(ranks=ranks, use_local_synchronization=True)
+        return self._flat
+
+    def flat_order(self) -> list:
+        """Mesh position ``(r, c)`` of each member of :meth:`flat_group`, in group-rank order."""
+        pos = {self.rank_of(r, c): (r, c) for r in range(self.p) for c in range(self.p)}
+        return [pos[g] for g in sorted(pos)]
 
     @property
     def row_group(self):
