@@ -115,7 +115,15 @@ class TileTensor(torch.Tensor):
     def full(self) -> torch.Tensor:
         """The whole tensor on every rank (differentiable all-gathers)."""
         ctx = _ctx("TileTensor.full")
-        return gather_tags(self._local, self._tags, ctx.mesh, ctx.n, ctx.n_seq)
+        x, tags = self._local, self._tags
+        if any(t in _FLAT for t in tags):  # atom windows split over the whole mesh
+            from ..ops.atom_windows import gather_flat
+
+            for d, t in enumerate(tags):
+                if t in _FLAT:
+                    x = gather_flat(x, ctx.mesh, d, int(self.shape[d]))
+            tags = tuple(None if t in _FLAT else t for t in tags)
+        return gather_tags(x, tags, ctx.mesh, ctx.n, ctx.n_seq)
 
     def __repr__(self):
         with torch._C.DisableTorchFunctionSubclass():
@@ -212,6 +220,8 @@ def _dispatch(func, args, kwargs):
     leaves, spec = tree_flatten((args, kwargs))
     if not any(isinstance(a, TileTensor) for a in leaves):
         return _plain_call(func, args, kwargs)
+    if any(isinstance(a, TileTensor) and any(t in _FLAT for t in a.tags) for a in leaves):
+        return _flat_dispatch(func, leaves, spec)
     if func in _TO_PYTHON:
         _STATS["gathered_python"] += 1
         leaves = [a.full() if isinstance(a, TileTensor) else a for a in leaves]
@@ -262,6 +272,78 @@ def _dispatch(func, args, kwargs):
         else:
             res.append(TileTensor(o, tags, meta))
     return tree_unflatten(res, out_spec)
+
+
+# ----------------------------------------------------------------------------- atom windows
+#: tags of dims split over all P ranks by whole atom windows (autocp.ops.atom_windows):
+#: "w" a window dim, "a" an atom dim. The shard rule table does not know them: calls on
+#: such tensors are run tile-local when they provably keep those dims element-wise
+#: (below), else on the gathered tensors (exact, warned; a window tensor -- an atom-pair
+#: tensor -- is refused under strict).
+_FLAT = ("w", "a")
+_F = torch.nn.functional
+_FLAT_CHANNEL = {_F.layer_norm, _F.linear, torch._C._nn.linear}          # act on trailing (untagged) dims
+_FLAT_UNARY = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.clone,
+               torch.Tensor.detach, _F.relu, torch.relu, torch.Tensor.relu, torch.sigmoid, torch.Tensor.sigmoid}
+_FLAT_BINARY = {torch.Tensor.__add__, torch.Tensor.__mul__, torch.Tensor.__sub__, torch.add, torch.mul}
+
+
+def _flat_local_ok(func, leaves, spec) -> bool:
+    tiles = [a for a in leaves if isinstance(a, TileTensor)]
+    tags, shape = tiles[0].tags, tuple(tiles[0].shape)
+    if any(a.tags != tags for a in tiles):
+        return False
+    tagged = {d for d, t in enumerate(tags) if t is not None}
+    nd = len(tags)
+    plain = [a for a in leaves if isinstance(a, torch.Tensor) and not isinstance(a, TileTensor)]
+    args, kwargs = tree_unflatten(leaves, spec)
+    if func in _FLAT_CHANNEL:
+        if len(tiles) != 1 or args[0] is not tiles[0] or (nd - 1) in tagged:
+            return False
+        if func is _F.layer_norm:
+            k = len(args[1]) if len(args) > 1 else len(kwargs.get("normalized_shape", ()))
+            return not any(d >= nd - k for d in tagged)
+        return all(p.dim() <= 2 for p in plain)  # weight / bias
+    if func in _FLAT_UNARY:
+        return len(tiles) == 1 and args[0] is tiles[0] and not plain
+    if func in _FLAT_BINARY:
+        return not plain and all(tuple(a.shape) == shape for a in tiles)
+    if func is torch.cat:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return not plain and (dim % nd) not in tagged and all(a.dim() == nd for a in tiles)
+    if func in (torch.Tensor.repeat_interleave, torch.repeat_interleave):
+        rep = args[1] if len(args) > 1 else kwargs.get("repeats")
+        dim = args[2] if len(args) > 2 else kwargs.get("dim")
+        return isinstance(rep, int) and isinstance(dim, int) and (dim % nd) not in tagged and \
+            kwargs.get("output_size") is None
+    return False
+
+
+def _flat_dispatch(func, leaves, spec):
+    tiles = [a for a in leaves if isinstance(a, TileTensor)]
+    if _flat_local_ok(func, leaves, spec):
+        ref = tiles[0]
+        a, kw = tree_unflatten([x.local if isinstance(x, TileTensor) else x for x in leaves], spec)
+        out = _plain_call(func, a, kw)
+
+        def wrap(o):
+            if not isinstance(o, torch.Tensor) or o.dim() != ref.dim():
+                raise EagerShardingError(f"autocp: {getattr(func, '__name__', func)} on atom-window tiles returned "
+                                         f"an unexpected value (internal error)")
+            shape = [ref.shape[d] if t is not None else o.shape[d] for d, t in enumerate(ref.tags)]
+            return TileTensor(o, ref.tags, shape)
+
+        return tree_unflatten([wrap(o) if isinstance(o, torch.Tensor) else o for o in tree_flatten(out)[0]],
+                              tree_flatten(out)[1])
+    name = getattr(func, "__name__", str(func))
+    if _strict() and any("w" in a.tags for a in tiles):
+        raise EagerShardingError(f"autocp (strict): {name} on an atom-window tensor (an atom-pair tensor split by "
+                                 f"windows) has no window-local rule; it would be gathered. At {_user_line()}")
+    warnings.warn(f"autocp: {name} on atom tiles runs on the gathered tensors (exact). At {_user_line()}",
+                  stacklevel=4)
+    a, kw = tree_unflatten([x.full() if isinstance(x, TileTensor) and any(t in _FLAT for t in x.tags) else x
+                            for x in leaves], spec)
+    return func(*a, **kw)
 
 
 def _local_of(a, mutates: bool):
@@ -401,8 +483,8 @@ def standard_tags(tags) -> tuple:
     Pair2D ``[B, N, N, C]``, RowToken ``[B, N, C]``, MsaTiles ``[B, S, N, C]``."""
     out, k = [], 0
     for t in tags:
-        if t is None:
-            out.append(None)
+        if t is None or t in _FLAT:
+            out.append(t)
         elif T.base_tag(t) == "s":
             out.append("s")
         else:

@@ -125,14 +125,19 @@ class ParallelBoltz(_wrapper_base()):
         from ..passes.eager import RegisteredOp
         from ..passes.trace import find_registered, structural_clone
 
-        rules = find_registered(model)
-        clone = structural_clone(model, {path: RegisteredOp(model.get_submodule(path), rule, mesh,
-                                                            build=_BUILDERS.get(rule.kind),
-                                                            prepare=_PREPARE.get(rule.kind))
-                                         for path, rule in rules.items()})
+        from .boltz_atoms import AtomWindowOp, find_atom_modules
+
+        atoms = find_atom_modules(model)  # atom encoders / decoders: split by atom windows
+        rules = {path: rule for path, rule in find_registered(model).items()
+                 if not any(path == a or path.startswith(a + ".") for a in atoms)}
+        replace = {path: RegisteredOp(model.get_submodule(path), rule, mesh, build=_BUILDERS.get(rule.kind),
+                                      prepare=_PREPARE.get(rule.kind))
+                   for path, rule in rules.items() if not any(a.startswith(path + ".") for a in atoms)}
+        replace.update({path: AtomWindowOp(m, mesh) for path, m in atoms.items()})
+        clone = structural_clone(model, replace)
         super().__init__(clone, mesh)
         object.__setattr__(self, "_original_type", type(model))
-        self.n_registered = len(rules)
+        self.n_registered = len(replace)
         self.version = 1 if type(model).__name__ == "Boltz1" else 2
         self.strict = strict
 

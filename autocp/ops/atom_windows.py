@@ -138,7 +138,7 @@ class WindowPlan:
 
     def halo_keys(self, x: torch.Tensor) -> torch.Tensor:
         """The ``to_keys`` of the local windows: ``[B, kb W, D]`` -> ``[B, kb, H, D]``."""
-        return self.keys(self.exchange(x))
+        return self.keys(self.exchange(x)).contiguous()
 
     def gather_atoms(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """This rank's atoms -> the whole atom dim (differentiable)."""
