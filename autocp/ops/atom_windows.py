@@ -120,6 +120,7 @@ class WindowPlan:
             off = gc - o * self.na
             in_last = off >= self.na - e
             pos = torch.where(in_last, o * 2 * e + e + (off - (self.na - e)), o * 2 * e + off)
+            pos = torch.where(valid, pos, 0)  # outside [0, M): zeroed below, any index will do
             self._halo = (e, pos, valid)
         return self._halo
 

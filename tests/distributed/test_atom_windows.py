@@ -87,7 +87,7 @@ def _worker(rank, world, M, N):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,M,N", [(1, 96, 11), (4, 224, 13), (9, 224, 13), (9, 608, 40)])
+@pytest.mark.parametrize("world,M,N", [(1, 96, 11), (4, 224, 13), (4, 1184, 50), (9, 224, 13), (9, 608, 40)])
 def test_atom_windows_match_single_device(world, M, N):
     for rank, r in enumerate(run_distributed(_worker, world, M, N)):
         for k, v in r.items():
