@@ -814,13 +814,30 @@ def _t(s, node):
     s.set(node, s.emit(node.target, s.env[x]), t, alias=s.alias_ok.get(x, True))
 
 
-@rule(aten.expand.default, aten.expand_copy.default)
+@rule(aten.expand.default, aten.expand_copy.default, aten.expand_as.default)
 def _expand(s, node):
-    x, size = node.args[0], list(node.args[1])
+    x = node.args[0]
+    target = aten.expand.default if node.target == aten.expand_as.default else node.target
     shp, t = s.gshape(x), s.tg(x)
     out_shape = tuple(int(v) for v in _val(node).shape)
     off = len(out_shape) - len(shp)
     ot = [None] * off + [t[j] if shp[j] == out_shape[off + j] else None for j in range(len(shp))]
+    src = s.env[x]
+    # a token vector broadcast along a new token axis (``res_type[:, :, None].expand(.., N, ..)``):
+    # the new axis takes the other mesh axis -- a Pair2D tile, O(N^2/P) -- instead of a whole
+    # dim (O(N^2/p)). The values are equal along it, so the local expand is exact (pad slots
+    # hold the same values, which every reduction masks). The first token axis goes on the rows.
+    real = [(i, v) for i, v in enumerate(ot) if v is not None]
+    grow = [i for i in range(off, len(out_shape)) if shp[i - off] == 1 and out_shape[i] == s.n and s.n > 1]
+    if grow and len(real) == 1 and real[0][1] in ("r", "c"):
+        old, new = real[0][0], grow[0]
+        want = "r" if old < new else "c"
+        if t[old - off] != want:
+            nt = list(t)
+            nt[old - off] = want
+            src = s.to_tags(x, tuple(nt))  # a token vector: O(N), one exchange
+        ot[old] = want
+        ot[new] = "c" if want == "r" else "r"
     local = [(-1 if (i >= off and ot[i] is not None) else out_shape[i]) for i in range(len(out_shape))]
     for i in range(off, len(out_shape)):
         if ot[i] is not None:
@@ -828,7 +845,7 @@ def _expand(s, node):
     big = _numel(s.local_shape(out_shape, ot)) * _val(node).element_size()
     if sum(1 for v in ot if v is None and out_shape[ot.index(v)] > 1) and big > (1 << 24):
         s.note("replicated", f"expand to {out_shape} materialises whole dims", big)
-    s.set(node, s.emit(node.target, s.env[x], local), tuple(ot), alias=s.alias_ok.get(x, True))
+    s.set(node, s.emit(target, src, local), tuple(ot), alias=s.alias_ok.get(x, True) and src is s.env[x])
 
 
 def _norm_slice(start, end, step, L):

@@ -74,6 +74,11 @@ def einsum3_token(z):  # Boltz-2's atom-pair bias: z read through two token->ato
     q = torch.arange(2 * 3 * N, dtype=z.dtype).reshape(1, 2, 3, N).sin()
     k = torch.arange(2 * 4 * N, dtype=z.dtype).reshape(1, 2, 4, N).cos()
     return torch.einsum("bijd,bwki,bwlj->bwkld", z, q, k)[:, None]
+def expand_token_pair(z):  # template res_type_i / res_type_j: a token vector broadcast to a pair
+    v = z.mean(2)                                          # [B, N, C] token vector
+    vi = v[:, :, None].expand(-1, -1, z.shape[2], -1)      # [B, N, N, C], equal along j
+    vj = v[:, None, :].expand(-1, z.shape[1], -1, -1)      # equal along i
+    return torch.cat([z * vi, vj, vi.sum(2, keepdim=True).expand_as(z)], -1)
 def glu_channel(z): return F.glu(torch.cat([z, z], -1), dim=-1)
 def sdpa_tri(z):
     q = z.permute(0, 1, 2, 3)[:, :, None]  # [B, I, 1, J, C]
@@ -96,7 +101,7 @@ def fresh_buffer(z):
 CASES = [pw_unary, pw_binary_bcast, where_fill, sum_token, mean_amax, var_std, softmax_token, logsumexp_token,
          any_all, layer_norm, reshape_merge, reshape_row, permute_t, unsq_sq, cat_stack, cat_token, slice_token,
          narrow_select, index_select_token, contraction_channel, contraction_token, trimul_out, trimul_in,
-         matvec_token, cumsum_channel, cumsum_token, sort_channel, max_dim_token, einsum3_token, one_hot_relpos, glu_channel, sdpa_tri,
+         matvec_token, cumsum_channel, cumsum_token, sort_channel, max_dim_token, einsum3_token, expand_token_pair, one_hot_relpos, glu_channel, sdpa_tri,
          attn_decomposed, inplace_residual, fresh_buffer]
 # ops with no rule over a token axis: exact by gathering, refused under strict=True
 GATHERED = {"cumsum_token", "reshape_row", "cat_token"}
