@@ -40,12 +40,14 @@ def _hooks(root, mt, table):
             continue
 
         def pre(m, a, kw=None, name=name):
-            table.setdefault(name, {"peak": 0, "outer": mt.peak_bytes})
+            table.setdefault(name, {"peak": 0, "outer": mt.peak_bytes, "delta": 0})
+            table[name]["entry"] = mt.live_bytes
             table[name]["outer"] = max(table[name]["outer"], mt.peak_bytes)
             mt.peak_bytes = mt.live_bytes
 
         def post(m, a, out, name=name):
             table[name]["peak"] = max(table[name]["peak"], mt.peak_bytes)
+            table[name]["delta"] = max(table[name]["delta"], mt.peak_bytes - table[name]["entry"])
             mt.peak_bytes = max(mt.peak_bytes, table[name]["outer"])
 
         handles.append(mod.register_forward_pre_hook(pre))
@@ -74,6 +76,7 @@ def worker(rank, world, n, steps, min_chunk=None):
                 h.remove()
         res["single_peak"] = mt.peak_bytes
         res["single_modules"] = {k: v["peak"] for k, v in table.items()}
+        res["single_deltas"] = {k: v["delta"] for k, v in table.items()}
     mesh = autocp.init_mesh()
     pm = autocp.parallelize(model, mesh)
     table = {}
@@ -86,12 +89,13 @@ def worker(rank, world, n, steps, min_chunk=None):
             hs = _hooks(pm.inner, mt, table)
             torch.manual_seed(0)
             t0 = time.time()
-            pm(tiles, **kw)
+            pm(tiles, **kw, output="tiles")  # outputs stay tiles: a whole-tensor gather is O(N^2) by definition
             res["rank_s"] = round(time.time() - t0, 2)
             for h in hs:
                 h.remove()
     res["rank_peak"] = mt.peak_bytes
     res["rank_modules"] = {k: v["peak"] for k, v in table.items()}
+    res["rank_deltas"] = {k: v["delta"] for k, v in table.items()}
     return res
 
 
@@ -127,14 +131,30 @@ def main():
             mr = max(r["rank_modules"].get(name, 0) for r in rows[w]) / MiB
             cells.append(f"{mr:.2f} ({sm / mr if mr else float('nan'):.2f})")
         print(f"| {name} | {sm:.2f} | " + " | ".join(cells) + " |")
+    print("\nper-module increment (peak while it ran minus what was live at its entry: the module's own "
+          "temporaries and outputs, without the resident parameters / features / trunk outputs)")
+    print(hdr.replace("single MiB", "single increment MiB"))
+    print("|" + "---|" * (2 + len(args.worlds)))
+    for name in MODULES:
+        if name not in single["single_deltas"]:
+            continue
+        sm = single["single_deltas"][name] / MiB
+        cells = []
+        for w in args.worlds:
+            mr = max(r["rank_deltas"].get(name, 0) for r in rows[w]) / MiB
+            cells.append(f"{mr:.2f} ({sm / mr if mr else float('nan'):.2f})")
+        print(f"| {name} | {sm:.2f} | " + " | ".join(cells) + " |")
     for w in args.worlds:
         mx = max(r["rank_peak"] for r in rows[w]) / MiB
         out["worlds"][w] = {"rank_peak_MiB": [round(r["rank_peak"] / MiB, 2) for r in rows[w]],
                             "ratio": round(out["single_peak_MiB"] / mx, 2), "rank_s": max(r["rank_s"] for r in rows[w]),
                             "modules_MiB": {k: round(max(r["rank_modules"].get(k, 0) for r in rows[w]) / MiB, 2)
-                                            for k in MODULES if k in single["single_modules"]}}
+                                            for k in MODULES if k in single["single_modules"]},
+                            "module_increments_MiB": {k: round(max(r["rank_deltas"].get(k, 0) for r in rows[w]) / MiB, 2)
+                                                      for k in MODULES if k in single["single_deltas"]}}
         print(f"whole model P={w}: max rank {mx:.2f} MiB, single / max rank = {out['worlds'][w]['ratio']} (ideal {w})")
     out["single_modules_MiB"] = {k: round(v / MiB, 2) for k, v in single["single_modules"].items()}
+    out["single_module_increments_MiB"] = {k: round(v / MiB, 2) for k, v in single["single_deltas"].items()}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
