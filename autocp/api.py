@@ -10,6 +10,7 @@ The pipeline (``autocp.passes``): trace -> analyze -> match -> rewrite -> emit.
 
 from __future__ import annotations
 
+from typing import Optional
 import warnings
 
 import torch
@@ -53,6 +54,7 @@ def parallelize(
     grad_bucket_mb: float = 25.0,
     recompute: str = "ops",
     pair_dtype=None,
+    options: Optional[dict] = None,
 ) -> nn.Module:
     """The 2D-context-parallel version of ``model`` on the square ``mesh``.
 
@@ -93,6 +95,9 @@ def parallelize(
     default (the model's own dtype rules); see docs/memory.md. Independently, without
     autograd the glue's residual updates write in place into dead fresh tiles
     (:mod:`autocp.passes.storage`).
+
+    ``options``: keyword options of a whole-model driver, e.g. for ``Boltz2``
+    ``{"token_bias": "lazy" | "resident" | "auto"}`` (docs/end_to_end.md).
     """
     if pair_dtype is not None and (not isinstance(pair_dtype, torch.dtype) or not pair_dtype.is_floating_point):
         raise ValueError(f"parallelize: given pair_dtype={pair_dtype!r}; required None or a floating torch.dtype. "
@@ -108,7 +113,10 @@ def parallelize(
 
     driver = lookup_model(model)
     if driver is not None:  # a whole model with its own driver (e.g. Boltz1 / Boltz2: autocp.models.boltz_e2e)
-        return driver(model, mesh, strict=strict)
+        return driver(model, mesh, strict=strict, **(options or {}))
+    if options:
+        raise TypeError(f"parallelize: given options={options!r} for {type(model).__name__}; required none (options "
+                        f"are for whole-model drivers such as Boltz1 / Boltz2). Fix: drop options.")
     if example_inputs is None:
         raise TypeError(f"parallelize: example_inputs not given for {type(model).__name__}; required (args, kwargs) "
                         f"or a tuple of args of one call (their shapes and the token length N are captured). Fix: "

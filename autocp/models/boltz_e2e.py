@@ -119,13 +119,19 @@ class ParallelBoltz(_wrapper_base()):
     keys). ``forward(feats, **boltz_kwargs, output="full")`` returns Boltz's output dict:
     whole tensors on every rank (``output="full"``) or :class:`TileTensor` for the sharded
     ones (``output="tiles"``: on rank ``(r, c)`` ``z`` holds ``z[T_r, T_c]``, ``s`` the
-    block ``T_r``)."""
+    block ``T_r``).
 
-    def __init__(self, model: nn.Module, mesh, strict: bool = False):
+    ``token_bias`` (Boltz-2): ``"lazy"`` recomputes the diffusion token-transformer bias
+    per layer from the held z tile instead of keeping ``[N, N, depth * heads]`` resident
+    through sampling (:mod:`autocp.models.boltz_bias`); ``"resident"`` keeps Boltz's
+    tensor; ``"auto"`` is lazy when that saves memory (``depth * heads > token_z``)."""
+
+    def __init__(self, model: nn.Module, mesh, strict: bool = False, token_bias: str = "auto"):
         from ..passes.eager import RegisteredOp
         from ..passes.trace import find_registered, structural_clone
 
         from .boltz_atoms import AtomWindowOp, find_atom_modules
+        from .boltz_bias import bind_lazy_bias
 
         atoms = find_atom_modules(model)  # atom encoders / decoders: split by atom windows
         rules = {path: rule for path, rule in find_registered(model).items()
@@ -134,10 +140,13 @@ class ParallelBoltz(_wrapper_base()):
                                       prepare=_PREPARE.get(rule.kind))
                    for path, rule in rules.items() if not any(a.startswith(path + ".") for a in atoms)}
         replace.update({path: AtomWindowOp(m, mesh) for path, m in atoms.items()})
+        lazy = bind_lazy_bias(model, mesh, token_bias)  # diffusion token-transformer bias: per layer, not resident
+        replace.update(lazy)
         clone = structural_clone(model, replace)
         super().__init__(clone, mesh)
         object.__setattr__(self, "_original_type", type(model))
         self.n_registered = len(replace)
+        self.token_bias = "lazy" if lazy else "resident"
         self.version = 1 if type(model).__name__ == "Boltz1" else 2
         self.strict = strict
 
@@ -200,9 +209,9 @@ def _full(x):
     return x
 
 
-def parallelize_boltz(model: nn.Module, mesh, strict: bool = False, **unused) -> ParallelBoltz:
+def parallelize_boltz(model: nn.Module, mesh, strict: bool = False, token_bias: str = "auto") -> ParallelBoltz:
     """The model driver :func:`autocp.parallelize` uses for ``Boltz1`` / ``Boltz2``
     (registered by :func:`autocp.models.boltz.register_boltz_defaults`)."""
     from ..mesh import SquareMesh
 
-    return ParallelBoltz(model, SquareMesh.from_any(mesh), strict=strict)
+    return ParallelBoltz(model, SquareMesh.from_any(mesh), strict=strict, token_bias=token_bias)

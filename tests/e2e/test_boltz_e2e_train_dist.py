@@ -31,7 +31,7 @@ def structure_loss(model, batch):
     return ta.distogram_loss_weight * disto + ta.diffusion_loss_weight * diff["loss"]
 
 
-def train_worker(rank, world):
+def train_worker(rank, world, token_bias="auto"):
     import warnings
 
     import torch.distributed as dist
@@ -49,7 +49,7 @@ def train_worker(rank, world):
     ref = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     mesh = autocp.init_mesh()
-    pm = autocp.parallelize(model, mesh, strict=True)
+    pm = autocp.parallelize(model, mesh, strict=True, options=dict(token_bias=token_bias))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
@@ -66,11 +66,17 @@ def train_worker(rank, world):
         if mesh.p > 1:
             dist.all_reduce(g)
         errs[k] = (float((g - ref[k]).abs().max()), float(ref[k].abs().max()))
-    return float(ref_loss), float(loss), errs, missing
+    return float(ref_loss), float(loss), errs, missing, pm.token_bias
 
 
-def test_training_step_loss_and_all_gradients_match_single_device():
-    for rank, (ref_loss, loss, errs, missing) in enumerate(run_distributed(train_worker, 4, timeout=1200)):
+# "lazy": the token-transformer bias recomputed per layer (its projections get their
+# gradients through the recomputation); "auto" keeps it resident at the tiny widths
+@pytest.mark.parametrize("token_bias", ["auto", "lazy"])
+def test_training_step_loss_and_all_gradients_match_single_device(token_bias):
+    res = run_distributed(train_worker, 4, token_bias, timeout=1200)
+    for rank, (ref_loss, loss, errs, missing, mode) in enumerate(res):
+        assert mode == ("lazy" if token_bias == "lazy" else "resident"), mode
+        assert any("token_trans_proj_z" in k for k in errs), sorted(errs)[:5]
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (rank, loss, ref_loss)
         assert not missing, missing
         assert len(errs) > 300
