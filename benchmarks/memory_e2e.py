@@ -3,6 +3,7 @@ sampling, confidence, affinity) through autocp, P = 1 / 4 / 9, with a per-module
 
     bash scripts/install_boltz_full.sh
     python benchmarks/memory_e2e.py [--n 64] [--worlds 1 4 9] [--steps 10]
+        [--tt-depth 24 --tt-heads 2] [--token-bias auto|lazy|resident]
 
 A tiny random-weight Boltz-2 (autocp.models.boltz_full) on a synthetic 2-chain complex +
 ligand. Memory: ``autocp.MemoryTracker`` (live tensor storages on this rank, parameters and
@@ -55,11 +56,11 @@ def _hooks(root, mt, table):
     return handles
 
 
-def worker(rank, world, n, steps, min_chunk=None):
+def worker(rank, world, n, steps, min_chunk=None, overrides=None, token_bias="auto"):
     import autocp
     from autocp.models.boltz_full import make_features, tiny_boltz2
 
-    model = tiny_boltz2(seed=0)
+    model = tiny_boltz2(seed=0, **(overrides or {}))
     feats = make_features(n, seed=0)
     kw = dict(recycling_steps=0, num_sampling_steps=steps, diffusion_samples=1, max_parallel_samples=1)
     res = {"n": n, "world": world}
@@ -77,8 +78,10 @@ def worker(rank, world, n, steps, min_chunk=None):
         res["single_peak"] = mt.peak_bytes
         res["single_modules"] = {k: v["peak"] for k, v in table.items()}
         res["single_deltas"] = {k: v["delta"] for k, v in table.items()}
+        res["single_entries"] = {k: v["entry"] for k, v in table.items()}
     mesh = autocp.init_mesh()
-    pm = autocp.parallelize(model, mesh)
+    pm = autocp.parallelize(model, mesh, options=dict(token_bias=token_bias))
+    res["token_bias"] = pm.token_bias
     table = {}
     tiles = pm.distribute_features(feats)  # this rank's tiles; the whole dict is dropped (sharded data loading)
     del feats
@@ -96,6 +99,7 @@ def worker(rank, world, n, steps, min_chunk=None):
     res["rank_peak"] = mt.peak_bytes
     res["rank_modules"] = {k: v["peak"] for k, v in table.items()}
     res["rank_deltas"] = {k: v["delta"] for k, v in table.items()}
+    res["rank_entries"] = {k: v["entry"] for k, v in table.items()}  # live at entry (score model: the resident bias)
     return res
 
 
@@ -106,17 +110,26 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--min-chunk-mib", type=float, default=None,
                     help="autocp.chunking(min_bytes=...) for the 2D ops (default: the library default, 16 MiB)")
+    ap.add_argument("--tt-depth", type=int, default=None, help="score model token_transformer_depth (tiny: 1; "
+                    "released Boltz-2: 24)")
+    ap.add_argument("--tt-heads", type=int, default=None, help="token_transformer_heads (tiny: 2; released: 16)")
+    ap.add_argument("--token-bias", default="auto", choices=("auto", "lazy", "resident"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "memory_e2e.json"))
     args = ap.parse_args()
     min_chunk = None if args.min_chunk_mib is None else int(args.min_chunk_mib * MiB)
+    sm = {k: v for k, v in (("token_transformer_depth", args.tt_depth), ("token_transformer_heads", args.tt_heads))
+          if v is not None}
+    overrides = {"score_model_args": sm} if sm else {}
+    wargs = (args.n, args.steps, min_chunk, overrides, args.token_bias)
     rows = {}
     for w in args.worlds:
-        res = run_distributed(worker, w, args.n, args.steps, min_chunk, timeout=3000)
+        res = run_distributed(worker, w, *wargs, timeout=3000)
         rows[w] = res
         print(f"P={w}: per-rank peak MiB {[round(r['rank_peak'] / MiB, 2) for r in res]}, "
               f"time {max(r['rank_s'] for r in res)} s")
-    single = rows[1][0] if 1 in rows else run_distributed(worker, 1, args.n, args.steps, min_chunk, timeout=3000)[0]
-    out = {"n": args.n, "steps": args.steps, "min_chunk_mib": args.min_chunk_mib, "single_peak_MiB": round(single["single_peak"] / MiB, 2),
+    single = rows[1][0] if 1 in rows else run_distributed(worker, 1, *wargs, timeout=3000)[0]
+    out = {"n": args.n, "steps": args.steps, "min_chunk_mib": args.min_chunk_mib, "score_model_overrides": sm,
+           "token_bias": single["token_bias"], "single_peak_MiB": round(single["single_peak"] / MiB, 2),
            "single_s": single["single_s"], "worlds": {}}
     print(f"\nN={args.n}, single device peak {out['single_peak_MiB']} MiB ({single['single_s']} s)")
     hdr = "| module | single MiB | " + " | ".join(f"P={w} max rank MiB (ratio)" for w in args.worlds) + " |"
@@ -151,10 +164,18 @@ def main():
                             "modules_MiB": {k: round(max(r["rank_modules"].get(k, 0) for r in rows[w]) / MiB, 2)
                                             for k in MODULES if k in single["single_modules"]},
                             "module_increments_MiB": {k: round(max(r["rank_deltas"].get(k, 0) for r in rows[w]) / MiB, 2)
-                                                      for k in MODULES if k in single["single_deltas"]}}
+                                                      for k in MODULES if k in single["single_deltas"]},
+                            "module_entries_MiB": {k: round(max(r["rank_entries"].get(k, 0) for r in rows[w]) / MiB, 2)
+                                                   for k in MODULES if k in single["single_entries"]}}
         print(f"whole model P={w}: max rank {mx:.2f} MiB, single / max rank = {out['worlds'][w]['ratio']} (ideal {w})")
     out["single_modules_MiB"] = {k: round(v / MiB, 2) for k, v in single["single_modules"].items()}
     out["single_module_increments_MiB"] = {k: round(v / MiB, 2) for k, v in single["single_deltas"].items()}
+    out["single_module_entries_MiB"] = {k: round(v / MiB, 2) for k, v in single["single_entries"].items()}
+    sk = "structure_module.score_model"
+    if sk in single["single_entries"]:
+        print(f"live at score-model entry (resident through sampling; autocp token_bias={single['token_bias']}): Boltz "
+              f"{out['single_module_entries_MiB'][sk]} MiB, " + ", ".join(
+                  f"P={w} {out['worlds'][w]['module_entries_MiB'][sk]} MiB" for w in args.worlds))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -1,7 +1,8 @@
 """One training step of the whole Boltz-2 through autocp on 2x2: train mode (dropout on,
-the same masks as one device), Boltz's structure losses (distogram + diffusion, as its
-``training_step`` aggregates them), backward; the loss and all parameter gradients (after
-the sum over ranks) equal the single device's."""
+the same masks as one device), Boltz's training loss (distogram + diffusion, and the
+confidence loss -- pLDDT, PDE, resolved, PAE -- as its ``training_step`` aggregates them),
+backward; the loss and all parameter gradients (after the sum over ranks) equal the
+single device's."""
 
 import pytest
 import torch
@@ -17,21 +18,38 @@ if not boltz_full.boltz_full_available():
 N = 22
 
 
-def structure_loss(model, batch):
-    """``Boltz2.training_step``'s distogram + diffusion loss (its recycling / sampling
-    arguments fixed: no numpy draw); the confidence loss needs Boltz's symmetry features."""
+def structure_loss(model, batch, confidence=False):
+    """``Boltz2.training_step``'s loss (its recycling / sampling arguments fixed: no numpy
+    draw): distogram + diffusion, and with ``confidence`` the confidence loss the way
+    ``training_step`` computes it without symmetry correction -- except that the true
+    coordinates are read from the ``[B, K, M, 3]`` ``coords`` the batch came with: Boltz
+    2.2.1's forward overwrites ``batch["coords"]`` with ``[B*K, M, 3]`` and its
+    ``get_true_coordinates`` then misreads the shape (it fails on one device too)."""
+    from boltz.model.loss.confidencev2 import confidence_loss
     from boltz.model.loss.distogramv2 import distogram_loss
 
     ta = model.training_args
+    coords = batch["coords"]
     out = model(feats=batch, recycling_steps=0, num_sampling_steps=ta.sampling_steps,
                 multiplicity_diffusion_train=ta.diffusion_multiplicity, diffusion_samples=ta.diffusion_samples)
     disto, _ = distogram_loss(out, batch, aggregate_distogram=model.aggregate_distogram)
     diff = model.structure_module.compute_loss(batch, out, multiplicity=ta.diffusion_multiplicity,
                                                **model.diffusion_loss_args)
-    return ta.distogram_loss_weight * disto + ta.diffusion_loss_weight * diff["loss"]
+    loss = ta.distogram_loss_weight * disto + ta.diffusion_loss_weight * diff["loss"]
+    if not confidence:
+        return loss
+    true = model.get_true_coordinates({**batch, "coords": coords}, out, diffusion_samples=ta.diffusion_samples,
+                                      symmetry_correction=False)
+    cb = {**batch, "frames_idx": batch["frames_idx"].squeeze(1),
+          "frame_resolved_mask": batch["frame_resolved_mask"].squeeze(1)}
+    conf = confidence_loss(out, cb, true["true_coords"].squeeze(1), true["true_coords_resolved_mask"],
+                           token_level_confidence=model.token_level_confidence, alpha_pae=model.alpha_pae,
+                           multiplicity=ta.diffusion_samples)
+    assert all(float(conf["loss_breakdown"][k]) > 0 for k in ("plddt_loss", "pde_loss", "resolved_loss", "pae_loss"))
+    return loss + ta.confidence_loss_weight * conf["loss"]
 
 
-def train_worker(rank, world, token_bias="auto"):
+def train_worker(rank, world, token_bias="auto", confidence=False):
     import warnings
 
     import torch.distributed as dist
@@ -39,12 +57,12 @@ def train_worker(rank, world, token_bias="auto"):
     import autocp
     from autocp.models.boltz_full import make_features, tiny_boltz2
 
-    model = tiny_boltz2(seed=0).train()
+    model = tiny_boltz2(seed=0, alpha_pae=1.0).train()  # alpha_pae > 0: the PAE loss too
     feats = make_features(N, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        ref_loss = structure_loss(model, dict(feats))
+        ref_loss = structure_loss(model, dict(feats), confidence)
         ref_loss.backward()
     ref = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -53,7 +71,7 @@ def train_worker(rank, world, token_bias="auto"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        loss = pm.apply(structure_loss, feats)
+        loss = pm.apply(structure_loss, feats, confidence)
         (loss / mesh.p ** 2).backward()  # every rank holds the whole loss: the partial-gradient convention
     errs, missing = {}, []
     for k, p in model.named_parameters():
@@ -71,12 +89,15 @@ def train_worker(rank, world, token_bias="auto"):
 
 # "lazy": the token-transformer bias recomputed per layer (its projections get their
 # gradients through the recomputation); "auto" keeps it resident at the tiny widths
-@pytest.mark.parametrize("token_bias", ["auto", "lazy"])
-def test_training_step_loss_and_all_gradients_match_single_device(token_bias):
-    res = run_distributed(train_worker, 4, token_bias, timeout=1200)
+@pytest.mark.parametrize("token_bias,confidence", [("auto", True), ("lazy", False)])
+def test_training_step_loss_and_all_gradients_match_single_device(token_bias, confidence):
+    res = run_distributed(train_worker, 4, token_bias, confidence, timeout=1200)
     for rank, (ref_loss, loss, errs, missing, mode) in enumerate(res):
         assert mode == ("lazy" if token_bias == "lazy" else "resident"), mode
         assert any("token_trans_proj_z" in k for k in errs), sorted(errs)[:5]
+        # the confidence loss reaches the confidence module's parameters (and only them: its
+        # inputs are detached); without it they have no gradient
+        assert any(k.startswith("confidence_module.") for k in errs) == confidence
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (rank, loss, ref_loss)
         assert not missing, missing
         assert len(errs) > 300
