@@ -32,6 +32,7 @@ from ..layout import ColToken, MsaTiles, Pair2D, Replicated, RowToken
 from .context import tile_context
 from .rewrite import gather_tags, shard_tags
 from .wrapper import ModuleWrapper
+from ..tile_io import from_partial, to_partial
 
 __all__ = ["ParallelModule", "layout_of_tags"]
 
@@ -53,36 +54,6 @@ def layout_of_tags(tags):
     if real == ["s", "c"]:
         return MsaTiles(idx["s"], idx["c"])
     return None
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.scale, None
-
-
-class _SumInputGrad(torch.autograd.Function):
-    """Identity on a full input; backward sums the per-rank partial input gradient over the
-    mesh (row, then column), so ``input.grad`` is the single-device gradient on every rank."""
-
-    @staticmethod
-    def forward(ctx, x, mesh):
-        ctx.mesh = mesh
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        from .. import comm
-
-        g = g.contiguous().clone()
-        for axis in ("row", "col"):
-            comm.all_reduce_(g, ctx.mesh, axis, name="input_grad")
-        return g, None
 
 
 class ParallelModule(ModuleWrapper):
@@ -205,14 +176,15 @@ class ParallelModule(ModuleWrapper):
                 tags = self.input_tags[k] if k < len(self.input_tags) else None
                 k += 1
                 if dt_cls is not None and isinstance(leaf, dt_cls):
+                    # a tile in: its gradient is DTensor's (true, equal on every replica)
                     lay = layout_of_tags(tags)
-                    local.append(lay.from_dtensor(leaf, mesh) if lay is not None else leaf.full_tensor())
+                    x = lay.from_dtensor(leaf, mesh) if lay is not None else leaf.full_tensor()
+                    local.append(from_partial(x, tags if lay is not None else None, mesh))
                 else:
                     if tags:
                         mesh.check_tokens(n, "N")
-                    if leaf.requires_grad and torch.is_grad_enabled() and mesh.p > 1:
-                        leaf = _SumInputGrad.apply(leaf, mesh)
-                    local.append(shard_tags(leaf, tags, mesh))
+                    # a full input is replicated on every rank: its gradient is summed over the mesh
+                    local.append(shard_tags(from_partial(leaf, None, mesh), tags, mesh))
             else:
                 local.append(leaf)
         a, kw = tree_unflatten(local, spec)
@@ -224,23 +196,26 @@ class ParallelModule(ModuleWrapper):
                 out = self.inner(*a, **kw)
         if self.grad_reducer is not None and torch.is_grad_enabled():
             self.grad_reducer.attach_output([x for x in tree_flatten(out)[0]])
-        if output == "local":
-            return out
+        # outputs: DTensor semantics (autocp.tile_io): a cotangent is the true one of what the
+        # caller holds -- a tile's, or a replicated value's, the same on every replica
         oleaves, ospec = tree_flatten(out)
         res = []
         k = 0
-        P = mesh.p * mesh.p
-        for leaf in oleaves:
+        for i, leaf in enumerate(oleaves):
             if isinstance(leaf, torch.Tensor):
                 tags = self.output_tags[k] if k < len(self.output_tags) else None
                 k += 1
-                if output == "dtensor":
+                what = f"{i} of {self._original_type.__name__}"
+                if output == "local":
+                    res.append(to_partial(leaf, tags, mesh, n, n_seq, what=what))
+                elif output == "dtensor":
                     lay = layout_of_tags(tags)
                     sizes = [n_seq if t == "s" else n for t in (tags or ()) if t is not None]
+                    leaf = to_partial(leaf, tags, mesh, n, n_seq, what=what)
                     res.append(lay.to_dtensor(leaf, mesh, sizes) if lay is not None else leaf)
                 else:
-                    full = gather_tags(leaf, tags, mesh, n, n_seq)
-                    res.append(_ScaleGrad.apply(full, 1.0 / P) if P > 1 else full)
+                    full = gather_tags(leaf, tags, mesh, n, n_seq)  # backward: reduce-scatter (a sum)
+                    res.append(to_partial(full, None, mesh, what=what))
             else:
                 res.append(leaf)
         return tree_unflatten(res, ospec)
