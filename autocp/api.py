@@ -113,7 +113,11 @@ def parallelize(
 
     driver = lookup_model(model)
     if driver is not None:  # a whole model with its own driver (e.g. Boltz1 / Boltz2: autocp.models.boltz_e2e)
-        return driver(model, mesh, strict=strict, **(options or {}))
+        mesh, dp_size, dp_world = _split_dp(mesh)
+        pm = driver(model, SquareMesh.from_any(mesh), strict=strict, **(options or {}))
+        if grad_sync and hasattr(pm, "enable_grad_sync"):
+            pm.enable_grad_sync(grad_bucket_mb, dp_size=dp_size, group=dp_world)
+        return pm
     if options:
         raise TypeError(f"parallelize: given options={options!r} for {type(model).__name__}; required none (options "
                         f"are for whole-model drivers such as Boltz1 / Boltz2). Fix: drop options.")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from . import comm
 
-__all__ = ["GradReducer", "GradSyncError"]
+__all__ = ["GradReducer", "GradSyncError", "GradSyncMixin"]
 
 
 class GradSyncError(RuntimeError):
@@ -202,3 +202,25 @@ class GradReducer:
             h.remove()
         self._handles = []
         self.enabled = False
+
+
+class GradSyncMixin:
+    """``enable_grad_sync`` / ``no_sync`` for a parallel module with a ``mesh`` (a
+    :class:`~autocp.mesh.SquareMesh`): what :func:`autocp.parallelize` attaches to blocks and
+    whole models alike. The module's forward calls ``self.grad_reducer.attach_output(...)``
+    on its outputs."""
+
+    grad_reducer = None
+
+    def enable_grad_sync(self, bucket_mb: float = 25.0, dp_size: int = 1, group=None) -> None:
+        """Reduce the partial gradients automatically at the end of every backward."""
+        if self.grad_reducer is not None:
+            self.grad_reducer.remove()
+        P = self.mesh.p * self.mesh.p
+        self.grad_reducer = GradReducer(self.parameters(), P, group=group, group_size=P * dp_size,
+                                        bucket_bytes=int(bucket_mb * 2**20))
+
+    def no_sync(self):
+        """Like ``DDP.no_sync``: backwards inside accumulate unreduced gradients; the first
+        synced backward afterwards reduces all of them."""
+        return self.grad_reducer.no_sync() if self.grad_reducer is not None else contextlib.nullcontext()

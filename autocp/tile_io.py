@@ -42,7 +42,7 @@ from . import comm
 from .layout import Layout, block_size
 from .mesh import COL, ROW
 
-__all__ = ["CotangentError", "replica_axes", "to_partial", "from_partial", "tile_sum", "tags_of_layout"]
+__all__ = ["CotangentError", "replica_axes", "to_partial", "from_partial", "tile_sum", "tags_of_layout", "padded_slots"]
 
 #: tags of dims split over the whole mesh (atom windows, :mod:`autocp.ops.atom_windows`)
 _FLAT = ("w", "a")
@@ -79,7 +79,7 @@ def tags_of_layout(layout: Layout, ndim: int) -> tuple:
     return tuple(tags)
 
 
-def _pad_slices(tags, mesh, n, n_seq):
+def padded_slots(tags, mesh, n, n_seq):
     """``[(dim, valid, size)]`` of this rank's tile dims that carry padded slots."""
     out = []
     for d, t in enumerate(tags or ()):
@@ -138,7 +138,7 @@ class _ToPartial(torch.autograd.Function):
         axes = replica_axes(ctx.tags)
         if ctx.check:
             _check_replicated(g, mesh, axes, ctx.what)
-        pads = _pad_slices(ctx.tags, mesh, ctx.n, ctx.n_seq)
+        pads = padded_slots(ctx.tags, mesh, ctx.n, ctx.n_seq)
         k = 1
         for _ in axes:
             k *= mesh.p
@@ -171,7 +171,7 @@ def to_partial(x: torch.Tensor, tags, mesh, n: Optional[int] = None, n_seq: Opti
     lengths) and hands the internal partial gradient (divided by the replica count) on."""
     if not isinstance(x, torch.Tensor) or not x.requires_grad or not torch.is_grad_enabled():
         return x
-    if not replica_axes(tags) and not _pad_slices(tags, mesh, n, n_seq):
+    if not replica_axes(tags) and not padded_slots(tags, mesh, n, n_seq):
         return x
     return _ToPartial.apply(x, tuple(tags) if tags is not None else None, mesh, n, n_seq, check, what)
 
@@ -191,7 +191,7 @@ class _TileSum(torch.autograd.Function):
     def forward(ctx, x, tags, mesh, n, n_seq):
         ctx.tags, ctx.mesh, ctx.n, ctx.n_seq, ctx.shape = tags, mesh, n, n_seq, x.shape
         v = x
-        for d, valid, b in _pad_slices(tags, mesh, n, n_seq):
+        for d, valid, b in padded_slots(tags, mesh, n, n_seq):
             v = v.narrow(d, 0, valid)
         axes = replica_axes(tags)
         out = v.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).reshape(1)
@@ -208,7 +208,7 @@ class _TileSum(torch.autograd.Function):
     def backward(ctx, g):
         _check_replicated(g, ctx.mesh, (ROW, COL), "tile_sum")
         gx = g.expand(ctx.shape).clone()
-        for d, valid, b in _pad_slices(ctx.tags, ctx.mesh, ctx.n, ctx.n_seq):
+        for d, valid, b in padded_slots(ctx.tags, ctx.mesh, ctx.n, ctx.n_seq):
             gx.narrow(d, valid, b - valid).zero_()
         return gx, None, None, None, None
 

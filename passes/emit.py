@@ -32,6 +32,7 @@ from ..layout import ColToken, MsaTiles, Pair2D, Replicated, RowToken
 from .context import tile_context
 from .rewrite import gather_tags, shard_tags
 from .wrapper import ModuleWrapper
+from ..grad_sync import GradSyncMixin
 from ..tile_io import from_partial, to_partial
 
 __all__ = ["ParallelModule", "layout_of_tags"]
@@ -56,7 +57,7 @@ def layout_of_tags(tags):
     return None
 
 
-class ParallelModule(ModuleWrapper):
+class ParallelModule(GradSyncMixin, ModuleWrapper):
     """The 2D-parallel model returned by :func:`autocp.parallelize` (holds the rewritten
     clone of the model as ``inner``; same ``state_dict`` keys as the original)."""
 
@@ -75,24 +76,6 @@ class ParallelModule(ModuleWrapper):
         self.plan = plan
         self.root_fallback = root_fallback
         self.grad_reducer = None  # attached by autocp.parallelize (see autocp.grad_sync)
-
-    # ------------------------------------------------------------------ training (autocp.grad_sync)
-    def enable_grad_sync(self, bucket_mb: float = 25.0, dp_size: int = 1, group=None) -> None:
-        """Reduce the partial gradients automatically at the end of every backward."""
-        from ..grad_sync import GradReducer
-
-        if self.grad_reducer is not None:
-            self.grad_reducer.remove()
-        P = self.mesh.p * self.mesh.p
-        self.grad_reducer = GradReducer(self.parameters(), P, group=group, group_size=P * dp_size,
-                                        bucket_bytes=int(bucket_mb * 2**20))
-
-    def no_sync(self):
-        """Like ``DDP.no_sync``: backwards inside accumulate unreduced gradients; the first
-        synced backward afterwards reduces all of them."""
-        import contextlib
-
-        return self.grad_reducer.no_sync() if self.grad_reducer is not None else contextlib.nullcontext()
 
     def __call__(self, *args, **kwargs):  # autocp.guard: binding, call checks, cross-rank agreement
         from .. import guard

@@ -109,9 +109,13 @@ _PREPARE = {"pair_bias_attn": _z_cache}
 
 
 def _wrapper_base():
+    from ..grad_sync import GradSyncMixin
     from ..passes.wrapper import ModuleWrapper
 
-    return ModuleWrapper
+    class _Base(GradSyncMixin, ModuleWrapper):
+        pass
+
+    return _Base
 
 
 class ParallelBoltz(_wrapper_base()):
@@ -124,7 +128,13 @@ class ParallelBoltz(_wrapper_base()):
     ``token_bias`` (Boltz-2): ``"lazy"`` recomputes the diffusion token-transformer bias
     per layer from the held z tile instead of keeping ``[N, N, depth * heads]`` resident
     through sampling (:mod:`autocp.models.boltz_bias`); ``"resident"`` keeps Boltz's
-    tensor; ``"auto"`` is lazy when that saves memory (``depth * heads > token_z``)."""
+    tensor; ``"auto"`` is lazy when that saves memory (``depth * heads > token_z``).
+
+    Gradients (docs/training.md): what ``forward`` / ``apply`` return follows DTensor's
+    convention (:mod:`autocp.tile_io`): a loss or any replicated value takes its true
+    cotangent, the same on every rank (``loss.backward()``, no scaling), a ``TileTensor``
+    the true cotangent of its tile; with grad sync (the default of
+    :func:`autocp.parallelize`) parameter gradients are complete after backward."""
 
     def __init__(self, model: nn.Module, mesh, strict: bool = False, token_bias: str = "auto"):
         from ..passes.eager import RegisteredOp
@@ -174,17 +184,24 @@ class ParallelBoltz(_wrapper_base()):
         """``fn(model, tiled_feats, *args, **kwargs)`` on this mesh: ``model`` is the 2D model
         (Boltz's class, its registered modules bound to their 2D ops), ``tiled_feats`` this
         rank's tiles of ``feats``; for a training step or a loss written against Boltz's API,
-        e.g. ``loss = pm.apply(lambda m, b: m.training_step(b, 0), batch)``. A loss that is
-        the same on every rank comes back as a plain tensor: ``(loss / P).backward()`` on
-        every rank, then the sum of the parameter gradients over the ranks is the
-        single-device gradient (:func:`autocp.ops.common.sync_grads`)."""
+        e.g. ``loss = pm.apply(lambda m, b: m.training_step(b, 0), batch)``. A loss (the same
+        on every rank) comes back as a plain tensor: ``loss.backward()`` on every rank gives
+        the single-device parameter gradients (with grad sync; else their sum over the
+        ranks, :func:`autocp.ops.common.sync_grads`). A returned ``TileTensor`` takes the
+        true cotangent of its tile (replicated tiles: the same on every replica)."""
         from ..passes.context import tile_context
-        from ..passes.eager import strict_mode
+        from ..passes.eager import TileTensor, strict_mode
 
         n, n_seq = self._sizes(feats)
         tf = self.distribute_features(feats)
         with tile_context(self.mesh, n, n_seq), strict_mode(self.strict if strict is None else strict):
-            return fn(self.inner, tf, *args, **kwargs)
+            out = _boundary(fn(self.inner, tf, *args, **kwargs), self.mesh, n, n_seq)
+        if self.grad_reducer is not None and torch.is_grad_enabled():
+            from torch.utils._pytree import tree_flatten
+
+            self.grad_reducer.attach_output([x.local if isinstance(x, TileTensor) else x
+                                             for x in tree_flatten(out)[0]])
+        return out
 
     def forward(self, feats: dict, *args, output: str = "full", strict: Optional[bool] = None, **kwargs) -> Any:
         if output not in ("full", "tiles"):
@@ -195,6 +212,23 @@ class ParallelBoltz(_wrapper_base()):
             return _full(out) if output == "full" else out
 
         return self.apply(run, feats, strict=strict)
+
+
+def _boundary(x, mesh, n, n_seq):
+    """DTensor semantics on what ``apply`` returns (:func:`autocp.tile_io.to_partial`): plain
+    tensors are replicated on every rank, a TileTensor's tile is replicated per its tags."""
+    from ..passes.eager import TileTensor
+    from ..tile_io import to_partial
+
+    if isinstance(x, TileTensor):
+        return TileTensor(to_partial(x.local, x.tags, mesh, n, n_seq, what="TileTensor"), x.tags, x.shape)
+    if isinstance(x, torch.Tensor):
+        return to_partial(x, None, mesh, what="tensor")
+    if isinstance(x, dict):
+        return type(x)((k, _boundary(v, mesh, n, n_seq)) for k, v in x.items())
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_boundary(v, mesh, n, n_seq) for v in x)
+    return x
 
 
 def _full(x):

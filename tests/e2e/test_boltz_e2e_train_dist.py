@@ -1,8 +1,8 @@
 """One training step of the whole Boltz-2 through autocp on 2x2: train mode (dropout on,
 the same masks as one device), Boltz's training loss (distogram + diffusion, and the
 confidence loss -- pLDDT, PDE, resolved, PAE -- as its ``training_step`` aggregates them),
-backward; the loss and all parameter gradients (after the sum over ranks) equal the
-single device's."""
+``loss.backward()`` on every rank (no scaling, no manual reduction: DTensor semantics and
+grad sync); the loss and all parameter gradients equal the single device's."""
 
 import pytest
 import torch
@@ -52,8 +52,6 @@ def structure_loss(model, batch, confidence=False):
 def train_worker(rank, world, token_bias="auto", confidence=False):
     import warnings
 
-    import torch.distributed as dist
-
     import autocp
     from autocp.models.boltz_full import make_features, tiny_boltz2
 
@@ -71,8 +69,8 @@ def train_worker(rank, world, token_bias="auto", confidence=False):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        loss = pm.apply(structure_loss, feats, confidence)
-        (loss / mesh.p ** 2).backward()  # every rank holds the whole loss: the partial-gradient convention
+        loss = pm.apply(structure_loss, feats, confidence)  # the loss computed on tiles: a replicated scalar
+        loss.backward()  # DTensor semantics: its true cotangent on every rank; grad sync completes .grad
     errs, missing = {}, []
     for k, p in model.named_parameters():
         if k not in ref:
@@ -80,10 +78,7 @@ def train_worker(rank, world, token_bias="auto", confidence=False):
         if p.grad is None:
             missing.append(k)
             continue
-        g = p.grad.clone()
-        if mesh.p > 1:
-            dist.all_reduce(g)
-        errs[k] = (float((g - ref[k]).abs().max()), float(ref[k].abs().max()))
+        errs[k] = (float((p.grad - ref[k]).abs().max()), float(ref[k].abs().max()))
     return float(ref_loss), float(loss), errs, missing, pm.token_bias
 
 
