@@ -12,6 +12,7 @@ from .mesh import MeshError, SquareMesh, init_mesh
 from .api import check, estimate, explain, parallelize
 from .registry import register_module, register_pattern
 from .ops.common import chunking
+from .tile_io import CotangentError, tile_sum
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "register_module",
     "register_pattern",
     "chunking",
+    "tile_sum",
+    "CotangentError",
     "comm",
     "layout",
 ]

@@ -43,6 +43,7 @@ class MemoryTracker(TorchDispatchMode):
         self.device = torch.device(device).type
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.largest_bytes = 0  # the largest single storage seen (CPU tracker)
         self._seen: dict[int, object] = {}  # id(storage) -> finalizer
         self._initial = list(track or [])
 
@@ -79,6 +80,7 @@ class MemoryTracker(TorchDispatchMode):
         nbytes = st.nbytes()
         self._seen[key] = weakref.finalize(st, self._free, key, nbytes)
         self.live_bytes += nbytes
+        self.largest_bytes = max(self.largest_bytes, nbytes)
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
 

@@ -109,7 +109,7 @@ def tile_parity_worker(rank, world, kind, n, mode="local", cases=None):
     out_tags = list(pm.output_tags)
     n_out = len(ref_outs)
     cases = cases or [[i] for i in range(n_out)] + [list(range(n_out))]
-    res = {"out_tags": out_tags, "cases": {}}
+    res = {"out_tags": out_tags, "cases": {}, "rc": (mesh.r, mesh.c)}
     for case in cases:
         # single device
         model.zero_grad(set_to_none=True)
@@ -157,6 +157,8 @@ def tile_parity_worker(rank, world, kind, n, mode="local", cases=None):
             "missing": missing, "in_err": {i: v[0] for i, v in in_errs.items()},
             "in_tiles": {i: v[2] for i, v in in_errs.items()},
             "ref_in_scale": {i: float(ref_in[i].abs().max()) for i in gidx},
+            "worst": sorted(((float((got[k] - r).abs().max()), float(r.abs().max()), k) for k, r in ref.items()
+                             if k in got), key=lambda e: -e[0] / max(e[1], 1e-30))[:3],
         }
     return res
 
@@ -236,4 +238,18 @@ def tile_sum_worker(rank, world, n):
         in_err = max(in_err, float((_valid(leaves[i].grad, tags, mesh, n)
                                     - _valid(_tile(xin[i].grad, tags, mesh), tags, mesh, n)).abs().max())
                      / float(xin[i].grad.abs().max()))
-    return {"loss": float(loss), "ref_loss": float(ref_loss), "param_err": _grad_errs(got, ref), "in_err": in_err}
+    out = {"loss": float(loss), "ref_loss": float(ref_loss), "param_err": _grad_errs(got, ref), "in_err": in_err}
+    # the same loss written with DTensor ops on output="dtensor" (DTensor's own propagation)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    pm.zero_grad(set_to_none=True)
+    douts = pm(*[lay.to_dtensor(t, mesh, n) for t, lay in zip(leaves, lays)], output="dtensor")
+    dloss = 0.0
+    for o, wi in zip(douts, w):
+        wd = DTensor.from_local(wi, mesh.device_mesh, [Replicate(), Replicate()], run_check=False)
+        wd = wd.redistribute(mesh.device_mesh, o.placements)
+        dloss = dloss + (o * wd).sum().full_tensor()
+    dloss.backward()
+    out["dtensor_loss"] = float(dloss)
+    out["dtensor_param_err"] = _grad_errs({k: p.grad for k, p in pm.named_parameters()}, ref)
+    return out
