@@ -220,7 +220,11 @@ class Layout:
             lo, hi = block_range(n, mesh.p, self._block_index(mesh, a))
             x = x.narrow(d, 0, hi - lo)
             shape[d] = n
-        stride = torch.empty(shape, device="meta").stride()
+        stride, acc = [], 1
+        for s in reversed(shape):  # contiguous strides of the global shape
+            stride.append(acc)
+            acc *= max(int(s), 1)
+        stride = tuple(reversed(stride))
         return DTensor.from_local(
             x.contiguous(), mesh.device_mesh, self.placements(), run_check=False,
             shape=torch.Size(shape), stride=stride,

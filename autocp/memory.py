@@ -36,14 +36,20 @@ class MemoryTracker(TorchDispatchMode):
 
     ``device``: ``"cpu"`` (default) uses the dispatch tracker; ``"cuda"`` resets and
     reads ``torch.cuda.max_memory_allocated`` instead (everything allocated counts).
+    CPU only: ``largest_bytes`` / ``largest_what`` -- the largest single storage; ``flag`` --
+    a predicate on the shape of each new storage's tensor, matches listed in ``flagged``
+    (e.g. ``lambda s: sum(d >= N for d in s) >= 2`` finds every whole pair tensor).
     """
 
-    def __init__(self, track: Optional[Iterable[torch.Tensor]] = None, device: str = "cpu"):
+    def __init__(self, track: Optional[Iterable[torch.Tensor]] = None, device: str = "cpu", flag=None):
         super().__init__()
+        self.flag = flag  # optional predicate on a new storage's tensor shape: matches go to ``flagged``
+        self.flagged: list = []
         self.device = torch.device(device).type
         self.live_bytes = 0
         self.peak_bytes = 0
         self.largest_bytes = 0  # the largest single storage seen (CPU tracker)
+        self.largest_what = ""  # its shape / dtype
         self._seen: dict[int, object] = {}  # id(storage) -> finalizer
         self._initial = list(track or [])
 
@@ -59,8 +65,8 @@ class MemoryTracker(TorchDispatchMode):
                 self._add(t)
 
     def _add(self, t: torch.Tensor) -> None:
-        if _is_fake(t):
-            return  # a FakeTensor (tracing, autocp.estimate) allocates nothing
+        if _is_fake(t) or t.device.type == "meta":
+            return  # a FakeTensor (tracing, autocp.estimate) or a meta tensor allocates nothing
         if is_traceable_wrapper_subclass(t):
             # a DTensor (or any wrapper subclass) owns no storage of its own: count the
             # local tensors it wraps, not its global size
@@ -80,7 +86,10 @@ class MemoryTracker(TorchDispatchMode):
         nbytes = st.nbytes()
         self._seen[key] = weakref.finalize(st, self._free, key, nbytes)
         self.live_bytes += nbytes
-        self.largest_bytes = max(self.largest_bytes, nbytes)
+        if self.flag is not None and self.flag(tuple(t.shape)):
+            self.flagged.append((tuple(t.shape), str(t.dtype)))
+        if nbytes > self.largest_bytes:
+            self.largest_bytes, self.largest_what = nbytes, f"{tuple(t.shape)} {t.dtype}"
         if self.live_bytes > self.peak_bytes:
             self.peak_bytes = self.live_bytes
 

@@ -12,10 +12,12 @@ Guarantees: :class:`ParallelModule` --
   model's own python on local tiles inside :func:`autocp.passes.context.tile_context`, and
   returns full tensors (default), local tiles (``output="local"``) or DTensors
   (``output="dtensor"``);
-* gradient convention: every rank holds *partial* parameter gradients, summed by
-  :func:`autocp.ops.common.sync_grads`. Full outputs are gathered with a backward scaled
-  by ``1/P``, so a loss computed identically on every rank from full outputs gives, after
-  ``sync_grads``, exactly the single-device gradients;
+* gradient convention at the boundary: DTensor's (:mod:`autocp.tile_io`) -- an output's
+  cotangent is the true one of what this rank holds (a tile's; a replicated value's --
+  RowToken / ColToken blocks, full outputs, scalars -- the same on every replica, else
+  :class:`autocp.tile_io.CotangentError`), and an input's gradient is its true one (equal
+  on every replica). Parameter gradients are partial inside (summed over the mesh by the
+  grad reducer, :mod:`autocp.grad_sync`, or :func:`autocp.ops.common.sync_grads`);
 * ``explain()`` -- the report of :mod:`autocp.passes.explain`.
 """
 

@@ -253,3 +253,32 @@ def tile_sum_worker(rank, world, n):
     out["dtensor_loss"] = float(dloss)
     out["dtensor_param_err"] = _grad_errs({k: p.grad for k, p in pm.named_parameters()}, ref)
     return out
+
+
+def whole_pair_worker(rank, world, n):
+    """How many tensors with two token dims of length >= N (a whole pair tensor) exist on the
+    rank during forward + backward, in tile mode and in full-tensor mode (the check must be
+    able to fail: full mode has them)."""
+    import autocp
+    from autocp import Pair2D, RowToken, tile_sum
+    from autocp.memory import MemoryTracker
+
+    mesh = autocp.SquareMesh.from_any(autocp.init_mesh())
+    model, full, lays, _ = build_case("pairformer", n)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = autocp.parallelize(model, mesh, example_inputs=full, input_layouts=lays)
+    tiles = [lay.shard(x, mesh).contiguous() for x, lay in zip(full, lays)]
+    tiles[1].requires_grad_()
+    out = {}
+    with MemoryTracker(flag=lambda shape: sum(d >= n for d in shape) >= 2) as mt:
+        s_o, z_o = pm(*[lay.to_dtensor(t, mesh, n) for t, lay in zip(tiles, lays)], output="local")
+        (tile_sum(s_o, RowToken(), mesh, n) + tile_sum(z_o.square(), Pair2D(), mesh, n)).backward()
+    out["tiles"] = mt.flagged
+    z = full[1].clone().requires_grad_()
+    with MemoryTracker(flag=lambda shape: sum(d >= n for d in shape) >= 2) as mt:
+        s_o, z_o = pm(full[0], z, *full[2:])
+        (s_o.sum() + z_o.square().sum()).backward()
+    out["full"] = mt.flagged
+    return out

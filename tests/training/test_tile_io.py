@@ -95,3 +95,12 @@ def test_example_trains_five_adamw_steps_with_tile_io():
     perr = float(re.search(r"max relative difference ([\d.e+-]+)", proc.stdout).group(1))
     assert perr < 1e-4, proc.stdout
     assert "proj_z.0.bias" in proc.stdout
+
+
+@pytest.mark.parametrize("world", [4, 9])
+def test_tile_mode_holds_no_whole_pair_tensor(world):
+    """Forward + backward with tiles in and out never creates a tensor with two token dims of
+    length N on any rank (full-tensor mode does: the check can fail)."""
+    for r in run_distributed(W.whole_pair_worker, world, 22, timeout=600):
+        assert r["tiles"] == [], r["tiles"][:5]
+        assert len(r["full"]) > 0
