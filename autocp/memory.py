@@ -38,7 +38,8 @@ class MemoryTracker(TorchDispatchMode):
     reads ``torch.cuda.max_memory_allocated`` instead (everything allocated counts).
     CPU only: ``largest_bytes`` / ``largest_what`` -- the largest single storage; ``flag`` --
     a predicate on the shape of each new storage's tensor, matches listed in ``flagged``
-    (e.g. ``lambda s: sum(d >= N for d in s) >= 2`` finds every whole pair tensor).
+    (e.g. ``lambda s: sum(d == N for d in s) >= 2 or any(d >= N * N for d in s)`` finds whole
+    pair tensors).
     """
 
     def __init__(self, track: Optional[Iterable[torch.Tensor]] = None, device: str = "cpu", flag=None):

@@ -11,9 +11,9 @@ backward (parameter gradients reduced by the module):
 
 Memory: :class:`autocp.memory.MemoryTracker` (live tensor storages; parameters and the
 inputs this mode holds counted from the start): ``peak`` and ``largest`` (the largest single
-storage) and ``whole_pair_tensors``: how many tensors with two token dims of length N (a
-whole ``z``, its gradient, a whole pair-shaped weight or mask) existed on the rank, inputs
-included. The figure per mode is the worst rank's.
+storage) and ``whole_pair_tensors``: how many tensors with two dims of length N (up to
+padding) or a [N^2, C] flattening (1-D buffers -- gradient buckets, byte buffers -- excluded) (a whole ``z``, its gradient, a whole pair-shaped
+weight or mask) existed on the rank, inputs included. The figure per mode is the worst rank's.
 Losses and gradients of the two modes are compared too.
 
     python benchmarks/tile_io_memory.py --n 256 --mesh 2
@@ -60,9 +60,11 @@ def _rank(rank, world, n, mode):
     held[0].requires_grad_()
     held[1].requires_grad_()
     # a whole pair tensor (two token dims of length N) anywhere on the rank, inputs included
-    whole = [x for x in (*held, ws, wz) if sum(d >= n for d in x.shape) >= 2]
-    with MemoryTracker(track=[*model.parameters(), *held, ws, wz],
-                       flag=lambda shape: sum(d >= n for d in shape) >= 2) as mt:
+    def is_whole(shape):  # two dims of length N (up to padding), or a flattened N^2 dim
+        return sum(n <= d < n + mesh.p for d in shape) >= 2 or (len(shape) >= 2 and any(d >= n * n for d in shape))
+
+    whole = [x for x in (*held, ws, wz) if is_whole(x.shape)]
+    with MemoryTracker(track=[*model.parameters(), *held, ws, wz], flag=is_whole) as mt:
         if mode == "tiles":
             s_o, z_o = pm(*[lay.to_dtensor(t, mesh, n) for t, lay in zip(held, lays)], output="local")
             loss = tile_sum(s_o * ws, RowToken(), mesh, n) + tile_sum(z_o * wz, Pair2D(), mesh, n)

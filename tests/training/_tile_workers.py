@@ -53,10 +53,22 @@ def build_case(kind, n):
     if kind == "heads":
         m, inputs = _heads_case(n)
         return m, inputs, lays, (0, 1)
+    if kind == "pwa":  # Boltz-2 PairWeightedAveraging: an MSA tile (MsaTiles) out of m, z and the pair mask
+        from boltz.model.layers.pair_averaging import PairWeightedAveraging
+
+        from autocp.layout import MsaTiles
+
+        m = _redraw(PairWeightedAveraging(c_m=8, c_z=8, c_h=4, num_heads=2))
+        g = torch.Generator().manual_seed(1)
+        s_rows = 5
+        msa, z = torch.randn(1, s_rows, n, 8, generator=g), torch.randn(1, n, n, 8, generator=g)
+        mask = torch.ones(1, n)
+        mask[0, -2] = 0.0
+        return m, (msa, z, mask[:, :, None] * mask[:, None, :]), [MsaTiles(), Pair2D(), Pair2D()], (0, 1)
     raise ValueError(kind)
 
 
-def _tile(full, tags, mesh, garbage=None, n=None):
+def _tile(full, tags, mesh, garbage=None, n=None, n_seq=None):
     """This rank's padded tile of ``full``; padded slots filled with ``garbage`` values (a
     cotangent's padding must be ignored)."""
     from autocp.passes.rewrite import shard_tags
@@ -64,15 +76,15 @@ def _tile(full, tags, mesh, garbage=None, n=None):
 
     t = shard_tags(full, tags, mesh).clone()
     if garbage is not None:
-        for d, valid, b in padded_slots(tags, mesh, n, None):
+        for d, valid, b in padded_slots(tags, mesh, n, n_seq):
             t.narrow(d, valid, b - valid).fill_(garbage)
     return t
 
 
-def _valid(t, tags, mesh, n):
+def _valid(t, tags, mesh, n, n_seq=None):
     from autocp.tile_io import padded_slots
 
-    for d, valid, b in padded_slots(tags, mesh, n, None):
+    for d, valid, b in padded_slots(tags, mesh, n, n_seq):
         t = t.narrow(d, 0, valid)
     return t
 
@@ -86,6 +98,14 @@ def _grad_errs(got: dict, ref: dict) -> float:
     largest (gradients that are zero in exact arithmetic carry only rounding noise)."""
     top = max(float(r.abs().max()) for r in ref.values())
     return max(float((got[k] - r).abs().max()) / max(float(r.abs().max()), 1e-3 * top) for k, r in ref.items())
+
+
+def _grad_errs_nonzero(got: dict, ref: dict) -> float:
+    """Worst error relative to each gradient's own scale, over the parameters whose true
+    gradient is not exactly zero (|g| > 1e-6 max|g|: rounding noise only)."""
+    top = max(float(r.abs().max()) for r in ref.values())
+    return max(float((got[k] - r).abs().max()) / float(r.abs().max()) for k, r in ref.items()
+               if float(r.abs().max()) > 1e-6 * top)
 
 
 def tile_parity_worker(rank, world, kind, n, mode="local", cases=None):
@@ -106,10 +126,21 @@ def tile_parity_worker(rank, world, kind, n, mode="local", cases=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = autocp.parallelize(model, mesh, example_inputs=full, input_layouts=lays)
+    ns = pm.example_n_seq
+
+    def sizes(lay):
+        return (ns, n) if lay.name == "MsaTiles" else n
+
+    def tile(x, tags, **kw):
+        return _tile(x, tags, mesh, n=n, n_seq=ns, **kw)
+
+    def valid(x, tags):
+        return _valid(x, tags, mesh, n, ns)
+
     out_tags = list(pm.output_tags)
     n_out = len(ref_outs)
     cases = cases or [[i] for i in range(n_out)] + [list(range(n_out))]
-    res = {"out_tags": out_tags, "cases": {}, "rc": (mesh.r, mesh.c)}
+    res = {"out_tags": out_tags, "cases": {}, "rc": (mesh.r, mesh.c), "in_layouts": [lay.name for lay in lays]}
     for case in cases:
         # single device
         model.zero_grad(set_to_none=True)
@@ -123,19 +154,18 @@ def tile_parity_worker(rank, world, kind, n, mode="local", cases=None):
         model.zero_grad(set_to_none=True)
         tiles = [lay.shard(x, mesh).contiguous() for x, lay in zip(full, lays)]
         leaves = [t.clone().requires_grad_() if i in gidx else t for i, t in enumerate(tiles)]
-        dts = [lay.to_dtensor(t, mesh, n) for t, lay in zip(leaves, lays)]
+        dts = [lay.to_dtensor(t, mesh, sizes(lay)) for t, lay in zip(leaves, lays)]
         pouts = pm(*dts, output=mode)
         pouts = pouts if isinstance(pouts, tuple) else (pouts,)
         if mode == "local":
-            ct = [_tile(cots[i], out_tags[i], mesh, garbage=3.0, n=n) for i in case]
+            ct = [tile(cots[i], out_tags[i], garbage=3.0) for i in case]
             torch.autograd.backward([pouts[i] for i in case], ct)
-            o_err = max(_rel(_valid(pouts[i].detach(), out_tags[i], mesh, n),
-                             _valid(_tile(ref_outs[i], out_tags[i], mesh), out_tags[i], mesh, n))
+            o_err = max(_rel(valid(pouts[i].detach(), out_tags[i]), valid(tile(ref_outs[i], out_tags[i]), out_tags[i]))
                         for i in range(n_out))
         else:
             from torch.distributed.tensor import DTensor
 
-            ct = [DTensor.from_local(_valid(_tile(cots[i], out_tags[i], mesh), out_tags[i], mesh, n),
+            ct = [DTensor.from_local(valid(tile(cots[i], out_tags[i]), out_tags[i]),
                                      mesh.device_mesh, pouts[i].placements, run_check=False,
                                      shape=pouts[i].shape, stride=pouts[i].stride())
                   if isinstance(pouts[i], DTensor) else cots[i] for i in case]
@@ -148,12 +178,13 @@ def tile_parity_worker(rank, world, kind, n, mode="local", cases=None):
         for i in gidx:
             gl = leaves[i].grad if leaves[i].grad is not None else torch.zeros_like(leaves[i])
             tags = _tags_of(lays[i], full[i].dim())
-            want = _tile(ref_in[i], tags, mesh)
+            want = tile(ref_in[i], tags)
             scale = max(float(ref_in[i].abs().max()), 1e-30)
-            in_errs[i] = (float((_valid(gl, tags, mesh, n) - _valid(want, tags, mesh, n)).abs().max()) / scale,
+            in_errs[i] = (float((valid(gl, tags) - valid(want, tags)).abs().max()) / scale,
                           float(gl.abs().max()), gl.detach().numpy().copy())
         res["cases"][tuple(case)] = {
             "out_err": o_err, "param_err": _grad_errs(got, ref) if not missing else float("inf"),
+            "param_err_nonzero": _grad_errs_nonzero(got, ref) if not missing else float("inf"),
             "missing": missing, "in_err": {i: v[0] for i, v in in_errs.items()},
             "in_tiles": {i: v[2] for i, v in in_errs.items()},
             "ref_in_scale": {i: float(ref_in[i].abs().max()) for i in gidx},
@@ -256,9 +287,9 @@ def tile_sum_worker(rank, world, n):
 
 
 def whole_pair_worker(rank, world, n):
-    """How many tensors with two token dims of length >= N (a whole pair tensor) exist on the
-    rank during forward + backward, in tile mode and in full-tensor mode (the check must be
-    able to fail: full mode has them)."""
+    """How many whole pair tensors -- two dims of length N (up to padding) or one flattened
+    dim of N^2 -- exist on the rank during forward + backward, in tile mode and in
+    full-tensor mode (the check must be able to fail: full mode has them)."""
     import autocp
     from autocp import Pair2D, RowToken, tile_sum
     from autocp.memory import MemoryTracker
@@ -272,12 +303,16 @@ def whole_pair_worker(rank, world, n):
     tiles = [lay.shard(x, mesh).contiguous() for x, lay in zip(full, lays)]
     tiles[1].requires_grad_()
     out = {}
-    with MemoryTracker(flag=lambda shape: sum(d >= n for d in shape) >= 2) as mt:
+
+    def whole(shape):
+        return sum(n <= d < n + mesh.p for d in shape) >= 2 or (len(shape) >= 2 and any(d >= n * n for d in shape))
+
+    with MemoryTracker(flag=whole) as mt:
         s_o, z_o = pm(*[lay.to_dtensor(t, mesh, n) for t, lay in zip(tiles, lays)], output="local")
         (tile_sum(s_o, RowToken(), mesh, n) + tile_sum(z_o.square(), Pair2D(), mesh, n)).backward()
     out["tiles"] = mt.flagged
     z = full[1].clone().requires_grad_()
-    with MemoryTracker(flag=lambda shape: sum(d >= n for d in shape) >= 2) as mt:
+    with MemoryTracker(flag=whole) as mt:
         s_o, z_o = pm(full[0], z, *full[2:])
         (s_o.sum() + z_o.square().sum()).backward()
     out["full"] = mt.flagged
