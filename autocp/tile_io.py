@@ -171,8 +171,8 @@ def to_partial(x: torch.Tensor, tags, mesh, n: Optional[int] = None, n_seq: Opti
     lengths) and hands the internal partial gradient (divided by the replica count) on."""
     if not isinstance(x, torch.Tensor) or not x.requires_grad or not torch.is_grad_enabled():
         return x
-    if not replica_axes(tags) and not padded_slots(tags, mesh, n, n_seq):
-        return x
+    if (mesh.p == 1 or not replica_axes(tags)) and not padded_slots(tags, mesh, n, n_seq):
+        return x  # nothing to convert: no replicas (or one rank), no padding
     return _ToPartial.apply(x, tuple(tags) if tags is not None else None, mesh, n, n_seq, check, what)
 
 
