@@ -34,7 +34,7 @@ global sum, each element counted once, as a replicated scalar with the same sema
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -45,7 +45,7 @@ from .mesh import COL, ROW
 __all__ = ["CotangentError", "replica_axes", "to_partial", "from_partial", "tile_sum", "tags_of_layout", "padded_slots"]
 
 #: tags of dims split over the whole mesh (atom windows, :mod:`autocp.ops.atom_windows`)
-_FLAT = ("w", "a")
+FLAT_TAGS = ("w", "a")
 
 
 class CotangentError(BaseException):
@@ -65,7 +65,7 @@ def replica_axes(tags) -> tuple:
             used.add(COL)
         elif t == "c":
             used.add(ROW)
-        elif t in _FLAT:
+        elif t in FLAT_TAGS:
             used.update((ROW, COL))
     return tuple(a for a in (ROW, COL) if a not in used)
 
@@ -195,9 +195,8 @@ class _TileSum(torch.autograd.Function):
             v = v.narrow(d, 0, valid)
         axes = replica_axes(tags)
         out = v.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).reshape(1)
-        # sharded axes: every rank holds other elements -> sum over them; replica axes: same
-        # elements -> count once (the replicas agree; rank 0 of the group's value is taken
-        # through the sum of value / p, which keeps all ranks on one code path)
+        # sharded axes: every rank holds other elements -> sum over them; replica axes: the same
+        # elements -> count once (the sum of value / p over the replicas: their mean)
         for axis in (ROW, COL):
             if axis in axes:
                 out = out / mesh.p

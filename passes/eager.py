@@ -46,6 +46,7 @@ from . import tile_ops as T
 from .rewrite import gather_tags, shard_tags
 from .shard import ShardingError, shard_graph
 from .wrapper import ModuleWrapper
+from ..tile_io import FLAT_TAGS
 
 __all__ = ["TileTensor", "distribute", "eager_stats", "EagerShardingError", "clear_cache", "strict_mode",
            "RegisteredOp", "bind_registered", "standard_tags", "global_shape"]
@@ -280,7 +281,7 @@ def _dispatch(func, args, kwargs):
 #: such tensors are run tile-local when they provably keep those dims element-wise
 #: (below), else on the gathered tensors (exact, warned; a window tensor -- an atom-pair
 #: tensor -- is refused under strict).
-_FLAT = ("w", "a")
+_FLAT = FLAT_TAGS
 _F = torch.nn.functional
 _FLAT_CHANNEL = {_F.layer_norm, _F.linear, torch._C._nn.linear}          # act on trailing (untagged) dims
 _FLAT_UNARY = {torch.Tensor.float, torch.Tensor.to, torch.Tensor.contiguous, torch.Tensor.clone,
