@@ -77,7 +77,6 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
         self.report = report
         self.plan = plan
         self.root_fallback = root_fallback
-        self.grad_reducer = None  # attached by autocp.parallelize (see autocp.grad_sync)
 
     def __call__(self, *args, **kwargs):  # autocp.guard: binding, call checks, cross-rank agreement
         from .. import guard

@@ -214,33 +214,30 @@ class ParallelBoltz(_wrapper_base()):
         return self.apply(run, feats, strict=strict)
 
 
-def _boundary(x, mesh, n, n_seq):
+def _boundary(out, mesh, n, n_seq):
     """DTensor semantics on what ``apply`` returns (:func:`autocp.tile_io.to_partial`): plain
     tensors are replicated on every rank, a TileTensor's tile is replicated per its tags."""
+    from torch.utils._pytree import tree_map
+
     from ..passes.eager import TileTensor
     from ..tile_io import to_partial
 
-    if isinstance(x, TileTensor):
-        return TileTensor(to_partial(x.local, x.tags, mesh, n, n_seq, what="TileTensor"), x.tags, x.shape)
-    if isinstance(x, torch.Tensor):
-        return to_partial(x, None, mesh, what="tensor")
-    if isinstance(x, dict):
-        return type(x)((k, _boundary(v, mesh, n, n_seq)) for k, v in x.items())
-    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
-        return type(x)(_boundary(v, mesh, n, n_seq) for v in x)
-    return x
+    def leaf(x):
+        if isinstance(x, TileTensor):
+            return TileTensor(to_partial(x.local, x.tags, mesh, n, n_seq, what="TileTensor"), x.tags, x.shape)
+        if isinstance(x, torch.Tensor):
+            return to_partial(x, None, mesh, what="tensor")
+        return x
+
+    return tree_map(leaf, out)
 
 
-def _full(x):
+def _full(out):
+    from torch.utils._pytree import tree_map
+
     from ..passes.eager import TileTensor
 
-    if isinstance(x, TileTensor):
-        return x.full()
-    if isinstance(x, dict):
-        return {k: _full(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_full(v) for v in x)
-    return x
+    return tree_map(lambda x: x.full() if isinstance(x, TileTensor) else x, out)
 
 
 def parallelize_boltz(model: nn.Module, mesh, strict: bool = False, token_bias: str = "auto") -> ParallelBoltz:
