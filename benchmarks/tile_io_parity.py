@@ -25,7 +25,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
 MODELS = [("pairformer", 13, ["s (RowToken)", "z (Pair2D)"]), ("pwa", 7, ["m (MsaTiles)"]),
-          ("heads", 7, ["z (Pair2D)", "row (RowToken)", "col (ColToken)", "scalar (Replicated)"])]
+          ("heads", 7, ["z (Pair2D)", "row (RowToken)", "col (ColToken)", "scalar (Replicated)", "z^T (Pair2D((2, 1)))"])]
 
 
 def main():

@@ -41,20 +41,23 @@ __all__ = ["ParallelModule", "layout_of_tags"]
 
 
 def layout_of_tags(tags):
-    """The :mod:`autocp.layout` object for a canonical tag tuple (None if not canonical)."""
+    """The :mod:`autocp.layout` object for a tag tuple (None if no layout describes it). The
+    token dims may come in either order: tags ``(None, "c", "r", None)`` -- rank ``(r, c)``
+    holds ``z[:, T_c, T_r]``, a transposed pair tile -- are ``Pair2D((2, 1))`` (DTensor
+    placements ``[Shard(2), Shard(1)]``)."""
     if tags is None:
         return None
     idx = {t: i for i, t in enumerate(tags) if t is not None}
-    real = [t for t in tags if t is not None]
+    real = sorted(t for t in tags if t is not None)
     if not real:
         return Replicated()
-    if real == ["r", "c"]:
+    if real == ["c", "r"]:
         return Pair2D((idx["r"], idx["c"]))
     if real == ["r"]:
         return RowToken(idx["r"])
     if real == ["c"]:
         return ColToken(idx["c"])
-    if real == ["s", "c"]:
+    if real == ["c", "s"]:
         return MsaTiles(idx["s"], idx["c"])
     return None
 
@@ -194,7 +197,15 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
                     res.append(to_partial(leaf, tags, mesh, n, n_seq, what=what))
                 elif output == "dtensor":
                     lay = layout_of_tags(tags)
-                    sizes = [n_seq if t == "s" else n for t in (tags or ()) if t is not None]
+                    if lay is None and any(t is not None for t in tags or ()):
+                        from ..layout import LayoutError
+
+                        raise LayoutError(
+                            f"parallelize: output {what} has the tile layout tags {tags}, which no DTensor "
+                            f"placement describes; required a Pair2D / RowToken / ColToken / MsaTiles / replicated "
+                            f"layout for output='dtensor'. Fix: output='local' (this rank's tiles; their layout "
+                            f"is pm.output_tags) or output='full'.")
+                    sizes = [n_seq if tags[d] == "s" else n for d in lay.dims] if lay else []
                     leaf = to_partial(leaf, tags, mesh, n, n_seq, what=what)
                     res.append(lay.to_dtensor(leaf, mesh, sizes) if lay is not None else leaf)
                 else:

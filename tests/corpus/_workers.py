@@ -160,20 +160,70 @@ def parity_worker(rank, world, case, seed=0, n=7):
         if not auto:
             sync_grads(pm, mesh)
     with phase("compare grads"):
-        floor = 1e-2 * res["max_ref_grad"]
-        per = {}
-        missing_grads = []
-        for k, p in pm.named_parameters():
-            if k not in ref_grads:
-                continue
-            if p.grad is None:
-                missing_grads.append(k)
-                continue
-            per[k] = float((p.grad - ref_grads[k]).abs().max()) / max(float(ref_grads[k].abs().max()), floor, 1e-30)
-        res["missing_grads"] = missing_grads
-        res["grad_rel_err"] = max(per.values()) if per else float("inf")
-        res["worst_grads"] = sorted(per.items(), key=lambda kv: -kv[1])[:3]
-        res["n_compared_grads"] = len(per)
+        _compare_grads(res, pm, ref_grads)
+    res["phase"] = "done"
+    return res
+
+
+def _compare_grads(res, pm, ref_grads):
+    """Every parameter gradient of ``pm`` vs the reference, relative to its scale (floored at
+    1e-2 of the largest reference gradient) -> ``res``."""
+    floor = 1e-2 * max(float(g.abs().max()) for g in ref_grads.values())
+    per = {}
+    missing_grads = []
+    for k, p in pm.named_parameters():
+        if k not in ref_grads:
+            continue
+        if p.grad is None:
+            missing_grads.append(k)
+            continue
+        per[k] = float((p.grad - ref_grads[k]).abs().max()) / max(float(ref_grads[k].abs().max()), floor, 1e-30)
+    res["missing_grads"] = missing_grads
+    res["grad_rel_err"] = max(per.values()) if per else float("inf")
+    res["worst_grads"] = sorted(per.items(), key=lambda kv: -kv[1])[:3]
+    res["n_compared_grads"] = len(per)
+
+
+def tile_parity_worker(rank, world, case, seed=0, n=7):
+    """Tiles in, tiles out on the corpus (issue [tile-io]): this rank's tiles as DTensors in
+    the layouts parallelize chose, ``output="dtensor"``, the corpus loss written with DTensor
+    ops (``(o * w).sum().full_tensor()``), ``loss.backward()``: outputs and every parameter
+    gradient vs the single device, and the input gradients of the DTensor inputs."""
+    import autocp
+    from torch.distributed.tensor import DTensor, Replicate
+
+    res = {"case": case, "world": world, "phase": "build"}
+    phase = _Phase(res)
+    with phase("build"):
+        model, (args, kwargs), _ = build_case(case, seed, n)
+    with phase("reference (single device)"):
+        outs_ref = _flat(model(*args, **kwargs))
+        w = _weights(outs_ref)
+        _loss(outs_ref, w).backward()
+        ref_grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    mesh = autocp.init_mesh()
+    with phase("parallelize"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=True)
+    with phase("tile forward"):
+        a, kw, _ = _local_inputs(pm, args, kwargs, mesh)
+        outs = _flat(pm(*a, output="dtensor", **kw))
+        res["n_dtensor_outputs"] = sum(isinstance(o, DTensor) for o in outs)
+        res["out_rel_err"] = [float((o.full_tensor() if isinstance(o, DTensor) else o).detach().sub(r.detach())
+                                    .abs().max()) / max(float(r.detach().abs().max()), 1e-30)
+                              for o, r in zip(outs, outs_ref)]
+    with phase("tile backward"):
+        loss = 0.0
+        for o, wi in zip(outs, w):
+            if isinstance(o, DTensor):
+                wd = DTensor.from_local(wi, o.device_mesh, [Replicate()] * o.device_mesh.ndim, run_check=False)
+                loss = loss + (o.float() * wd.redistribute(o.device_mesh, o.placements)).sum().full_tensor()
+            else:
+                loss = loss + (o.float() * wi).sum()
+        loss.backward()
+    with phase("compare grads"):
+        _compare_grads(res, pm, ref_grads)
     res["phase"] = "done"
     return res
 

@@ -15,7 +15,7 @@ parameter gradients are non-zero.
 import pytest
 
 from autocp.testing import DistributedTestError, run_distributed
-from tests.corpus._workers import CASES, TOL, harness, parity_worker
+from tests.corpus._workers import CASES, TOL, harness, parity_worker, tile_parity_worker
 
 pytestmark = [pytest.mark.corpus, pytest.mark.distributed]
 
@@ -60,3 +60,23 @@ def test_corpus_parity(case, world):
             f"{where}: {r['gathered_glue_ops']} glue ops gathered a pair tensor under strict=True: {r['warnings']}")
         assert r["grad_rel_err"] <= TOL, (
             f"{where}: parameter gradient relative error {r['grad_rel_err']:.3g} > {TOL}; worst {r['worst_grads']}")
+
+
+@pytest.mark.parametrize("world", [4, 9], ids=["2x2", "3x3"])
+@pytest.mark.parametrize("case", CASES)
+def test_corpus_tile_io_parity(case, world):
+    """Tiles in (DTensors), tiles out (``output="dtensor"``), a loss written with DTensor ops:
+    DTensor's gradient convention holds on code nobody here wrote (issue [tile-io])."""
+    reason = _skip_reason(case)
+    if reason:
+        pytest.skip(f"{case}: {reason}")
+    try:
+        res = run_distributed(tile_parity_worker, world, case, timeout=600)
+    except DistributedTestError as e:
+        pytest.fail(f"{case} on {world} rank(s): {_first_line(e)}\n{e}", pytrace=False)
+    for rank, r in enumerate(res):
+        where = f"{case} on {world} rank(s), rank {rank}"
+        assert r["n_dtensor_outputs"] > 0, where
+        assert max(r["out_rel_err"]) <= TOL, (where, r["out_rel_err"])
+        assert r["missing_grads"] == [] and r["n_compared_grads"] > 0, (where, r["missing_grads"][:5])
+        assert r["grad_rel_err"] <= TOL, (where, r["grad_rel_err"], r["worst_grads"])

@@ -17,7 +17,8 @@ def _redraw(m, seed=0, scale=0.3):
 
 class Heads(nn.Module):
     """Every block-level output layout at once: a Pair2D pair update, a RowToken and a
-    ColToken token readout (a masked mean over the other token axis), a replicated scalar."""
+    ColToken token readout (a masked mean over the other token axis), a replicated scalar,
+    and the pair update transposed (rank (r, c) holds z[T_c, T_r]: Pair2D((2, 1)))."""
 
     def __init__(self, cs=8, cz=6):
         super().__init__()
@@ -30,7 +31,7 @@ class Heads(nn.Module):
         col = zc.sum(1) / (pair_mask.sum(1)[..., None] + 1.0)
         row = self.lin_s(s) * mask[..., None] + zc.mean(2)
         scalar = (row.square() * mask[..., None]).sum() / mask.sum() + col.tanh().sum()
-        return zc, row, col, scalar
+        return zc, row, col, scalar, zc.transpose(1, 2) * 2.0
 
 
 def _heads_case(n):
@@ -212,7 +213,7 @@ def bad_cotangent_worker(rank, world):
         warnings.simplefilter("ignore")
         pm = autocp.parallelize(model, mesh, example_inputs=full, input_layouts=lays)
     dts = [lay.to_dtensor(lay.shard(x, mesh).contiguous(), mesh, 7) for x, lay in zip(full, lays)]
-    zc, row, col, scalar = pm(*dts, output="local")
+    zc, row, col, scalar, _ = pm(*dts, output="local")
     ct = torch.ones_like(row) if mesh.c == 0 else torch.zeros_like(row)
     try:
         try:
@@ -224,7 +225,7 @@ def bad_cotangent_worker(rank, world):
     else:
         return "no error"
     # a per-rank loss (each rank's scalar counted once per rank) is refused too
-    zc, row, col, scalar = pm(*dts, output="local")
+    zc, row, col, scalar, _ = pm(*dts, output="local")
     try:
         (scalar * (1.0 + mesh.rank_of(mesh.r, mesh.c))).backward()
     except CotangentError as e:
@@ -258,7 +259,7 @@ def tile_sum_worker(rank, world, n):
     leaves = [lay.shard(x, mesh).contiguous() for x, lay in zip(full, lays)]
     leaves = [t.requires_grad_() if i in gidx else t for i, t in enumerate(leaves)]
     outs = pm(*[lay.to_dtensor(t, mesh, n) for t, lay in zip(leaves, lays)], output="local")
-    out_lays = [Pair2D(), RowToken(), ColToken(), Replicated()]
+    out_lays = [Pair2D(), RowToken(), ColToken(), Replicated(), Pair2D((2, 1))]
     loss = sum(tile_sum(o * _tile(wi, _tags_of(lay, o.dim()), mesh), lay, mesh, n)
                for o, wi, lay in zip(outs, w, out_lays))
     loss.backward()

@@ -41,10 +41,12 @@ def _check(res, n_cases):
 
 @pytest.mark.parametrize("world,n,mode", [(1, 7, "local"), (4, 7, "local"), (9, 8, "local"), (9, 7, "dtensor")])
 def test_every_block_output_layout_tile_io(world, n, mode):
-    """Pair2D, RowToken, ColToken and a replicated scalar out of one module."""
+    """Pair2D, RowToken, ColToken, a replicated scalar and a transposed pair tile (a DTensor
+    with placements [Shard(2), Shard(1)] under output='dtensor') out of one module."""
     res = run_distributed(W.tile_parity_worker, world, "heads", n, mode, timeout=600)
-    assert res[0]["out_tags"] == [(None, "r", "c", None), (None, "r", None), (None, "c", None), ()]
-    _check(res, 5)
+    assert res[0]["out_tags"] == [(None, "r", "c", None), (None, "r", None), (None, "c", None), (),
+                                  (None, "c", "r", None)]
+    _check(res, 6)
 
 
 @pytest.mark.parametrize("world,n,mode", [(4, 13, "local"), (9, 13, "local"), (4, 13, "dtensor")])

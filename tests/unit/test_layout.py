@@ -181,3 +181,21 @@ def test_layout_equality_and_placements():
     assert ColToken().placements() == [Replicate(), Shard(1)]
     assert Replicated().placements() == [Replicate(), Replicate()]
     assert MsaTiles().placements() == [Shard(1), Shard(2)]
+
+
+def test_layout_of_tags_any_token_dim_order():
+    """Output tiles in either token-dim order have a layout (and so a DTensor placement); a
+    tag tuple no layout describes has none (output='dtensor' refuses it)."""
+    from torch.distributed.tensor import Shard
+
+    from autocp.layout import ColToken, MsaTiles, Pair2D, Replicated, RowToken
+    from autocp.passes.emit import layout_of_tags
+
+    assert layout_of_tags((None, "r", "c", None)) == Pair2D((1, 2))
+    t = layout_of_tags((None, "c", "r", None))  # rank (r, c) holds z[:, T_c, T_r]
+    assert t == Pair2D((2, 1)) and t.placements() == [Shard(2), Shard(1)]
+    assert layout_of_tags((None, "s", "c", None)) == MsaTiles(1, 2)
+    assert layout_of_tags((None, "c", "s")) == MsaTiles(2, 1)
+    assert layout_of_tags((None, "r")) == RowToken(1) and layout_of_tags(("c",)) == ColToken(0)
+    assert layout_of_tags((None, None)) == Replicated() and layout_of_tags(()) == Replicated()
+    assert layout_of_tags((None, "r", "r")) is None and layout_of_tags(None) is None
