@@ -387,26 +387,6 @@ def _say(rank: int, msg: str) -> None:
         print(msg, flush=True)
 
 
-def _local_dtensors(pm, inputs, mesh):
-    """This rank's tiles of ``inputs`` as DTensors in the layouts parallelize chose."""
-    import torch
-
-    from .passes.emit import layout_of_tags
-
-    n, n_seq = pm.example_n, pm.example_n_seq
-    out, k = [], 0
-    for x in inputs:
-        if not isinstance(x, torch.Tensor):
-            out.append(x)
-            continue
-        tags = pm.input_tags[k]
-        k += 1
-        lay = layout_of_tags(tags)
-        sizes = [n_seq if t == "s" else n for t in (tags or ()) if t is not None]
-        out.append(lay.to_dtensor(lay.shard(x, mesh).contiguous() if sizes else x, mesh, sizes) if lay else x)
-    return out
-
-
 def _demo_rank(rank: int, world: int, spec: str, n: int, blocks: int, channels: int, msa_rows: int) -> dict:
     import warnings
 
@@ -436,7 +416,7 @@ def _demo_rank(rank: int, world: int, spec: str, n: int, blocks: int, channels: 
     res["actions"] = {k: a.action for k, a in pm.plan.actions.items()}
     _say(rank, "[4/5] parallel forward: per-rank peak memory on this rank's tiles, then full outputs ...")
     with torch.no_grad():
-        local = _local_dtensors(pm, inputs, mesh)
+        local = list(pm.to_tiles(*inputs)[0])
         tiles = [x.to_local() if hasattr(x, "to_local") else x for x in local]
         t2 = time.time()
         with autocp.MemoryTracker(track=[*model.parameters(), *(t for t in tiles if isinstance(t, torch.Tensor))]) as mt:
@@ -649,7 +629,7 @@ def _bench_rank(rank: int, world: int, what: str, ns: list, blocks: int, channel
             warnings.simplefilter("ignore")
             pm = autocp.parallelize(model, mesh, example_inputs=inputs, input_layouts=input_layouts(model))
         with torch.no_grad():
-            local = _local_dtensors(pm, inputs, mesh)
+            local = list(pm.to_tiles(*inputs)[0])
             tiles = [x.to_local() if hasattr(x, "to_local") else x for x in local]
             if what == "memory":
                 with autocp.MemoryTracker(track=[*model.parameters(), *tiles]) as mt:

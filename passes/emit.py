@@ -105,6 +105,28 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
                     n_seq = int(shape[d])
         return n or self.example_n, n_seq or self.example_n_seq
 
+    def to_tiles(self, *args, **kwargs):
+        """``(args, kwargs)`` with every tensor of a call's *full* inputs replaced by this rank's
+        tile as a DTensor in the layout this module was built with (``input_tags``): on rank
+        ``(r, c)`` a Pair2D ``z`` becomes ``z[:, T_r, T_c]``, a RowToken ``s`` ``s[:, T_r]``
+        (``Layout.to_dtensor``); tensors without a token dim stay as they are. What
+        ``pm(*a, output="local", **kw)`` takes -- tiles in, tiles out (docs/training.md). At
+        scale, build the DTensors from tiles you load instead (``layout.to_dtensor(tile,
+        mesh, N)``): this helper needs the whole tensors once."""
+        leaves, spec = tree_flatten((args, kwargs))
+        n, n_seq = self._sizes(leaves)
+        out, k = [], 0
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                tags = self.input_tags[k] if k < len(self.input_tags) else None
+                k += 1
+                lay = layout_of_tags(tags)
+                if lay is not None and lay.dims:
+                    sizes = [n_seq if tags[d] == "s" else n for d in lay.dims]
+                    x = lay.to_dtensor(lay.shard(x, self.mesh).contiguous(), self.mesh, sizes)
+            out.append(x)
+        return tree_unflatten(out, spec)
+
     def _warn_dropout(self) -> None:
         """Training with dropout > 0 in the model's own glue: each tile draws its own mask, so
         Boltz-style row/column-shared masks are not shared *across* tiles. Say so once."""

@@ -207,7 +207,7 @@ def tile_parity_worker(rank, world, case, seed=0, n=7):
         warnings.simplefilter("ignore")
         pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=True)
     with phase("tile forward"):
-        a, kw, _ = _local_inputs(pm, args, kwargs, mesh)
+        a, kw, _ = _local_inputs(pm, args, kwargs)
         outs = _flat(pm(*a, output="dtensor", **kw))
         res["n_dtensor_outputs"] = sum(isinstance(o, DTensor) for o in outs)
         res["out_rel_err"] = [float((o.full_tensor() if isinstance(o, DTensor) else o).detach().sub(r.detach())
@@ -228,26 +228,13 @@ def tile_parity_worker(rank, world, case, seed=0, n=7):
     return res
 
 
-def _local_inputs(pm, args, kwargs, mesh):
+def _local_inputs(pm, args, kwargs):
     """This rank's tiles of ``(args, kwargs)`` as DTensors in the layouts parallelize chose
-    (the leaves in the order of ``tree_flatten((args, kwargs))``, as pm.forward reads them)."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    (``pm.to_tiles``), and the local tensors they hold (for the memory tracker)."""
+    from torch.distributed.tensor import DTensor
 
-    from autocp.passes.emit import layout_of_tags
-
-    n, n_seq = pm.example_n, pm.example_n_seq
-    leaves, spec = tree_flatten((args, kwargs))
-    out, tiles, k = [], [], 0
-    for x in leaves:
-        if isinstance(x, torch.Tensor):
-            tags = pm.input_tags[k]
-            k += 1
-            lay = layout_of_tags(tags)
-            sizes = [n_seq if t == "s" else n for t in (tags or ()) if t is not None]
-            x = lay.to_dtensor(lay.shard(x, mesh).contiguous() if sizes else x, mesh, sizes) if lay else x
-            tiles.append(x.to_local() if hasattr(x, "to_local") else x)
-        out.append(x)
-    a, kw = tree_unflatten(out, spec)
+    a, kw = pm.to_tiles(*args, **kwargs)
+    tiles = [x.to_local() if isinstance(x, DTensor) else x for x in _tensors(a, kw)]
     return a, kw, tiles
 
 
@@ -271,7 +258,7 @@ def memory_worker(rank, world, case, n=96, seed=0):
         warnings.simplefilter("ignore")
         pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs))
     with phase("parallel memory"), torch.no_grad():
-        a, kw, tiles = _local_inputs(pm, args, kwargs, mesh)
+        a, kw, tiles = _local_inputs(pm, args, kwargs)
         with autocp.MemoryTracker(track=[*model.parameters(), *tiles]) as mt:
             pm(*a, output="local", **kw)
         res["peak_rank"] = mt.peak_bytes
