@@ -33,16 +33,22 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-@pytest.mark.parametrize("world", [1, 4, 9], ids=["1x1", "2x2", "3x3"])
-@pytest.mark.parametrize("case", CASES)
-def test_corpus_parity(case, world):
+def _run(worker, case, world):
+    """``worker`` on ``world`` ranks; skipped when the codebase is not installed, failed with
+    the failing phase's own message."""
     reason = _skip_reason(case)
     if reason:
         pytest.skip(f"{case}: {reason}")
     try:
-        res = run_distributed(parity_worker, world, case, timeout=600)
+        return run_distributed(worker, world, case, timeout=600)
     except DistributedTestError as e:
         pytest.fail(f"{case} on {world} rank(s): {_first_line(e)}\n{e}", pytrace=False)
+
+
+@pytest.mark.parametrize("world", [1, 4, 9], ids=["1x1", "2x2", "3x3"])
+@pytest.mark.parametrize("case", CASES)
+def test_corpus_parity(case, world):
+    res = _run(parity_worker, case, world)
     for rank, r in enumerate(res):
         where = f"{case} on {world} rank(s), rank {rank}"
         # the reference is not vacuous
@@ -67,13 +73,7 @@ def test_corpus_parity(case, world):
 def test_corpus_tile_io_parity(case, world):
     """Tiles in (DTensors), tiles out (``output="dtensor"``), a loss written with DTensor ops:
     DTensor's gradient convention holds on code nobody here wrote (issue [tile-io])."""
-    reason = _skip_reason(case)
-    if reason:
-        pytest.skip(f"{case}: {reason}")
-    try:
-        res = run_distributed(tile_parity_worker, world, case, timeout=600)
-    except DistributedTestError as e:
-        pytest.fail(f"{case} on {world} rank(s): {_first_line(e)}\n{e}", pytrace=False)
+    res = _run(tile_parity_worker, case, world)
     for rank, r in enumerate(res):
         where = f"{case} on {world} rank(s), rank {rank}"
         assert r["n_dtensor_outputs"] > 0, where
