@@ -24,7 +24,7 @@ import torch
 from ..layout import LayoutError, block_size, token_valid
 from ..mesh import SquareMesh
 
-__all__ = ["TileCtx", "check_pair_tile", "merge_lse", "share_submodules", "adopt_module_state", "sync_grads",
+__all__ = ["TileCtx", "broadcast_mask", "check_pair_tile", "merge_lse", "share_submodules", "adopt_module_state", "sync_grads",
            "chunking", "chunk_fraction", "chunk_spans"]
 
 # ----------------------------------------------------------------------------- memory knob
@@ -102,6 +102,22 @@ class TileCtx:
         return self.valid(self.mesh.r, device)[:, None] & self.valid(self.mesh.c, device)[None, :]
 
 
+def broadcast_mask(mask: torch.Tensor, lead: torch.Size, op: str, what: str, target: str, fix: str) -> torch.Tensor:
+    """``mask`` expanded to ``lead`` (a tile's leading dims) under torch's broadcasting rules,
+    as the single-device module applies it (one mask for a batch of diffusion samples);
+    anything that does not broadcast is a :class:`LayoutError` saying given / required / fix."""
+    if mask.shape == lead:
+        return mask
+    try:
+        ok = mask.dim() <= len(lead) and torch.broadcast_shapes(mask.shape, lead) == lead
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise LayoutError(f"{op}: {what} has shape {tuple(mask.shape)}; it must match (or broadcast to) the "
+                          f"{target} {tuple(lead)}. Fix: {fix}.")
+    return mask.expand(lead)
+
+
 def check_pair_tile(
     z: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -129,11 +145,8 @@ def check_pair_tile(
     valid = ctx.pair_valid(z.device)
     if mask is None:
         return valid.to(z.dtype).expand(z.shape[0], b, b)
-    if mask.shape != z.shape[:3]:
-        raise LayoutError(
-            f"{op}: mask tile has shape {tuple(mask.shape)}; it must match the z tile's first three "
-            f"dims {tuple(z.shape[:3])}. Fix: shard the [B, N, N] pair mask with autocp.Pair2D().shard."
-        )
+    mask = broadcast_mask(mask, z.shape[:3], op, "mask tile", "z tile's first three dims",
+                          "shard the [B, N, N] pair mask with autocp.Pair2D().shard")
     return mask.to(z.dtype) * valid.to(z.dtype)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from .. import comm
 from ..layout import LayoutError, block_size, token_valid
 from ..mesh import COL, ROW, SquareMesh
-from .common import share_submodules
+from .common import broadcast_mask, share_submodules
 
 __all__ = ["OuterProductMean2D", "check_msa_tile"]
 
@@ -59,11 +59,8 @@ def check_msa_tile(m: torch.Tensor, mask: Optional[torch.Tensor], mesh: SquareMe
     valid = (token_valid(n_seq, mesh.p, mesh.r, m.device)[:, None] & token_valid(n_tokens, mesh.p, mesh.c, m.device)[None])
     if mask is None:
         return valid.to(m.dtype).expand(m.shape[:3])
-    if mask.shape != m.shape[:3]:
-        raise LayoutError(
-            f"{op}: MSA mask tile has shape {tuple(mask.shape)}; it must be [B, S_b, b] = {tuple(m.shape[:3])}. "
-            f"Fix: shard the [B, S, N] MSA mask with autocp.MsaTiles().shard."
-        )
+    mask = broadcast_mask(mask, m.shape[:3], op, "MSA mask tile", "MsaTiles tile [B, S_b, b]",
+                          "shard the [B, S, N] MSA mask with autocp.MsaTiles().shard")
     if mask.dtype.is_complex:
         raise LayoutError(f"{op}: MSA mask dtype {mask.dtype}; use float, int or bool.")
     return mask.to(m.dtype) * valid.to(m.dtype)

@@ -146,9 +146,13 @@ class PairWeightedAveraging2D(nn.Module):
         check_msa_tile(m, None, mesh, n_tokens, n_seq, self.c_m, "PairWeightedAveraging2D")
         if mask is not None and not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
             raise LayoutError(f"PairWeightedAveraging2D: pair mask dtype {mask.dtype}; use float or bool.")
+        if z.shape[0] != m.shape[0]:  # Boltz's einsum broadcasts a batch of 1 (the confidence trunk's multiplicity)
+            if 1 not in (z.shape[0], m.shape[0]):
+                raise LayoutError(f"PairWeightedAveraging2D: batch of z ({z.shape[0]}) and of m ({m.shape[0]}) "
+                                  f"neither match nor broadcast. Fix: pass m and z of one batch (or one of them 1).")
+            bt = max(z.shape[0], m.shape[0])
+            m, z = m.expand(bt, *m.shape[1:]), z.expand(bt, *z.shape[1:])
         pmask = check_pair_tile(z, mask, tc, channels=self.c_z, op="PairWeightedAveraging2D")
-        if z.shape[0] != m.shape[0]:
-            raise LayoutError(f"PairWeightedAveraging2D: batch of z ({z.shape[0]}) != batch of m ({m.shape[0]}).")
         B, sb, b, _ = m.shape
         H, ch = self.num_heads, self.c_h
         mn = self.norm_m(m)
