@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="autocp", description="autocp: 2D context parallelism for AlphaFold3-like models "
                  "(a compiler: autocp.parallelize).", formatter_class=argparse.RawDescriptionHelpFormatter,
                  epilog="Run 'autocp <command> --help' for a command's options.")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{demo,estimate,explain,bench}", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{demo,predict,estimate,explain,bench}", parser_class=_Parser)
     tokens = _positive_int("--tokens", "--tokens 64")
     blocks = _positive_int("--blocks", "--blocks 2")
     chans = _positive_int("--channels", "--channels 16")
@@ -123,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--png", default="autocp_demo_memory.png", help="memory plot path (needs matplotlib), "
                    "default ./autocp_demo_memory.png; '' for none")
     d.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    _predict_parser(sub)
 
     e = sub.add_parser("estimate", help="per-rank peak memory per mesh size, and the smallest mesh that fits (no devices)",
                        description="Per-rank peak memory of the parallelized model from FakeTensor runs (autocp.estimate; "
@@ -167,8 +169,72 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _flag(parser, name: str, help: str) -> None:
+    parser.add_argument(name, action="store_true", help=help)
+
+
+def _predict_parser(sub) -> None:
+    """``autocp predict``: ``boltz predict``'s flags (same names, same defaults) + the mesh."""
+    steps = lambda what, ex: _positive_int(what, ex)  # noqa: E731
+    q = sub.add_parser("predict", help="fold a complex from Boltz's own inputs (YAML / FASTA / directory) on a p x p "
+                       "mesh; writes what `boltz predict` writes",
+                       description="Boltz's own input processing, featurizer, checkpoint loading and writers, with "
+                       "the model through autocp.parallelize: pair tensors stay 2D tiles (O(N^2/P) per rank), only "
+                       "coordinates, pLDDT, PAE / PDE and the confidence / affinity summaries are assembled, on "
+                       "rank 0. Under torchrun the mesh is the world size; otherwise --mesh p starts p*p local "
+                       "CPU processes (gloo). Offline try-out: python scripts/make_test_cache.py DIR, then "
+                       "autocp predict DIR/examples/complex_2p1l.yaml --cache DIR --checkpoint DIR/boltz2_tiny.ckpt "
+                       "--mesh 2 --sampling_steps 10.")
+    q.add_argument("data", help="a YAML / FASTA input file or a directory of them (Boltz's input format)")
+    q.add_argument("--out_dir", default="./", help="output directory (boltz_results_<name>/ inside), default ./")
+    q.add_argument("--cache", default=os.environ.get("BOLTZ_CACHE", "~/.boltz"),
+                   help="Boltz's cache (mols/ or ccd.pkl, checkpoints), default $BOLTZ_CACHE or ~/.boltz")
+    q.add_argument("--checkpoint", default=None, help="model checkpoint, default <cache>/boltz2_conf.ckpt "
+                   "(boltz1: boltz1_conf.ckpt)")
+    q.add_argument("--affinity_checkpoint", default=None, help="affinity checkpoint, default <cache>/boltz2_aff.ckpt")
+    q.add_argument("--model", choices=("boltz2", "boltz1"), default="boltz2", help="default boltz2")
+    q.add_argument("--recycling_steps", type=int, default=3, help="default 3")
+    q.add_argument("--sampling_steps", type=steps("--sampling_steps", "--sampling_steps 200"), default=200,
+                   help="default 200")
+    q.add_argument("--diffusion_samples", type=steps("--diffusion_samples", "--diffusion_samples 1"), default=1,
+                   help="default 1")
+    q.add_argument("--sampling_steps_affinity", type=steps("--sampling_steps_affinity", "--sampling_steps_affinity 200"),
+                   default=200, help="default 200")
+    q.add_argument("--diffusion_samples_affinity", type=steps("--diffusion_samples_affinity",
+                   "--diffusion_samples_affinity 3"), default=3, help="default 3")
+    q.add_argument("--max_parallel_samples", type=steps("--max_parallel_samples", "--max_parallel_samples 1"),
+                   default=None, help="samples run at once, default all")
+    q.add_argument("--step_scale", type=float, default=None, help="default 1.5 (boltz2), 1.638 (boltz1)")
+    q.add_argument("--output_format", choices=("mmcif", "pdb"), default="mmcif", help="default mmcif")
+    q.add_argument("--num_workers", type=int, default=0, help="data loader workers, default 0")
+    q.add_argument("--seed", type=int, default=None, help="seed (the same seed gives boltz predict's numbers at fp32)")
+    q.add_argument("--method", default=None, help="Boltz-2 method conditioning (e.g. x-ray diffraction)")
+    q.add_argument("--preprocessing-threads", "--preprocessing_threads", dest="preprocessing_threads", type=int,
+                   default=1, help="default 1")
+    q.add_argument("--max_msa_seqs", type=int, default=8192, help="default 8192")
+    q.add_argument("--num_subsampled_msa", type=int, default=1024, help="default 1024")
+    for name, h in (("--write_full_pae", "write the PAE npz"), ("--write_full_pde", "write the PDE npz"),
+                    ("--override", "predict again inputs that have outputs"),
+                    ("--use_potentials", "inference-time steering potentials"),
+                    ("--affinity_mw_correction", "molecular-weight correction of the affinity value"),
+                    ("--subsample_msa", "subsample the MSA (boltz predict: on)")):
+        _flag(q, name, h)
+    q.add_argument("--mesh", "--p", dest="mesh", type=_mesh_side, default=None,
+                   help="mesh side p: p*p local CPU processes (without torchrun), default 1")
+    q.add_argument("--device-memory", "--device_memory", dest="device_memory", type=parse_bytes, default=None,
+                   help="memory per device (e.g. 80GiB): refuse a mesh whose estimated per-rank peak exceeds it, "
+                   "naming the mesh that fits")
+    q.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="let a pair tensor run gathered (warned, exact) instead of refusing it")
+    q.add_argument("--use_msa_server", action="store_true", help=argparse.SUPPRESS)
+    q.add_argument("--write_embeddings", action="store_true", help=argparse.SUPPRESS)
+
+
 def _check(args) -> None:
     """Checks across arguments (still before torch is imported)."""
+    if args.cmd == "predict":
+        _check_predict(args)
+        return
     if getattr(args, "model", "boltz2") in ("boltz2", "boltz1") and hasattr(args, "channels"):
         w = _widths(args.channels)
         widths = {w["cs"], w["cz"], w["cm"]}
@@ -203,6 +269,56 @@ def _check(args) -> None:
             for p in args.mesh or (1, 2, 3):
                 if n < p:
                     raise UsageError(f"--tokens: given {n} tokens for a {p}x{p} mesh; required N >= p. Fix: --tokens 16 32.")
+
+
+def _check_predict(args) -> None:
+    if not os.path.exists(os.path.expanduser(args.data)):
+        raise UsageError(f"INPUT: given {args.data!r}, which does not exist; required a YAML / FASTA file or a "
+                         f"directory of them. Fix: the path of your input (an example: python "
+                         f"scripts/make_test_cache.py DIR writes DIR/examples/*.yaml).")
+    if args.use_msa_server:
+        raise UsageError("--use_msa_server: autocp predict does not query an MSA server. Fix: compute the MSA once "
+                         "(boltz predict --use_msa_server, or any .a3m), and give its path under `msa:` in the YAML "
+                         "(or `msa: empty`).")
+    if args.write_embeddings:
+        raise UsageError("--write_embeddings: writing s and z would assemble the O(N^2 * C) pair tensor on one "
+                         "rank, which autocp predict never does. Fix: leave the flag out.")
+    if args.recycling_steps < 0:
+        raise UsageError(f"--recycling_steps: given {args.recycling_steps}; required >= 0. Fix: --recycling_steps 3.")
+    if args.num_workers < 0:
+        raise UsageError(f"--num_workers: given {args.num_workers}; required >= 0. Fix: --num_workers 0.")
+    world = os.environ.get("WORLD_SIZE")
+    if world is not None and int(world) > 1:
+        w = int(world)
+        side = int(round(w ** 0.5))
+        if side * side != w:
+            raise UsageError(f"torchrun: given world size {w}; autocp needs a p x p mesh (1, 4, 9, 16, ... ranks). "
+                             f"Fix: torchrun --nproc-per-node {side * side} (or {(side + 1) ** 2}).")
+        if args.mesh not in (None, side):
+            raise UsageError(f"--mesh: given {args.mesh} under torchrun with world size {w} (a {side}x{side} mesh). "
+                             f"Fix: leave --mesh out under torchrun (the world size sets it).")
+    elif args.mesh is not None and args.mesh > 4:
+        raise UsageError(f"--mesh: given {args.mesh} ({args.mesh ** 2} local processes); without torchrun autocp "
+                         f"predict starts at most 4x4 local CPU processes. Fix: torchrun --nproc-per-node "
+                         f"{args.mesh ** 2} -m autocp predict ... on GPUs.")
+
+
+def predict_cmd(args) -> int:
+    from .predict import PredictConfig, run_predict
+
+    fields = set(PredictConfig.__dataclass_fields__)
+    kw = {k: v for k, v in vars(args).items() if k in fields}
+    kw["mesh"] = args.mesh or 1
+    t0 = time.time()
+    cfg = PredictConfig(**kw)
+    res = run_predict(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out = cfg.results_dir() / "predictions"
+        failed = [r["record"] for x in res[:1] for st in x["stages"] for r in st["records"] if r["failed"]]
+        print(f"autocp predict: wrote {out} ({time.time() - t0:.1f} s)" +
+              (f"; FAILED (Boltz skipped them): {failed}" if failed else ""))
+        return 1 if failed else 0
+    return 0
 
 
 # ----------------------------------------------------------------------------- models
@@ -813,6 +929,8 @@ def main(argv=None) -> int:
         _check(args)
         if args.cmd == "demo":
             return demo(args)
+        if args.cmd == "predict":
+            return predict_cmd(args)
         if args.cmd == "estimate":
             return estimate_cmd(args)
         if args.cmd == "explain":

@@ -8,9 +8,10 @@
 #
 #   bash scripts/install_boltz_full.sh
 #
-# Same set as autocp's `boltz-full` extra. rdkit is NOT installed: boltz imports it only
-# as a type annotation on the model path, which autocp.models.boltz_full stubs when it is
-# missing. Override a pin with e.g. AUTOCP_PL_SPEC="pytorch-lightning==2.5.0".
+# Same set as autocp's `boltz-full` extra, plus what `autocp predict` needs: Boltz's input
+# parsing, featurizer and writers (rdkit, numba, pandas, scikit-learn, gemmi, ihm/modelcif,
+# chembl_structure_pipeline, ...) and biotite (whose bundled CCD scripts/make_test_cache.py
+# turns into Boltz's molecule cache). Override a pin with e.g. AUTOCP_PL_SPEC="pytorch-lightning==2.5.0".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -38,6 +39,32 @@ PKGS=(
   "tqdm|tqdm"
   "yaml|pyyaml"
   "packaging|packaging"
+  # autocp predict: boltz.main's parsing / featurizer / writers, and the offline test cache
+  "rdkit|rdkit==2026.9.1"
+  "numba|numba==0.68.1"
+  "llvmlite|llvmlite==0.50.0"
+  "mashumaro|mashumaro==3.23"
+  "pandas|pandas==3.1.1"
+  "dateutil|python-dateutil"
+  "six|six"
+  "narwhals|narwhals"
+  "chembl_structure_pipeline|chembl_structure_pipeline==1.2.4"
+  "sklearn|scikit-learn==1.9.1"
+  "joblib|joblib"
+  "threadpoolctl|threadpoolctl"
+  "ihm|ihm==2.12"
+  "modelcif|modelcif==1.8"
+  "gemmi|gemmi==0.7.5"
+  "click|click"
+  "requests|requests"
+  "urllib3|urllib3"
+  "idna|idna"
+  "certifi|certifi"
+  "charset_normalizer|charset-normalizer"
+  "biotite|biotite==1.6.0"
+  "biotraj|biotraj"
+  "msgpack|msgpack"
+  "networkx|networkx"
 )
 
 installed=()
