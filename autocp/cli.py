@@ -226,6 +226,10 @@ def _predict_parser(sub) -> None:
                    "naming the mesh that fits")
     q.add_argument("--no-strict", dest="strict", action="store_false",
                    help="let a pair tensor run gathered (warned, exact) instead of refusing it")
+    q.add_argument("--memory-report", "--memory_report", dest="memory_report", action="store_true",
+                   help="per-rank peak memory of each prediction (CPU: live tensors; CUDA: max allocated) and a "
+                   "check that no rank held a whole O(N^2 * C) pair tensor")
+    q.add_argument("--json", default=None, help="write the per-rank summaries (timings, memory) to this JSON file")
     q.add_argument("--use_msa_server", action="store_true", help=argparse.SUPPRESS)
     q.add_argument("--write_embeddings", action="store_true", help=argparse.SUPPRESS)
 
@@ -304,6 +308,8 @@ def _check_predict(args) -> None:
 
 
 def predict_cmd(args) -> int:
+    import dataclasses
+
     from .predict import PredictConfig, run_predict
 
     fields = set(PredictConfig.__dataclass_fields__)
@@ -315,6 +321,17 @@ def predict_cmd(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         out = cfg.results_dir() / "predictions"
         failed = [r["record"] for x in res[:1] for st in x["stages"] for r in st["records"] if r["failed"]]
+        if args.memory_report and len(res) > 1:
+            for i, st in enumerate(res[0]["stages"]):
+                for j, r in enumerate(st["records"]):
+                    peaks = [x["stages"][i]["records"][j]["peak_bytes"] for x in res]
+                    whole = sum(len(x["stages"][i]["records"][j]["whole_pair"]) for x in res)
+                    print(f"[{st['stage']}] {r['record']}: per-rank peak {', '.join(f'{b / 2**20:.1f}' for b in peaks)} "
+                          f"MiB; whole O(N^2*C) pair tensors on any rank: {whole}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": dataclasses.asdict(cfg), "ranks": res, "seconds": time.time() - t0}, f,
+                          indent=1, default=str)
         print(f"autocp predict: wrote {out} ({time.time() - t0:.1f} s)" +
               (f"; FAILED (Boltz skipped them): {failed}" if failed else ""))
         return 1 if failed else 0

@@ -27,6 +27,7 @@ import dataclasses
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -69,6 +70,7 @@ class PredictConfig:
     mesh: int = 1  # p: local processes when not under torchrun
     device_memory: Optional[int] = None  # bytes per device: refuse a mesh that will not fit
     strict: bool = True  # no pair tensor gathered anywhere in the model (else a warned, exact gather)
+    memory_report: bool = False  # per-rank peak of each prediction (CPU: live tensors; CUDA: max allocated)
     quiet: bool = False
 
     @property
@@ -293,6 +295,30 @@ def _check_fits(cfg: PredictConfig, model, n: int, p: int, peak) -> None:
                     f"--device-memory is {cfg.device_memory / 2**30:.2f} GiB. Fix: {fix}.")
 
 
+def _tracker(cfg: PredictConfig, model, batch: dict, n: int, device):
+    """``--memory-report``: a :class:`~autocp.memory.MemoryTracker` over the prediction
+    (parameters and the batch counted); on CPU it also lists every whole pair tensor with
+    channels (two dims of length N and >= 8 values per pair: O(N^2 * C)) -- none may exist."""
+    import contextlib
+    import math
+
+    import torch
+
+    from .memory import MemoryTracker
+
+    if not cfg.memory_report:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return MemoryTracker(device="cuda")
+
+    def whole_pair(shape) -> bool:
+        dims = [i for i, d in enumerate(shape) if d == n]
+        return len(dims) >= 2 and math.prod(d for i, d in enumerate(shape) if i not in dims[:2]) >= 8
+
+    held = [*model.parameters(), *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+    return MemoryTracker(track=held, flag=whole_pair)
+
+
 def _run_stage(cfg: PredictConfig, mesh, stage: str, manifest, checkpoint, predict_args: dict, writer) -> dict:
     """One ``trainer.predict`` of ``boltz predict``, on the mesh: the data module's batches
     through ``predict_step`` of the parallelized model; rank 0 writes."""
@@ -332,15 +358,22 @@ def _run_stage(cfg: PredictConfig, mesh, stage: str, manifest, checkpoint, predi
         prog = _Progress(pm.inner, cfg, rank, predict_args["diffusion_samples"], predict_args["sampling_steps"],
                          predict_args["recycling_steps"])
         t0 = time.time()
+        tracker = _tracker(cfg, model, batch, n, device)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), tracker:
                 pred = pm.apply(lambda m, b: _writer_view(m.predict_step(b, batch_idx), mesh), batch)
         finally:
             prog.close()
         if rank == 0:
             writer.write_on_batch_end(None, None, pred, None, batch, batch_idx, 0)
-        stats.append({"record": rec, "tokens": n, "atoms": n_atoms, "seconds": time.time() - t0,
-                      "failed": bool(pred["exception"]) if pred is not None else None})
+        st = {"record": rec, "tokens": n, "atoms": n_atoms, "seconds": time.time() - t0,
+              "failed": bool(pred["exception"]) if pred is not None else None}
+        if cfg.memory_report:
+            st.update(peak_bytes=tracker.peak_bytes, largest_bytes=tracker.largest_bytes,
+                      largest_what=tracker.largest_what, whole_pair=tracker.flagged[:8])
+            _say(rank, cfg, f"[{stage}] {rec}: rank 0 peak {tracker.peak_bytes / 2**20:.1f} MiB "
+                            f"(largest tensor {tracker.largest_what})")
+        stats.append(st)
         _say(rank, cfg, f"[{stage}] {rec}: done in {time.time() - t0:.1f} s")
         del pred, batch
     return {"stage": stage, "records": stats}
@@ -362,6 +395,9 @@ def predict_rank(rank: int, world: int, cfg: PredictConfig) -> dict:
     torch.set_grad_enabled(False)
     torch.set_float32_matmul_precision("highest")
     mesh = autocp.init_mesh()
+    warnings.filterwarnings("ignore", ".*pin_memory.*")
+    if mesh.rank != 0:  # one copy of each warning (rank 0's)
+        warnings.filterwarnings("ignore")
     if mesh.world_size > 1 and not (cfg.results_dir() / "processed" / "manifest.json").exists():
         if mesh.rank == 0:
             prepare_inputs(cfg)

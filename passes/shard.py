@@ -1435,6 +1435,26 @@ def _mm(s, node):
     s.set(node, out, ot)
 
 
+@rule(aten.cdist.default, aten._euclidean_dist.default, aten._cdist_forward.default)
+def _pairwise_dist(s, node):
+    """``torch.cdist(x1, x2)`` of two token tensors ``[.., N, M]`` (e.g. Boltz's distances of
+    representative atoms): a pair tensor. x1's token dim goes to the mesh rows, x2's to the
+    columns (an O(N) redistribution), and each rank computes its ``[b, b]`` tile -- instead
+    of gathering both and holding the whole ``[N, N]`` (and what is built from it) on every
+    rank."""
+    x1, x2 = node.args[0], node.args[1]
+    t1, t2 = s.tg(x1), s.tg(x2)
+    ok = (t1 is not None and t2 is not None and len(t1) == len(t2) >= 2
+          and t1[-2] in ("r", "c") and t2[-2] in ("r", "c")
+          and all(t is None for t in (*t1[:-2], t1[-1], *t2[:-2], t2[-1]))
+          and s.gshape(x1)[-2] == s.n and s.gshape(x2)[-2] == s.n)
+    if not ok:
+        return _fallback(s, node)
+    lead = (None,) * (len(t1) - 2)
+    a, b = s.to_tags(x1, lead + ("r", None)), s.to_tags(x2, lead + ("c", None))
+    s.set(node, s.emit(node.target, a, b, *node.args[2:]), lead + ("r", "c"))
+
+
 @rule(aten.linear.default)
 def _linear(s, node):
     x, w = node.args[0], node.args[1]

@@ -122,3 +122,29 @@ def test_eager_strict_refuses_a_gather_naming_the_line():
     for ok, msg in res:
         assert ok
         assert "cumsum" in msg and "Fix" in msg and "test_eager_dist.py" in msg, msg
+
+
+def cdist_worker(rank, world):
+    import autocp
+    from autocp.passes.context import tile_context
+    from autocp.passes.eager import TileTensor, distribute, strict_mode
+
+    mesh, n = autocp.init_mesh(), 11
+    torch.manual_seed(0)
+    x, y = torch.randn(2, n, 3) * 5, torch.randn(2, n, 3)
+    ref = torch.cdist(x, y)
+    with tile_context(mesh, n), strict_mode(True):
+        d = torch.cdist(distribute(x, (None, "r", None)), distribute(y, (None, "c", None)))
+        bins = (d.unsqueeze(-1) > torch.linspace(0, 10, 5)).sum(-1)  # Boltz's distance bins stay tiles
+        return (type(d).__name__, d.tags, float((d.full() - ref).abs().max()), bins.tags,
+                bool((bins.full() == (ref.unsqueeze(-1) > torch.linspace(0, 10, 5)).sum(-1)).all()))
+
+
+# torch.cdist of two token tensors is a pair tensor: each rank computes its [b, b] tile (it
+# ran gathered, leaving a whole [N, N] -- and Boltz's distance-bin embedding of it,
+# O(N^2 * C) -- on every rank of the confidence and template modules)
+def test_cdist_of_token_tensors_is_a_pair_tile():
+    for r in run_distributed(cdist_worker, 4, timeout=300):
+        kind, tags, err, bin_tags, same = r
+        assert kind == "TileTensor" and tags == (None, "r", "c") and bin_tags == (None, "r", "c"), r
+        assert err < 1e-5 and same, r
