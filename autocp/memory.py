@@ -31,13 +31,26 @@ def _is_fake(t) -> bool:
     return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
+def _caller() -> str:
+    """``file:line`` of the innermost frame outside torch and autocp (the model's own line)."""
+    import traceback
+
+    stack = traceback.extract_stack()
+    for f in reversed(stack):
+        if not any(k in f.filename for k in ("/torch/", "/autocp/", "/passes/", "/multiprocessing/", "<")):
+            return f"{f.filename.split('site-packages/')[-1]}:{f.lineno}"
+    inner = [f for f in stack if "/autocp/" in f.filename or "/passes/" in f.filename]
+    return f"{inner[-1].filename.rsplit('/', 2)[-2]}/{inner[-1].filename.rsplit('/', 1)[-1]}:{inner[-1].lineno}" if inner else "?"
+
+
 class MemoryTracker(TorchDispatchMode):
     """Live/peak bytes of tensor storages created inside the block (plus ``track``).
 
     ``device``: ``"cpu"`` (default) uses the dispatch tracker; ``"cuda"`` resets and
     reads ``torch.cuda.max_memory_allocated`` instead (everything allocated counts).
     CPU only: ``largest_bytes`` / ``largest_what`` -- the largest single storage; ``flag`` --
-    a predicate on the shape of each new storage's tensor, matches listed in ``flagged``
+    a predicate on the shape of each new storage's tensor, matches listed in ``flagged`` as
+    ``(shape, dtype, "file:line")`` (the line: the innermost frame outside torch / autocp)
     (e.g. ``lambda s: sum(d == N for d in s) >= 2 or any(d >= N * N for d in s)`` finds whole
     pair tensors).
     """
@@ -88,7 +101,7 @@ class MemoryTracker(TorchDispatchMode):
         self._seen[key] = weakref.finalize(st, self._free, key, nbytes)
         self.live_bytes += nbytes
         if self.flag is not None and self.flag(tuple(t.shape)):
-            self.flagged.append((tuple(t.shape), str(t.dtype)))
+            self.flagged.append((tuple(t.shape), str(t.dtype), _caller()))
         if nbytes > self.largest_bytes:
             self.largest_bytes, self.largest_what = nbytes, f"{tuple(t.shape)} {t.dtype}"
         if self.live_bytes > self.peak_bytes:

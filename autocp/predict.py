@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["PredictConfig", "prepare_inputs", "predict_rank", "gather_to_rank0", "run_predict"]
+__all__ = ["TRAINING_TARGETS", "PredictConfig", "prepare_inputs", "predict_rank", "gather_to_rank0", "run_predict"]
 
 
 @dataclass
@@ -191,6 +191,10 @@ def gather_to_rank0(x, mesh):
     return out.contiguous()
 
 
+#: featurizer outputs that only the training losses read: ``disto_target`` is a one-hot
+#: ``[B, N, N, K, 64]`` (O(N^2 * 64), half of z's bytes at Boltz-2's widths)
+TRAINING_TARGETS = ("disto_target",)
+
 _DROP = ("s", "z")  # the trunk embeddings: O(N^2 * C); the writer does not read them
 
 
@@ -315,7 +319,10 @@ def _tracker(cfg: PredictConfig, model, batch: dict, n: int, device):
         dims = [i for i, d in enumerate(shape) if d == n]
         return len(dims) >= 2 and math.prod(d for i, d in enumerate(shape) if i not in dims[:2]) >= 8
 
-    held = [*model.parameters(), *(v for v in batch.values() if isinstance(v, torch.Tensor))]
+    from .passes.eager import TileTensor
+
+    held = [*model.parameters(), *(v.local if isinstance(v, TileTensor) else v for v in batch.values()
+                                   if isinstance(v, torch.Tensor))]
     return MemoryTracker(track=held, flag=whole_pair)
 
 
@@ -352,6 +359,10 @@ def _run_stage(cfg: PredictConfig, mesh, stage: str, manifest, checkpoint, predi
         batch = dm.transfer_batch_to_device(batch, device, 0)
         rec = batch["record"][0].id
         n, n_atoms = int(batch["token_pad_mask"].shape[1]), int(batch["atom_pad_mask"].shape[1])
+        for k in TRAINING_TARGETS:
+            batch.pop(k, None)
+        # this rank's tiles of the pair / MSA / token features; the whole batch goes
+        batch = pm.distribute_features(batch)
         text, peak = plan_line(cfg, model, n, n_atoms, mesh.p)
         _say(rank, cfg, f"[{stage}] {rec}: {text}")
         _check_fits(cfg, model, n, mesh.p, peak)
