@@ -73,7 +73,7 @@ def compare_predictions(a, b, names: Optional[list] = None) -> dict:
     assert fa == fb, f"output trees differ: only in {a}: {sorted(set(fa) - set(fb))}; only in {b}: {sorted(set(fb) - set(fa))}"
     assert fa, f"no prediction files under {a}"
     res = {"coords_A": 0.0, "confidence": 0.0, "pae": 0.0, "pde": 0.0, "plddt": 0.0, "affinity": 0.0,
-           "files": len(fa)}
+           "files": len(fa), "pae_close": 1.0}
     for rel in fa:
         pa, pb = a / rel, b / rel
         if rel.suffix in (".cif", ".pdb"):
@@ -89,5 +89,8 @@ def compare_predictions(a, b, names: Optional[list] = None) -> dict:
             kind = rel.name.split("_")[0]
             xa, xb = np.load(pa)[kind], np.load(pb)[kind]
             assert xa.shape == xb.shape, (rel, xa.shape, xb.shape)
-            res[kind] = max(res[kind], float(np.abs(xa.astype(np.float64) - xb).max()))
+            diff = np.abs(xa.astype(np.float64) - xb)
+            res[kind] = max(res[kind], float(diff.max()))
+            if kind == "pae":  # share of entries within 1e-4 (a distance-bin flip moves whole rows / columns)
+                res["pae_close"] = min(res["pae_close"], float((diff <= 1e-4).mean()))
     return res

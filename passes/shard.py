@@ -976,7 +976,11 @@ def _cat(s, node):
         if len(shp) == 1 and shp[0] == 0:
             vals.append(s.env[a])
             continue
-        vals.append(s.to_tags(a, tuple(c if shp[i] > 1 or c is None else None for i, c in enumerate(common))))
+        # a dim of length 1 broadcasts (kept whole) -- unless it is a sharded axis of global
+        # length 1 itself (an MSA of one sequence on the "s" axis)
+        tg = s.tg(a) or (None,) * len(shp)
+        vals.append(s.to_tags(a, tuple(c if shp[i] > 1 or c is None or tg[i] == c else None
+                                       for i, c in enumerate(common))))
     ot = list(common)
     if node.target == aten.stack.default:
         ot.insert(dim_in, None)

@@ -148,3 +148,24 @@ def test_cdist_of_token_tensors_is_a_pair_tile():
         kind, tags, err, bin_tags, same = r
         assert kind == "TileTensor" and tags == (None, "r", "c") and bin_tags == (None, "r", "c"), r
         assert err < 1e-5 and same, r
+
+
+def one_row_msa_worker(rank, world):
+    import autocp
+    from autocp.passes.context import tile_context
+    from autocp.passes.eager import distribute, strict_mode
+
+    mesh, n = autocp.init_mesh(), 11
+    torch.manual_seed(0)
+    msa = torch.nn.functional.one_hot(torch.randint(0, 33, (1, 1, n)), 33).float()
+    dv = torch.rand(1, 1, n)
+    with tile_context(mesh, n, 1), strict_mode(True):
+        m = torch.cat([distribute(msa, (None, "s", "c", None)), distribute(dv, (None, "s", "c")).unsqueeze(-1)], -1)
+        return m.tags, bool(torch.equal(m.full(), torch.cat([msa, dv.unsqueeze(-1)], -1)))
+
+
+# an MSA of one sequence (`msa: empty`): its "s" axis has global length 1 and is no broadcast
+# dim (Boltz-1's MSA features were gathered by torch.cat, refused under strict)
+def test_cat_keeps_a_sharded_axis_of_length_one():
+    for tags, same in run_distributed(one_row_msa_worker, 4, timeout=300):
+        assert tags == (None, "s", "c", None) and same, (tags, same)
