@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install autocp and what it needs, on a fresh clone. Idempotent.
 #
-#   bash scripts/install.sh           # runtime: torch, autocp (editable), boltz model code
+#   bash scripts/install.sh           # runtime: torch, autocp (editable), boltz model code, matplotlib
 #   bash scripts/install.sh --test    # + test tools (pytest, build, matplotlib, triton)
 #
 # torch: on a machine without an NVIDIA GPU we install the CPU wheel torch==2.13.0
@@ -30,9 +30,9 @@ else
     || $PIP "torch==2.13.0"
 fi
 
-extras="boltz-runtime"
+extras="boltz-runtime,plot"   # plot: matplotlib, for the demo's PNG
 if [ "${1:-}" = "--test" ]; then
-  extras="boltz-runtime,test,triton"
+  extras="boltz-runtime,plot,test,triton"
 fi
 $PIP -e ".[${extras}]"
 $PY -c "import boltz" 2>/dev/null || $PIP --no-deps "boltz==${BOLTZ_VERSION}"
