@@ -289,14 +289,19 @@ def _check_fits(cfg: PredictConfig, model, n: int, p: int, peak) -> None:
     from .mesh import MeshError
 
     better = None
-    for q in range(p + 1, min(n, 64) + 1):
-        if plan_line(cfg, model, n, 0, q)[1] <= cfg.device_memory:
+    for q in sorted({p + 1, p + 2, 2 * p, 3 * p, 4 * p, 8 * p, 16, 32, 64}):  # a few FakeTensor estimates
+        peak_q = plan_line(cfg, model, n, 0, q)[1] if p < q <= min(n, 64) else None
+        if peak_q is not None and peak_q <= cfg.device_memory:
             better = q
             break
     fix = (f"run on a {better}x{better} mesh ({better * better} devices)" if better
            else "more devices or more device memory")
-    raise MeshError(f"autocp predict: the estimated per-rank peak at N={n} on {p}x{p} is {peak / 2**30:.2f} GiB; "
-                    f"--device-memory is {cfg.device_memory / 2**30:.2f} GiB. Fix: {fix}.")
+    raise MeshError(f"autocp predict: the estimated per-rank peak at N={n} on {p}x{p} is {_gib(peak)}; "
+                    f"--device-memory is {_gib(cfg.device_memory)}. Fix: {fix}.")
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 def _tracker(cfg: PredictConfig, model, batch: dict, n: int, device):

@@ -153,10 +153,17 @@ def run_memory(cache: Path, work: Path, tokens: int, meshes: list) -> list:
         print(f"  memory N={row['tokens']} {p}x{p}: per-rank peak "
               f"{', '.join(f'{b / 2**20:.1f}' for b in row['peak_bytes'])} MiB; whole pair tensors {row['whole_pair']}; "
               f"{secs:.0f} s", flush=True)
+    return rows
+
+
+def memory_ratios(rows: list, params: int) -> None:
+    """single-process peak / max per-rank peak, with and without the (replicated) parameters."""
     single = rows[0]["peak_bytes"][0]
     for r in rows:
         r["ratio"] = single / max(r["peak_bytes"])
-    return rows
+        r["ratio_wo_params"] = (single - params) / (max(r["peak_bytes"]) - params)
+        print(f"  memory {r['mesh']}x{r['mesh']}: ratio {r['ratio']:.2f}, without parameters "
+              f"{r['ratio_wo_params']:.2f} (P = {r['mesh'] ** 2})")
 
 
 def _plot(rows: list, params_bytes: int, path: Path) -> None:
@@ -215,6 +222,7 @@ def main() -> int:
         params = sum(v.numel() * v.element_size() for v in torch.load(cache / "boltz2_tiny.ckpt", map_location="cpu",
                                                                         weights_only=False)["state_dict"].values())
         res["memory_params_bytes"] = params
+        memory_ratios(res["memory"], params)
         _plot(res["memory"], params, out / "predict_memory.png")
     path.write_text(json.dumps(res, indent=1))
     print(f"wrote {path}")

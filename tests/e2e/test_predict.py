@@ -100,3 +100,12 @@ def test_predict_boltz1_matches_boltz_predict(cache, tmp_path):
     assert d["files"] == 3, d  # cif, confidence json, plddt npz (the tiny Boltz-1 has no PAE head)
     assert d["coords_A"] <= 1e-3, d
     assert d["plddt"] <= 1e-2 and d["confidence"] <= 1e-2, d
+
+
+def test_predict_refuses_a_mesh_that_does_not_fit(cache, tmp_path):
+    data = cache / "examples" / "single.yaml"
+    r = _cli("predict", data, "--out_dir", tmp_path, "--cache", cache, "--checkpoint", cache / "boltz2_tiny.ckpt",
+             "--device-memory", "1MiB", "--sampling_steps", 2, "--recycling_steps", 0, check=False)
+    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "MeshError" in r.stderr and "--device-memory is 1.0 MiB" in r.stderr and "Fix:" in r.stderr, r.stderr[-2000:]
+    assert "estimated per-rank peak" in r.stdout, r.stdout[-2000:]
