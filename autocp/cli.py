@@ -280,6 +280,12 @@ def _check_predict(args) -> None:
         raise UsageError(f"INPUT: given {args.data!r}, which does not exist; required a YAML / FASTA file or a "
                          f"directory of them. Fix: the path of your input (an example: python "
                          f"scripts/make_test_cache.py DIR writes DIR/examples/*.yaml).")
+    for flag in ("checkpoint", "affinity_checkpoint"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(os.path.expanduser(path)):
+            raise UsageError(f"--{flag}: given {path!r}, which is not a file; required a Boltz Lightning checkpoint. "
+                             f"Fix: the path of a .ckpt (or leave it out: <cache>/boltz2_conf.ckpt, "
+                             f"boltz2_aff.ckpt, boltz1_conf.ckpt).")
     if args.use_msa_server:
         raise UsageError("--use_msa_server: autocp predict does not query an MSA server. Fix: compute the MSA once "
                          "(boltz predict --use_msa_server, or any .a3m), and give its path under `msa:` in the YAML "

@@ -357,20 +357,22 @@ def _run_stage(cfg: PredictConfig, mesh, stage: str, manifest, checkpoint, predi
     model = _load_model(cfg, checkpoint, predict_args, affinity=stage == "affinity")
     device = _device(mesh)
     model.to(device)
-    pm = autocp.parallelize(model, mesh, strict=cfg.strict)
     loader = dm.predict_dataloader()
+    pm = None
     stats = []
     for batch_idx, batch in enumerate(loader):
         batch = dm.transfer_batch_to_device(batch, device, 0)
         rec = batch["record"][0].id
         n, n_atoms = int(batch["token_pad_mask"].shape[1]), int(batch["atom_pad_mask"].shape[1])
+        text, peak = plan_line(cfg, model, n, n_atoms, mesh.p)  # plan first: refuse before any work
+        _say(rank, cfg, f"[{stage}] {rec}: {text}")
+        _check_fits(cfg, model, n, mesh.p, peak)
+        if pm is None:
+            pm = autocp.parallelize(model, mesh, strict=cfg.strict)
         for k in TRAINING_TARGETS:
             batch.pop(k, None)
         # this rank's tiles of the pair / MSA / token features; the whole batch goes
         batch = pm.distribute_features(batch)
-        text, peak = plan_line(cfg, model, n, n_atoms, mesh.p)
-        _say(rank, cfg, f"[{stage}] {rec}: {text}")
-        _check_fits(cfg, model, n, mesh.p, peak)
         prog = _Progress(pm.inner, cfg, rank, predict_args["diffusion_samples"], predict_args["sampling_steps"],
                          predict_args["recycling_steps"])
         t0 = time.time()
@@ -414,7 +416,7 @@ def predict_rank(rank: int, world: int, cfg: PredictConfig) -> dict:
     warnings.filterwarnings("ignore", ".*pin_memory.*")
     if mesh.rank != 0:  # one copy of each warning (rank 0's)
         warnings.filterwarnings("ignore")
-    if mesh.world_size > 1 and not (cfg.results_dir() / "processed" / "manifest.json").exists():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: rank 0 processes the inputs (Boltz skips done ones)
         if mesh.rank == 0:
             prepare_inputs(cfg)
         dist.barrier()
@@ -471,6 +473,7 @@ def run_predict(cfg: PredictConfig) -> list:
         return [predict_rank(0, 1, cfg)]
     from .testing import run_distributed
 
+    os.environ.setdefault("AUTOCP_MP_PRELOAD", "boltz.main,autocp.predict")  # imported once, not once per rank
     return run_distributed(_local_rank, cfg.mesh * cfg.mesh, cfg, timeout=float(os.environ.get(
         "AUTOCP_PREDICT_TIMEOUT", 24 * 3600)))
 

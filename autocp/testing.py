@@ -71,7 +71,10 @@ def _context():
                 ["torch", "torch.distributed", "torch.distributed.device_mesh", "torch.distributed.tensor",
                  "torch._dynamo", "autocp",
                  # the reference model, when installed (a missing module is skipped)
-                 "boltz.model.layers.pairformer", "boltz.model.modules.trunkv2"]
+                 "boltz.model.layers.pairformer", "boltz.model.modules.trunkv2",
+                 # more, comma-separated, for a caller that imports heavy modules in every rank
+                 # (autocp predict: Boltz's data pipeline)
+                 *filter(None, os.environ.get("AUTOCP_MP_PRELOAD", "").split(","))]
             )
         _CTX = ctx
     return _CTX
