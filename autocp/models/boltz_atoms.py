@@ -142,7 +142,7 @@ def _index(feats, mesh, n):
 def _token_weights(idx, n):
     """``1 / (atoms of the atom's token + 1e-6)`` per atom (Boltz's ``atom_to_token_mean``)."""
     valid = idx >= 0
-    cnt = torch.zeros(idx.shape[0], n, dtype=torch.float32).scatter_add(1, idx.clamp(min=0), valid.float())
+    cnt = torch.zeros(idx.shape[0], n, dtype=torch.float32, device=idx.device).scatter_add(1, idx.clamp(min=0), valid.float())
     return 1.0 / (torch.gather(cnt, 1, idx.clamp(min=0)) + 1e-6)
 
 
@@ -180,7 +180,7 @@ def _encode(enc, feats, s_trunk, z, v1: bool):
         res = torch.cat([feats["res_type"], feats["modified"].unsqueeze(-1),
                          torch.nn.functional.one_hot(feats["mol_type"], num_classes=4).float()], dim=-1)
         parts.append(tokens_to_atoms(_row(res).float(), mesh, n, idx_ext))
-    inside = (torch.arange(na + 2 * h) + plan.a0 - h)
+    inside = (torch.arange(na + 2 * h, device=ref_pos.device) + plan.a0 - h)
     inside = ((inside >= 0) & (inside < M)).view(1, -1, 1)
     c_ext = enc.embed_atom_features(torch.cat(parts, dim=-1))
     pos_q = plan.local(ref_pos).view(B, kb, W, 1, 3)

@@ -129,12 +129,12 @@ class WindowPlan:
         ``[B, kb W + 2h, D]``: one all-gather of every rank's edge atoms (zero outside
         ``[0, M)``, this rank's own padding zeroed)."""
         e, pos, valid = self._halo_index()
-        own_ok = (self.atom_range() < self.M).to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+        own_ok = (self.atom_range() < self.M).to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
         x = x * own_ok
         edges = torch.cat([x[:, :e], x[:, self.na - e:]], 1).unsqueeze(0)      # [1, B, 2e, D]
         allg = gather_flat(edges, self.mesh, 0, self.P)                        # [P, B, 2e, D]
         flat = allg.transpose(0, 1).reshape(x.shape[0], self.P * 2 * e, *x.shape[2:])
-        halo = flat.index_select(1, pos.to(x.device)) * valid.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
+        halo = flat.index_select(1, pos.to(x.device)) * valid.to(x.device, x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
         return torch.cat([halo[:, :self.h], x, halo[:, self.h:]], 1)
 
     def halo_keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,7 @@ def _window_pair_ids(plan: WindowPlan, idx: torch.Tensor, f: int, n: int):
     tk = plan.keys(_slice_pad(idx + 1, 1, f * plan.na - plan.h, plan.na + 2 * plan.h).unsqueeze(-1)).squeeze(-1) - 1
     tq = tq.view(B, plan.kb, plan.W)
     valid = (tq >= 0).unsqueeze(-1) & (tk >= 0).unsqueeze(-2)                   # [B, kb, W, H]
-    bb = torch.arange(B).view(B, 1, 1, 1)
+    bb = torch.arange(B, device=idx.device).view(B, 1, 1, 1)
     ids = (bb * n + tq.unsqueeze(-1).clamp(min=0)) * n + tk.unsqueeze(-2).clamp(min=0)
     uniq, inv = torch.unique(ids[valid], sorted=True, return_inverse=True)
     return uniq, inv, valid
