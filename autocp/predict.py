@@ -453,10 +453,6 @@ def predict_rank(rank: int, world: int, cfg: PredictConfig) -> dict:
     return results
 
 
-def _local_rank(rank: int, world: int, cfg: PredictConfig) -> dict:
-    return predict_rank(rank, world, cfg)
-
-
 def run_predict(cfg: PredictConfig) -> list:
     """``autocp predict``: under torchrun (``WORLD_SIZE > 1``) this process is one rank;
     otherwise Boltz's input processing runs here, then ``cfg.mesh ** 2`` local processes
@@ -474,7 +470,7 @@ def run_predict(cfg: PredictConfig) -> list:
     from .testing import run_distributed
 
     os.environ.setdefault("AUTOCP_MP_PRELOAD", "boltz.main,autocp.predict")  # imported once, not once per rank
-    return run_distributed(_local_rank, cfg.mesh * cfg.mesh, cfg, timeout=float(os.environ.get(
+    return run_distributed(predict_rank, cfg.mesh * cfg.mesh, cfg, timeout=float(os.environ.get(
         "AUTOCP_PREDICT_TIMEOUT", 24 * 3600)))
 
 

@@ -29,7 +29,7 @@ import traceback
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
-__all__ = ["run_distributed", "DistributedTestError"]
+__all__ = ["run_distributed", "DistributedTestError", "median_ms"]
 
 _CTX = None
 _GRACE_AFTER_FAILURE = 5.0  # seconds the other ranks get to report after one failed
@@ -221,3 +221,31 @@ def run_distributed(
             msg.append(f"--- ranks {hung} did not finish within {timeout}s (hang or deadlock); stopped")
         raise DistributedTestError("\n".join(msg), errors=errors, hung=hung, culprit=culprit)
     return [pickle.loads(results[r]) for r in range(world_size)]
+
+
+def median_ms(fn: Callable[[], Any], iters: int = 5, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()`` over ``iters`` calls after ``warmup`` (benchmarks): CUDA
+    events when CUDA is available, ``time.perf_counter`` otherwise."""
+    import statistics
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)

@@ -69,6 +69,8 @@ import warnings
 import torch
 from torch import nn
 
+from autocp.testing import median_ms
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
@@ -163,23 +165,7 @@ def _worst(errs: dict) -> dict:
 
 def _timed_ms(ctx, fn, iters, warmup) -> float:
     """Median milliseconds of ``fn()`` (CUDA events on GPU, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    ctx.sync()
-    times = []
-    for _ in range(iters):
-        if ctx.cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, iters=iters, warmup=warmup)
 
 
 def _peak_mib_above(ctx, fn):
@@ -685,17 +671,13 @@ class DiffusionTokenStep(nn.Module):
         return self.a_norm(a)
 
 
-class DiffusionTokenStepLazyBias(nn.Module):
+class DiffusionTokenStepLazyBias(DiffusionTokenStep):
     """As :class:`DiffusionTokenStep`, but from the conditioned ``z`` tile: layer ``l`` reads
     ``token_trans_proj_z[l](z)`` (Boltz-2 ``DiffusionConditioning``'s LayerNorm + Linear) when
     it runs -- the per-layer bias of autocp's lazy token bias (autocp.models.boltz_bias)."""
 
     def __init__(self, dm, cond):
-        super().__init__()
-        self.single_conditioner = dm.single_conditioner
-        self.s_to_a_linear = dm.s_to_a_linear
-        self.token_transformer = dm.token_transformer
-        self.a_norm = dm.a_norm
+        super().__init__(dm)
         self.token_trans_proj_z = cond.token_trans_proj_z
 
     def forward(self, s_inputs, s_trunk, a, z, mask, times):

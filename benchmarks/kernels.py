@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -46,6 +45,7 @@ if not CUDA and "triton" not in sys.modules:  # interpreter for the CPU correctn
 
 from autocp import kernels  # noqa: E402,F401  (registers the implementations)
 from autocp.kernels import reference as R  # noqa: E402
+from autocp.testing import median_ms  # noqa: E402
 
 try:
     from autocp.kernels import triton_impl as T  # noqa: E402
@@ -67,23 +67,7 @@ def _sync():
 
 def timed(fn, iters, warmup):
     """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    _sync()
-    times = []
-    for _ in range(iters):
-        if CUDA:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, iters=iters, warmup=warmup)
 
 
 def peak_mb(fn):
