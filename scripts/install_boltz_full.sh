@@ -65,6 +65,8 @@ PKGS=(
   "biotraj|biotraj"
   "msgpack|msgpack"
   "networkx|networkx"
+  "Bio|biopython==1.88"
+  "cloudpickle|cloudpickle"
 )
 
 installed=()
