@@ -18,9 +18,10 @@ __all__ = ["boltz_predict_fp32", "compare_predictions"]
 
 
 def boltz_predict_fp32(data, out_dir, **flags) -> Path:
-    """``boltz predict DATA --out_dir OUT_DIR --accelerator cpu **flags`` in this process, at
-    fp32. Returns ``OUT_DIR/boltz_results_<stem>``. ``flags`` take ``boltz predict``'s
-    parameter names (``cache``, ``checkpoint``, ``seed``, ``diffusion_samples``, ...)."""
+    """``boltz predict DATA --out_dir OUT_DIR --accelerator cpu --num_workers 0 --FLAG VALUE ...``
+    in this process (its click command, parsed as on the command line), at fp32. Returns
+    ``OUT_DIR/boltz_results_<stem>``. ``flags`` take ``boltz predict``'s option names
+    (``cache``, ``checkpoint``, ``seed``, ``diffusion_samples``, ...); ``True`` is a bare flag."""
     import boltz.main as bm
 
     real = bm.Trainer
@@ -29,11 +30,15 @@ def boltz_predict_fp32(data, out_dir, **flags) -> Path:
         kw["precision"] = 32
         return real(*args, **kw)
 
+    args = [str(data), "--out_dir", str(out_dir), "--accelerator", "cpu", "--num_workers", "0"]
+    for k, v in flags.items():  # the command line a user types: click resolves every other default itself
+        if v is True:
+            args.append(f"--{k}")
+        elif v is not False and v is not None:
+            args += [f"--{k}", str(v)]
     bm.Trainer = fp32_trainer
     try:
-        params = {p.name: p.default for p in bm.predict.params}
-        params.update(data=str(data), out_dir=str(out_dir), accelerator="cpu", num_workers=0, **flags)
-        bm.predict.callback(**params)
+        bm.predict.main(args=args, standalone_mode=False)
     finally:
         bm.Trainer = real
     return Path(out_dir).expanduser() / f"boltz_results_{Path(data).stem}"
