@@ -42,6 +42,7 @@ __all__ = [
     "all_reduce_",
     "all_gather",
     "reduce_scatter",
+    "all_to_all_uneven",
     "transpose_exchange",
     "ring_shift",
     "all_reduce",
@@ -234,6 +235,19 @@ def reduce_scatter(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, na
     if not simulating():
         dist.all_to_all_single(out, chunks, group=mesh.group(axis))
     return out.sum(0)
+
+
+def all_to_all_uneven(x: torch.Tensor, out_splits: list, in_splits: list, group, *,
+                      name: str = "all_to_all") -> torch.Tensor:
+    """Uneven all-to-all over ``group``: rows ``in_splits[j]`` of ``x`` go to member ``j``,
+    ``out_splits[j]`` rows come from it (concatenated in member order). Under
+    :func:`simulate` the receive buffer is allocated and the bytes counted, nothing moves."""
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    row = _nbytes(x) // max(x.shape[0], 1) if x.dim() else 0
+    STATS.add(name, row * (sum(in_splits)))
+    if not simulating():
+        dist.all_to_all_single(out, x.contiguous(), list(out_splits), list(in_splits), group=group)
+    return out
 
 
 # ----------------------------------------------------------------------------- autograd

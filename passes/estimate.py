@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .pipeline import compile_stages, n_seq_of, resolve_input_tags
 from .tags import map_tagged
 
-__all__ = ["Estimate", "estimate", "default_inputs"]
+__all__ = ["Estimate", "estimate", "default_inputs", "RunTracker", "estimate_call"]
 
 @dataclass
 class Estimate:
@@ -514,3 +514,164 @@ def estimate(
         model.train(was)
     return Estimate(n_tokens=n_tokens, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(peak), params_bytes=int(pbytes),
                     per_module=per_module, fits=fits, backward=bool(training))
+
+
+# ----------------------------------------------------------------------------- whole programs
+class RunTracker:
+    """A dispatch mode for estimating a whole python program on one simulated rank: tensors
+    may be real (small index-like inputs whose *values* steer the program: masks, chain ids,
+    atom -> token maps) or fake (everything large); an op on real tensors only runs for real,
+    an op touching a fake runs on fakes. Live bytes of both are counted by storage, with the
+    peak (``live`` / ``peak`` / ``extra`` / ``per_module``: the :class:`_Watch` interface).
+
+    Values a fake tensor cannot give are chosen as for a complex without padding: a python
+    ``bool`` of a fake is ``False`` (no fix-up branch), an int ``0`` (a valid index), a float
+    ``1.0``; a data-dependent selection on a fake (``nonzero``, a boolean index,
+    ``masked_select``) selects nothing; ``unique`` of a fake has one value. ``real_limit``:
+    an op on real inputs whose output has more elements runs on fakes instead (no large
+    real allocation), and is listed in ``demoted``."""
+
+    def __init__(self, fake_mode, real_limit: int = 1 << 24):
+        import weakref
+
+        self.fm = fake_mode
+        self.real_limit = int(real_limit)
+        self._weakref = weakref
+        self.live = 0
+        self.peak = 0
+        self.extra = 0
+        self.seen: dict = {}
+        self.per_module: dict = {}
+        self.demoted: list = []
+        self.guessed: dict = {}  # what a fake value was taken to be: {"bool": k, "int": k, "float": k, "select": k}
+
+    def add(self, t) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        key = id(st)
+        if key in self.seen:
+            return
+        nbytes = st.nbytes()
+        self.seen[key] = self._weakref.finalize(st, self._free, key, nbytes)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live + self.extra)
+
+    def ignore(self, t) -> None:
+        st = t.untyped_storage()
+        self.seen[id(st)] = st
+
+    def _free(self, key, nbytes) -> None:
+        self.seen.pop(key, None)
+        self.live -= nbytes
+
+    def _guess(self, kind: str) -> None:
+        self.guessed[kind] = self.guessed.get(kind, 0) + 1
+
+    def mode(self):
+        from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                                   FakeTensor)
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        aten = torch.ops.aten
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                flat = tree_flatten((args, kwargs))[0]
+                fake = any(isinstance(t, FakeTensor) for t in flat)
+                if fake:
+                    out = tracker._fake_op(func, args, kwargs)
+                else:
+                    probe = None
+                    if func not in _SCALAR_OPS:
+                        try:
+                            with tracker.fm:  # the output's size first: a large one is not allocated for real
+                                probe = func(*args, **kwargs)
+                        except (DynamicOutputShapeException, DataDependentOutputException):
+                            probe = None  # a selection: no larger than its real input
+                    sizes = [t.numel() for t in tree_flatten(probe)[0] if isinstance(t, torch.Tensor)]
+                    if sizes and max(sizes) > tracker.real_limit:
+                        tracker.demoted.append(str(func))
+                        out = probe
+                    else:
+                        del probe
+                        out = func(*args, **kwargs)
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        tracker.add(t)
+                return out
+
+        self._aten = aten
+        return Mode()
+
+    def _fake_op(self, func, args, kwargs):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        aten = torch.ops.aten
+        if func in _SCALAR_OPS:
+            x = args[0]
+            kind = "bool" if x.dtype == torch.bool else ("float" if x.dtype.is_floating_point else "int")
+            self._guess(kind)
+            return {"bool": False, "int": 0, "float": 1.0}[kind]
+        if func is aten.nonzero.default:
+            self._guess("select")
+            return args[0].new_empty((0, args[0].dim()), dtype=torch.long)
+        if func is aten.masked_select.default:
+            self._guess("select")
+            return args[0].new_empty((0,))
+        if func in (aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+                    aten._unique.default):
+            self._guess("select")
+            x = args[0]
+            vals = x.new_empty((min(x.numel(), 1),))
+            inv = x.new_zeros(x.shape, dtype=torch.long)
+            cnt = x.new_ones((vals.numel(),), dtype=torch.long)
+            return {aten._unique.default: (vals, inv)}.get(func, (vals, inv, cnt))
+        if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
+            idx = args[1]
+            if any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in idx):
+                self._guess("select")
+                new = []
+                for i in idx:
+                    if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8):
+                        new.extend(torch.empty(0, dtype=torch.long, device=i.device) for _ in range(i.dim()))
+                    else:
+                        new.append(i)
+                with self.fm:
+                    new = [self.fm.from_tensor(i) if isinstance(i, torch.Tensor) and not isinstance(i, FakeTensor)
+                           else i for i in new]
+                args = (args[0], new, *args[2:])
+        return func(*args, **kwargs)
+
+
+def estimate_call(fn, *args, tracker: "RunTracker", watch: Optional[dict] = None,
+                  methods=("forward", "sample"), **kwargs):
+    """``fn(*args, **kwargs)`` under ``tracker``'s mode (see :class:`RunTracker`); the modules
+    in ``watch`` (``{name: module}``) have the peak while each of their ``methods`` ran
+    recorded in ``tracker.per_module`` (as :class:`Estimate.per_module`). Returns ``fn``'s
+    result (drop it to free it)."""
+    import functools
+
+    patched = []
+    for name, mod in (watch or {}).items():
+        for meth in methods:
+            bound = getattr(mod, meth, None)
+            if bound is None or meth in mod.__dict__:
+                continue
+
+            def wrapped(*a, _bound=bound, _name=name, _kind=type(mod).__name__, **kw):
+                with _Watch(tracker, _name, _kind):
+                    return _bound(*a, **kw)
+
+            functools.update_wrapper(wrapped, bound)
+            object.__setattr__(mod, meth, wrapped)
+            patched.append((mod, meth))
+    try:
+        with tracker.mode():
+            return fn(*args, **kwargs)
+    finally:
+        for mod, meth in patched:
+            mod.__dict__.pop(meth, None)

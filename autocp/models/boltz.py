@@ -194,10 +194,6 @@ class NativeOpAdapter(nn.Module):
 
 # ----------------------------------------------------------------------------- Boltz-2 MSAModule
 def _msa_module_checker(module):
-    if getattr(module, "subsample_msa", False):
-        return ("subsample_msa=True draws a random subset of MSA rows (torch.randperm) on every call, "
-                "which the 2D MSA tiles cannot reproduce; set subsample_msa=False (subsample the "
-                "features before the call)")
     return True
 
 
@@ -240,7 +236,32 @@ class MSAModule2D(nn.Module):
                                      for layer in module.layers])
         self.use_paired_feature = module.use_paired_feature
         self.activation_checkpointing = module.activation_checkpointing
+        self.subsample_msa = bool(getattr(module, "subsample_msa", False))
+        self.num_subsampled_msa = int(getattr(module, "num_subsampled_msa", 1024))
         self.train(module.training)
+
+    _MSA_KEYS = ("msa", "has_deletion", "deletion_value", "msa_paired", "msa_mask")
+
+    def _subsample(self, feats: dict, n_seq: int) -> tuple:
+        """Boltz's ``subsample_msa``: the same ``torch.randperm(S)[:k]`` draw as the original
+        (every rank, the default generator), then every rank's rows ``S'_r`` of the kept rows:
+        the MSA features are all-gathered over the mesh column (compact dtypes: O(S N / p)
+        bytes, one time) and re-split. Returns ``(feats, k)``."""
+        from ..passes.rewrite import gather_tags, shard_tags
+
+        idx = torch.randperm(n_seq)[: self.num_subsampled_msa]
+        out = dict(feats)
+        tags = (None, "s", None)
+        for key in self._MSA_KEYS:
+            x = feats.get(key)
+            if x is None:
+                continue
+            small = x.to(torch.uint8) if not x.is_floating_point() else x  # residue ids < 33, flags, mask
+            full = gather_tags(small, tags, self.mesh, n=0, n_seq=n_seq)
+            kept = full.index_select(1, idx.to(full.device))
+            del full
+            out[key] = shard_tags(kept, tags, self.mesh).to(x.dtype)
+        return out, int(idx.numel())
 
     def forward(self, z, emb, feats, use_kernels: bool = False):
         from boltz.data import const
@@ -252,6 +273,8 @@ class MSAModule2D(nn.Module):
         n, n_seq = ctx.n, ctx.n_seq
         if n_seq is None:
             n_seq = int(feats["msa"].shape[1]) * self.mesh.p  # only used for padding masks
+        if self.subsample_msa:
+            feats, n_seq = self._subsample(feats, n_seq)
         msa = torch.nn.functional.one_hot(feats["msa"].long(), num_classes=const.num_tokens)
         parts = [msa, feats["has_deletion"].unsqueeze(-1), feats["deletion_value"].unsqueeze(-1)]
         if self.use_paired_feature:

@@ -203,16 +203,12 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_splits, in_splits, group):
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return comm.all_to_all_uneven(x, out_splits, in_splits, group, name="band_gather")
 
     @staticmethod
     def backward(ctx, g):
         out_splits, in_splits = ctx.splits
-        gi = g.new_empty((sum(in_splits),) + tuple(g.shape[1:]))
-        dist.all_to_all_single(gi, g.contiguous(), in_splits, out_splits, group=ctx.group)
-        return gi, None, None, None
+        return comm.all_to_all_uneven(g, in_splits, out_splits, ctx.group, name="band_gather"), None, None, None
 
 
 def _window_pair_ids(plan: WindowPlan, idx: torch.Tensor, f: int, n: int):

@@ -1,0 +1,257 @@
+"""Per-rank peak memory of the **whole** Boltz-2 (or Boltz-1) prediction on a ``p x p`` mesh,
+from one simulated rank: nothing of size is allocated.
+
+What runs is the real program: Boltz's own ``forward`` (recycling loop, MSA module,
+templates, 64 Pairformer blocks, distogram, diffusion conditioning, every sampling step of
+every batch of samples, confidence with its Pairformer and PAE/PDE heads, optionally
+affinity) through :class:`autocp.models.boltz_e2e.ParallelBoltz` -- every registered 2D op,
+atom-window op and rule of the eager engine -- as rank ``(0, 1)`` of a simulated mesh
+(:func:`autocp.comm.simulate`: every collective allocates its receive buffers, nothing
+moves). Parameters are fake (the model is built on the meta device); features are this
+rank's tiles as the prediction holds them (:meth:`ParallelBoltz.distribute_features`):
+large ones fake, small index-like ones (masks, chain ids, residue types, the atom -> token
+index) real, so Boltz's data-dependent python follows a real complex
+(:class:`autocp.passes.estimate.RunTracker`).
+
+Feature shapes at N tokens / M atoms / S MSA rows are scaled from the featurizer output
+of a small complex (:func:`autocp.models.boltz_full.make_features`), so every key, dtype
+and layout is Boltz's own. Training-only keys (``disto_target``, ``r_set_to_rep_atom``)
+are dropped as ``autocp predict`` drops them.
+
+    from autocp.models.boltz_estimate import estimate_boltz
+    e = estimate_boltz(n_tokens=30000, p=8, dtype=torch.bfloat16)
+    print(e.table())
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["released_boltz2_config", "PredictShape", "synthetic_features", "estimate_boltz", "INFERENCE_DROP"]
+
+#: keys a prediction does not need (training targets): dropped before the features are tiled
+INFERENCE_DROP = ("disto_target", "r_set_to_rep_atom")
+
+
+def released_boltz2_config(**overrides) -> dict:
+    """``Boltz2`` constructor kwargs at the released widths and the depths ``boltz predict``
+    forces at load (``boltz/main.py``: ``PairformerArgsV2`` 64 blocks x 16 heads,
+    ``MSAModuleArgs`` msa_s 64, 4 blocks, subsampled to 1024 rows), the rest from
+    ``scripts/train/configs/structurev2.yaml`` (token_s 384, token_z 128, atom_s 128,
+    atom_z 16; templates 64 wide, 2 blocks; the score model: 24 token-transformer layers x
+    16 heads, atom encoder / decoder 3 layers x 4 heads, Fourier 256, 2 conditioning
+    transitions). Assumed (not in either file): the confidence Pairformer with 8 blocks
+    x 16 heads (its widths are the trunk's; the depth changes the parameters, not the peak)
+    and the affinity module with 4 Pairformer blocks; ``affinity_prediction`` off by default
+    (on only when the input asks for an affinity)."""
+    from .boltz_full import tiny_boltz2_config
+
+    pair = {"pairwise_head_width": 32, "pairwise_num_heads": 4, "dropout": 0.0, "activation_checkpointing": False}
+    cfg = tiny_boltz2_config(
+        atom_s=128, atom_z=16, token_s=384, token_z=128,
+        embedder_args={"atom_encoder_depth": 3, "atom_encoder_heads": 4},
+        msa_args={"msa_s": 64, "msa_blocks": 4, "pairwise_head_width": 32, "pairwise_num_heads": 4,
+                  "subsample_msa": True, "num_subsampled_msa": 1024, "use_paired_feature": True},
+        pairformer_args={"num_blocks": 64, "num_heads": 16, "v2": True, **pair},
+        score_model_args={"dim_fourier": 256, "atom_encoder_depth": 3, "atom_encoder_heads": 4,
+                          "token_transformer_depth": 24, "token_transformer_heads": 16, "atom_decoder_depth": 3,
+                          "atom_decoder_heads": 4, "conditioning_transition_layers": 2},
+        template_args={"template_dim": 64, "template_blocks": 2, "pairwise_head_width": 32, "pairwise_num_heads": 4},
+        confidence_model_args={"pairformer_args": {"num_blocks": 8, "num_heads": 16, **pair}},
+        affinity_model_args={"pairformer_args": {"num_blocks": 4, **pair},
+                             "transformer_args": {"token_s": 384, "num_blocks": 4, "num_heads": 16}},
+        affinity_prediction=False,
+    )
+    from .boltz_full import _merge as merge  # noqa: PLC0415  (same package, one merge rule)
+
+    return merge(cfg, overrides)
+
+
+@dataclass
+class PredictShape:
+    """The prediction a whole-model estimate runs: sizes and ``boltz predict``'s loop flags
+    (defaults: ``boltz predict``'s own -- 3 recycling steps, 200 sampling steps, 1 sample,
+    at most 5 in parallel; 8192 MSA rows, the model subsamples 1024; one template slot).
+    ``n_atoms`` defaults to 9 atoms per token (a protein complex)."""
+
+    n_tokens: int
+    n_atoms: Optional[int] = None
+    msa_rows: int = 8192
+    n_templates: int = 1
+    recycling_steps: int = 3
+    sampling_steps: int = 200
+    diffusion_samples: int = 1
+    max_parallel_samples: int = 5
+
+    def atoms(self) -> int:
+        m = self.n_atoms if self.n_atoms is not None else 9 * self.n_tokens
+        return -(-int(m) // 32) * 32  # Boltz pads atoms to whole windows of 32
+
+
+_MSA_KEYS = ("msa", "msa_paired", "deletion_value", "has_deletion", "msa_mask")
+
+
+def _template(version: int, n_templates: int):
+    from .boltz_full import make_features
+
+    n0, s0 = 40, 5
+    f = make_features(n0, seed=0, version=version, msa_depth=s0, n_templates=max(n_templates, 1), affinity=True)
+    return f, n0, int(f["atom_pad_mask"].shape[1]), s0
+
+
+def synthetic_features(shape: PredictShape, fake_mode, *, version: int = 2, real_limit: int = 1 << 24) -> dict:
+    """A whole Boltz feature dict at ``shape``'s sizes: every key, dtype and dim of Boltz's
+    featurizer output (scaled from a 40-token complex: token dims to N, atom dims to M, MSA
+    rows to S). Tensors of more than ``real_limit`` elements are fake (``fake_mode``); the
+    rest are real, their values tiled from the small complex (so chain ids, masks and
+    residue types look like a complex's). The atom -> token map is fake at scale; its index
+    (atom ``m`` on token ``m N // M``) is attached by :func:`estimate_boltz`."""
+    f0, n0, m0, s0 = _template(version, shape.n_templates)
+    n, m, s = int(shape.n_tokens), shape.atoms(), int(shape.msa_rows)
+    out: dict[str, Any] = {}
+    for k, v in f0.items():
+        if k in INFERENCE_DROP:
+            continue
+        if not isinstance(v, torch.Tensor):
+            out[k] = v
+            continue
+        new = list(v.shape)
+        for d, size in enumerate(v.shape):
+            if d == 0:
+                continue
+            if k in _MSA_KEYS and d == 1 and size == s0:
+                new[d] = s
+            elif size == n0:
+                new[d] = n
+            elif size == m0:
+                new[d] = m
+        if math.prod(new) > real_limit:
+            with fake_mode:
+                out[k] = torch.zeros(new, dtype=v.dtype)
+            continue
+        x = v
+        for d, want in enumerate(new):
+            if want != x.shape[d]:
+                reps = [1] * x.dim()
+                reps[d] = -(-want // x.shape[d])
+                x = x.repeat(*reps).narrow(d, 0, want)
+        out[k] = x.contiguous()
+    for k in ("token_pad_mask", "atom_pad_mask", "msa_mask", "token_resolved_mask", "atom_resolved_mask"):
+        if isinstance(out.get(k), torch.Tensor) and not _is_fake(out[k]):
+            out[k] = torch.ones_like(out[k])  # no padding: every token / atom / row real
+    return out
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def _fake_model(cfg: dict, fake_mode, version: int = 2):
+    """``Boltz2(**cfg)`` with fake parameters (built on the meta device, no weights drawn)."""
+    from .boltz_full import BoltzArgs, import_boltz_models
+
+    boltz1, boltz2 = import_boltz_models()
+    cls = boltz2 if version == 2 else boltz1
+    with torch.device("meta"):
+        model = cls(**cfg)
+    with fake_mode:
+        model = model.to_empty(device="cpu")
+    for name in ("training_args", "validation_args"):
+        if isinstance(getattr(model, name, None), dict):
+            setattr(model, name, BoltzArgs(getattr(model, name)))
+    return model.eval()
+
+
+def estimate_boltz(
+    n_tokens: int = 0,
+    p: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    shape: Optional[PredictShape] = None,
+    config: Optional[dict] = None,
+    model: Optional[torch.nn.Module] = None,
+    version: int = 2,
+    progress: bool = False,
+):
+    """Per-rank peak bytes of the whole prediction on a ``p x p`` mesh (rank ``(0, 1)``):
+    an :class:`autocp.passes.estimate.Estimate` with ``per_module`` holding the peak while
+    each top-level Boltz module ran (``structure_module`` covers the whole sampling loop).
+
+    ``shape``: a :class:`PredictShape` (default ``PredictShape(n_tokens)``); ``config``:
+    ``Boltz2`` kwargs (default :func:`released_boltz2_config`); or ``model``: a built model
+    (its parameters are faked, never touched). ``dtype`` bf16 / fp16: Boltz's
+    ``bf16-mixed`` (fp32 weights under ``torch.autocast``); fp32: as is."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .. import comm
+    from ..mesh import MeshError, SquareMesh
+    from ..passes.estimate import Estimate, RunTracker, estimate_call
+    from .boltz_e2e import ParallelBoltz
+
+    shape = shape or PredictShape(int(n_tokens))
+    n = int(shape.n_tokens)
+    if n < 1 or not isinstance(p, int) or p < 1:
+        raise MeshError(f"estimate_boltz: given n_tokens={n}, p={p!r}; required N >= 1 and a positive int p. "
+                        f"Fix: estimate_boltz(n_tokens=30000, p=8).")
+    if n < p:
+        raise MeshError(f"estimate_boltz: N={n} is smaller than the mesh side p={p}. Fix: use p <= N.")
+    fm = FakeTensorMode(allow_non_fake_inputs=True)
+    if model is None:
+        model = _fake_model(config if config is not None else released_boltz2_config(), fm, version)
+    else:
+        import copy
+
+        real = model
+        model = copy.deepcopy(real).to("meta")
+        with fm:
+            model = model.to_empty(device="cpu")
+        model.train(False)
+        for name in ("training_args", "validation_args", "predict_args"):
+            if hasattr(real, name):
+                setattr(model, name, getattr(real, name))
+    params_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
+    tracker = RunTracker(fm)
+    sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
+    pm = ParallelBoltz(model, sim)
+    feats = synthetic_features(shape, fm, version=version)
+    tiles = pm.distribute_features(feats)
+    del feats
+    m = shape.atoms()
+    a2t = tiles.get("atom_to_token")
+    if a2t is not None:  # the atom -> token index a real complex has: atoms in token order
+        idx = (torch.arange(m) * n // m).unsqueeze(0).expand(a2t.shape[0], m).contiguous()
+        a2t._autocp_atom_index = idx
+    for v in tiles.values():
+        if isinstance(v, torch.Tensor):
+            tracker.add(getattr(v, "local", v))
+    for q in [*model.parameters(), *model.buffers()]:
+        tracker.ignore(q)
+    low = dtype in (torch.bfloat16, torch.float16)
+    watch = {name: mod for name, mod in pm.inner.named_children()}
+
+    def run(mdl, b):
+        out = mdl(b, recycling_steps=shape.recycling_steps, num_sampling_steps=shape.sampling_steps,
+                  diffusion_samples=shape.diffusion_samples, max_parallel_samples=shape.max_parallel_samples,
+                  run_confidence_sequentially=True)
+        return out
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad(), comm.simulate(sim), torch.autocast("cpu", dtype=dtype, enabled=low):
+            out = estimate_call(pm.apply, run, tiles, tracker=tracker, watch=watch)
+    del out
+    per_module = {k: dict(v) for k, v in tracker.per_module.items()}
+    e = Estimate(n_tokens=n, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(tracker.peak + params_bytes),
+                 params_bytes=int(params_bytes), per_module=per_module, backward=False)
+    e.guessed = dict(tracker.guessed)
+    e.demoted = sorted(set(tracker.demoted))
+    e.shape = shape
+    return e
