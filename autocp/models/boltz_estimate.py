@@ -66,9 +66,9 @@ def released_boltz2_config(**overrides) -> dict:
                              "transformer_args": {"token_s": 384, "num_blocks": 4, "num_heads": 16}},
         affinity_prediction=False,
     )
-    from .boltz_full import _merge as merge  # noqa: PLC0415  (same package, one merge rule)
+    from .boltz_full import merge_config
 
-    return merge(cfg, overrides)
+    return merge_config(cfg, overrides)
 
 
 @dataclass
@@ -106,9 +106,9 @@ def _template(version: int, n_templates: int):
 def synthetic_features(shape: PredictShape, fake_mode, *, version: int = 2, real_limit: int = 1 << 24) -> dict:
     """A whole Boltz feature dict at ``shape``'s sizes: every key, dtype and dim of Boltz's
     featurizer output (scaled from a 40-token complex: token dims to N, atom dims to M, MSA
-    rows to S). Tensors of more than ``real_limit`` elements are fake (``fake_mode``); the
-    rest are real, their values tiled from the small complex (so chain ids, masks and
-    residue types look like a complex's). The atom -> token map is fake at scale; its index
+    rows to S). Floating tensors and tensors of more than ``real_limit`` elements are fake
+    (``fake_mode``); the rest (ids, flags, integer masks) are real, their values tiled from
+    the small complex (so chain ids and residue types look like a complex's). The atom -> token map is fake at scale; its index
     (atom ``m`` on token ``m N // M``) is attached by :func:`estimate_boltz`."""
     f0, n0, m0, s0 = _template(version, shape.n_templates)
     n, m, s = int(shape.n_tokens), shape.atoms(), int(shape.msa_rows)
@@ -129,7 +129,7 @@ def synthetic_features(shape: PredictShape, fake_mode, *, version: int = 2, real
                 new[d] = n
             elif size == m0:
                 new[d] = m
-        if math.prod(new) > real_limit:
+        if math.prod(new) > real_limit or v.is_floating_point():  # values steer python only via ids / flags
             with fake_mode:
                 out[k] = torch.zeros(new, dtype=v.dtype)
             continue
@@ -177,7 +177,7 @@ def estimate_boltz(
     config: Optional[dict] = None,
     model: Optional[torch.nn.Module] = None,
     version: int = 2,
-    progress: bool = False,
+    replay: bool = True,
 ):
     """Per-rank peak bytes of the whole prediction on a ``p x p`` mesh (rank ``(0, 1)``):
     an :class:`autocp.passes.estimate.Estimate` with ``per_module`` holding the peak while
@@ -246,12 +246,14 @@ def estimate_boltz(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.no_grad(), comm.simulate(sim), torch.autocast("cpu", dtype=dtype, enabled=low):
-            out = estimate_call(pm.apply, run, tiles, tracker=tracker, watch=watch)
+            out = estimate_call(pm.apply, run, tiles, tracker=tracker, watch=watch,
+                                  replay=pm.inner if replay else None)
     del out
     per_module = {k: dict(v) for k, v in tracker.per_module.items()}
     e = Estimate(n_tokens=n, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(tracker.peak + params_bytes),
                  params_bytes=int(params_bytes), per_module=per_module, backward=False)
     e.guessed = dict(tracker.guessed)
     e.demoted = sorted(set(tracker.demoted))
+    e.replayed = getattr(getattr(tracker, "replay", None), "replayed", 0)
     e.shape = shape
     return e

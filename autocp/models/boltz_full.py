@@ -265,7 +265,7 @@ def tiny_boltz2_config(**overrides) -> dict[str, Any]:
         "ema": False,
         "use_kernels": False,  # cuequivariance kernels; CPU has none
     }
-    return _merge(cfg, overrides)
+    return merge_config(cfg, overrides)
 
 
 def tiny_boltz1_config(**overrides) -> dict[str, Any]:
@@ -316,14 +316,15 @@ def tiny_boltz1_config(**overrides) -> dict[str, Any]:
         "ema": False,
         "use_kernels": False,
     }
-    return _merge(cfg, overrides)
+    return merge_config(cfg, overrides)
 
 
-def _merge(cfg: dict, overrides: dict) -> dict:
+def merge_config(cfg: dict, overrides: dict) -> dict:
+    """``cfg`` with ``overrides`` (a dict-valued override merged into the dict it replaces)."""
     cfg = deepcopy(cfg)
     for k, v in overrides.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
-            cfg[k] = _merge(cfg[k], v)
+            cfg[k] = merge_config(cfg[k], v)
         else:
             cfg[k] = deepcopy(v)
     return cfg

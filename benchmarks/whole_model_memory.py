@@ -1,0 +1,168 @@
+"""The whole Boltz-2 prediction: per-rank memory estimated (``autocp.models.boltz_estimate``)
+and, at small N, measured.
+
+    python benchmarks/whole_model_memory.py [--only validate scale fit] [--out benchmarks/results]
+
+* validate: the whole-model estimate against the measured per-rank peak of the same
+  prediction (live-tensor tracker on rank (0, 1) of a real p x p gloo run: parameters,
+  this rank's feature tiles and everything the prediction allocates; outputs kept as
+  tiles) at N = 128 and 256 on 2x2 and 3x3, fp32. The model: the released widths
+  (token_s 384, token_z 128, atom_s 128, atom_z 16, MSA 64, templates 64, 16 / 4 heads)
+  at reduced depths (1 block per stack, 2 token-transformer layers) so the CPU run ends;
+  the estimate runs the same model. Features: Boltz's featurizer keys of a 2-chain +
+  ligand complex (``make_features``), 32 MSA rows, 1 recycling step, 3 sampling steps.
+* scale: the released Boltz-2 (``released_boltz2_config``: 64 Pairformer blocks) at
+  N = 30,000 on 8x8, bf16-mixed, 1 and 5 samples: per-module table.
+* fit: the largest N whose per-rank peak fits 20 / 40 / 80 GiB on 8x8 and 16x16 (bisection
+  over N), and a plot.
+
+Recycling / sampling steps: the estimate of the scale / fit runs uses 1 recycling step
+and 2 sampling steps; every recycling pass and every sampling step frees what the
+previous one allocated, so the peak does not depend on their count (checked at small N by
+``validate``'s ``steps`` rows: the estimate at 1 vs 3 recycling and 2 vs 6 sampling steps).
+
+Writes ``whole_model_memory.json`` and ``whole_model_memory.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+def small_config() -> dict:
+    """Released widths, 1 block per stack (see the module doc)."""
+    from autocp.models.boltz_estimate import released_boltz2_config
+
+    return released_boltz2_config(
+        pairformer_args={"num_blocks": 1}, msa_args={"msa_blocks": 1}, template_args={"template_blocks": 1},
+        score_model_args={"token_transformer_depth": 2, "atom_encoder_depth": 1, "atom_decoder_depth": 1},
+        embedder_args={"atom_encoder_depth": 1},
+        confidence_model_args={"pairformer_args": {"num_blocks": 1}},
+    )
+
+
+KW = dict(recycling_steps=1, sampling_steps=3, diffusion_samples=1, max_parallel_samples=1)
+MSA_ROWS = 32
+
+
+def measure_worker(rank, world, n):
+    """Rank (0, 1)'s peak of the real prediction (live tensors, parameters and tiles counted)."""
+    import warnings
+
+    import torch
+
+    import autocp
+    from autocp.models.boltz_e2e import ParallelBoltz
+    from autocp.models.boltz_estimate import INFERENCE_DROP
+    from autocp.models.boltz_full import make_features, tiny_boltz2
+
+    model = tiny_boltz2(seed=0, **small_config())
+
+    feats = make_features(n, seed=0, msa_depth=MSA_ROWS)
+    for k in INFERENCE_DROP:
+        feats.pop(k, None)
+    atoms = int(feats["atom_pad_mask"].shape[1])
+    mesh = autocp.init_mesh()
+    pm = autocp.parallelize(model, mesh)
+    assert isinstance(pm, ParallelBoltz)
+    tiles = pm.distribute_features(feats)
+    del feats
+    held = [*model.parameters(), *(getattr(v, "local", v) for v in tiles.values() if isinstance(v, torch.Tensor))]
+    torch.manual_seed(0)
+    with torch.no_grad(), warnings.catch_warnings(), autocp.MemoryTracker(track=held) as mt:
+        warnings.simplefilter("ignore")
+        out = pm.apply(lambda m, b: m(b, recycling_steps=KW["recycling_steps"],
+                                      num_sampling_steps=KW["sampling_steps"],
+                                      diffusion_samples=KW["diffusion_samples"],
+                                      max_parallel_samples=KW["max_parallel_samples"],
+                                      run_confidence_sequentially=True), tiles)
+        del out
+    return {"coord": mesh.coord, "peak": mt.peak_bytes, "atoms": atoms}
+
+
+def estimate_small(n, p, atoms, **kw):
+    import torch
+
+    from autocp.models.boltz_estimate import PredictShape, estimate_boltz
+
+    shape = PredictShape(n, n_atoms=atoms, msa_rows=MSA_ROWS, n_templates=1, **{**KW, **kw})
+    return estimate_boltz(shape=shape, p=p, dtype=torch.float32, config=small_config())
+
+
+def validate(res):
+    from autocp.testing import run_distributed
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    rows = []
+    for n in (128, 256):
+        for p in (2, 3):
+            t = time.time()
+            meas = run_distributed(measure_worker, p * p, n, timeout=3000)
+            got = next(r for r in meas if tuple(r["coord"]) == (0, 1))
+            t1 = time.time()
+            e = estimate_small(n, p, got["atoms"])
+            err = (e.peak_bytes - got["peak"]) / got["peak"]
+            row = {"n": n, "p": p, "atoms": got["atoms"], "measured_bytes": got["peak"], "estimated_bytes": e.peak_bytes,
+                   "rel_error": err, "measure_s": t1 - t, "estimate_s": time.time() - t1,
+                   "per_module": {k: v["peak_bytes"] for k, v in e.per_module.items()}}
+            print(f"validate N={n} {p}x{p}: measured {got['peak'] / 2**20:.1f} MiB, estimated "
+                  f"{e.peak_bytes / 2**20:.1f} MiB ({100 * err:+.2f}%)", flush=True)
+            rows.append(row)
+    steps = []
+    base = estimate_small(128, 2, rows[0]["atoms"]).peak_bytes
+    for kw in ({"recycling_steps": 3}, {"sampling_steps": 6}):
+        other = estimate_small(128, 2, rows[0]["atoms"], **kw).peak_bytes
+        steps.append({"change": kw, "peak": other, "base": base})
+        print(f"steps: {kw}: {other / 2**20:.2f} MiB vs {base / 2**20:.2f} MiB", flush=True)
+    res["validate"] = rows
+    res["steps"] = steps
+
+
+def scale(res, n=30000, p=8):
+    import torch
+
+    from autocp.models.boltz_estimate import PredictShape, estimate_boltz
+
+    out = []
+    for samples in (1, 5):
+        t = time.time()
+        shape = PredictShape(n, recycling_steps=1, sampling_steps=2, diffusion_samples=samples,
+                             max_parallel_samples=samples)
+        e = estimate_boltz(shape=shape, p=p, dtype=torch.bfloat16)
+        print(e.table("GiB"), flush=True)
+        out.append({"n": n, "p": p, "samples": samples, "peak_bytes": e.peak_bytes, "params_bytes": e.params_bytes,
+                    "seconds": time.time() - t, "guessed": e.guessed,
+                    "per_module": {k: {"peak_bytes": v["peak_bytes"], "own_bytes": v["transient_bytes"]}
+                                   for k, v in e.per_module.items()}})
+    res["scale"] = out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", default=["validate", "scale", "fit"], choices=["validate", "scale", "fit"])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "whole_model_memory.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if "validate" in args.only:
+        validate(res)
+    if "scale" in args.only:
+        scale(res)
+    res["machine"] = "2-core CPU, FakeTensor estimate; measured: gloo, live-tensor tracker"
+    path.write_text(json.dumps(res, indent=1, default=str))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
