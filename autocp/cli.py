@@ -21,7 +21,9 @@ import time
 
 __all__ = ["main", "build_model", "parse_bytes"]
 
+FULL_MODEL = "boltz2-full"
 MODELS_HELP = ("boltz2 (Boltz-2 trunk: MSAModule + PairformerModule), boltz1 (Boltz-1 PairformerModule), "
+               "boltz2-full (estimate only: the whole Boltz-2 prediction at the released configuration), "
                "or PATH.py:factory (factory() returns a model, or (model, make_inputs) with make_inputs(n) -> "
                "example inputs at n tokens)")
 
@@ -80,7 +82,7 @@ def parse_bytes(text: str) -> int:
 
 
 def _model_spec(text: str) -> str:
-    if text in ("boltz2", "boltz1"):
+    if text in ("boltz2", "boltz1", FULL_MODEL):
         return text
     if ":" in text:
         path, _, fn = text.rpartition(":")
@@ -90,6 +92,19 @@ def _model_spec(text: str) -> str:
                                                  f"Fix: the path of a python file defining {fn}().")
             return text
     raise argparse.ArgumentTypeError(f"--model: given {text!r}; required {MODELS_HELP}. Fix: --model boltz2.")
+
+
+def _nonneg_int(what: str):
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = -1
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{what}: given {text!r}; required an int >= 0. Fix: {what} 3.")
+        return v
+
+    return conv
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,8 +156,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--blocks", type=blocks, default=1, help="Pairformer blocks, default 1 (the forward peak is one "
                    "block's; --train stores every block's activations)")
     e.add_argument("--channels", type=chans, default=128, help="pair channels C (Boltz-2: 128; single 3C, MSA C/2)")
-    e.add_argument("--msa-rows", type=_positive_int("--msa-rows", "--msa-rows 1024"), default=1024,
-                   help="MSA rows S (boltz2), default 1024")
+    e.add_argument("--msa-rows", type=_positive_int("--msa-rows", "--msa-rows 1024"), default=None,
+                   help="MSA rows S (boltz2: default 1024; boltz2-full: default 8192, boltz predict's "
+                   "--max_msa_seqs; the model keeps 1024)")
+    full = e.add_argument_group("boltz2-full (the whole prediction; defaults: boltz predict's)")
+    full.add_argument("--atoms", type=_positive_int("--atoms", "--atoms 270000"), default=None,
+                      help="atoms M, default 9 per token")
+    full.add_argument("--recycling-steps", type=_nonneg_int("--recycling-steps"), default=3, help="default 3")
+    full.add_argument("--sampling-steps", type=_positive_int("--sampling-steps", "--sampling-steps 200"), default=200,
+                      help="default 200")
+    full.add_argument("--diffusion-samples", type=_positive_int("--diffusion-samples", "--diffusion-samples 5"),
+                      default=1, help="default 1")
+    full.add_argument("--max-parallel-samples", type=_positive_int("--max-parallel-samples",
+                      "--max-parallel-samples 5"), default=5, help="default 5")
+    full.add_argument("--table", action="store_true", help="print the per-module table of each mesh estimated")
 
     x = sub.add_parser("explain", help="the rewritten-graph report of autocp.parallelize (1x1 mesh, in-process)",
                        description="Compile the model with autocp.parallelize on a 1x1 mesh in this process and print "
@@ -256,6 +283,9 @@ def _check(args) -> None:
                              f"(every mesh row/column needs a token). Fix: --tokens {max(4 * args.mesh, 8)}.")
         if args.tokens < 3:
             raise UsageError(f"--tokens: given {args.tokens}; the demo masks 2 tokens, so it needs N >= 3. Fix: --tokens 16.")
+    if getattr(args, "model", None) == FULL_MODEL and args.cmd != "estimate":
+        raise UsageError(f"--model boltz2-full: given with '{args.cmd}'; it is only an estimate target. Fix: "
+                         f"autocp estimate --model boltz2-full --tokens N --mesh p, or autocp predict INPUT to fold.")
     if args.cmd == "estimate":
         for p in args.mesh or ():
             if args.tokens < p:
@@ -645,14 +675,45 @@ def _fmt_bytes(b: float) -> str:
     return f"{int(b)} B"
 
 
+def _full_model_peak(args, dtype):
+    """``peak(p)`` of the whole Boltz-2 prediction (autocp.models.boltz_estimate) and its description."""
+    from .models.boltz_estimate import PredictShape, estimate_boltz, released_boltz2_config
+
+    shape = PredictShape(args.tokens, n_atoms=args.atoms, msa_rows=args.msa_rows or 8192,
+                         recycling_steps=args.recycling_steps, sampling_steps=args.sampling_steps,
+                         diffusion_samples=args.diffusion_samples, max_parallel_samples=args.max_parallel_samples)
+    cfg = released_boltz2_config()
+    desc = (f"the whole Boltz-2 prediction (released configuration: {cfg['pairformer_args']['num_blocks']} Pairformer "
+            f"blocks, token_s={cfg['token_s']}, token_z={cfg['token_z']}; {shape.atoms():,} atoms, {shape.msa_rows:,} "
+            f"MSA rows; {shape.recycling_steps} recycling steps, {shape.sampling_steps} sampling steps, "
+            f"{shape.diffusion_samples} sample(s), at most {shape.max_parallel_samples} in parallel)")
+
+    def peak(p):
+        e = estimate_boltz(shape=shape, p=p, dtype=dtype, config=cfg)
+        if args.table:
+            print(e.table("GiB"), flush=True)
+        return e.peak_bytes
+
+    return peak, desc
+
+
 def estimate_cmd(args) -> int:
     import torch
 
     import autocp
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model, make, desc = build_model(args.model, channels=args.channels, blocks=args.blocks, msa_rows=args.msa_rows)
-    model.train(args.train)
+    if args.model == FULL_MODEL:
+        if args.train:
+            raise UsageError("estimate: --model boltz2-full estimates inference only; given --train. "
+                             "Fix: drop --train, or estimate the trunk (--model boltz2 --train).")
+        full_peak, desc = _full_model_peak(args, dtype)
+        model = None
+    else:
+        model, make, desc = build_model(args.model, channels=args.channels, blocks=args.blocks,
+                                        msa_rows=args.msa_rows or 1024)
+    if model is not None:
+        model.train(args.train)
     n = args.tokens
     what = "forward+backward (one training step)" if args.train else "forward (inference)"
     low = dtype != torch.float32
@@ -666,11 +727,13 @@ def estimate_cmd(args) -> int:
     def peak(p):
         if p not in cache:
             t = time.time()
-            e = autocp.estimate(model, n_tokens=n, mesh_shape=(p, p), dtype=dtype, backward=args.train,
-                                make_inputs=lambda k: make(k, meta=True, dtype=dtype),
-                                pair_dtype=dtype if low else None)
-            cache[p] = e.peak_bytes
-            print(f"  ... {p}x{p}: {_fmt_bytes(e.peak_bytes)} per rank ({time.time() - t:.1f} s)", flush=True)
+            if model is None:
+                cache[p] = full_peak(p)
+            else:
+                cache[p] = autocp.estimate(model, n_tokens=n, mesh_shape=(p, p), dtype=dtype, backward=args.train,
+                                           make_inputs=lambda k: make(k, meta=True, dtype=dtype),
+                                           pair_dtype=dtype if low else None).peak_bytes
+            print(f"  ... {p}x{p}: {_fmt_bytes(cache[p])} per rank ({time.time() - t:.1f} s)", flush=True)
         return cache[p]
 
     for p in args.mesh or ():
@@ -681,7 +744,7 @@ def estimate_cmd(args) -> int:
         # its layout analysis can take the channel axis for a token axis and charge a
         # gathered (full-N) module, silently (e.g. 865 GiB instead of 1.6 GiB per rank at
         # N=30,000 on 64x64 with token_z=128). Such sides are left out of the search.
-        widths = set(getattr(model, "_autocp_cli_widths", ()))
+        widths = set(getattr(model, "_autocp_cli_widths", ())) if model is not None else set()
         hi = min(args.max_mesh, n)
         sides = [q for q in range(1, hi + 1) if max(2 * q, 6) not in widths]
         skipped = [q for q in range(1, hi + 1) if q not in sides]

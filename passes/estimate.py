@@ -568,6 +568,10 @@ class RunTracker:
         st = t.untyped_storage()
         self.seen[id(st)] = st
 
+    def charge(self, nbytes) -> None:
+        self.extra += nbytes
+        self.peak = max(self.peak, self.live + self.extra)
+
     def _free(self, key, nbytes) -> None:
         self.seen.pop(key, None)
         self.live -= nbytes
@@ -668,12 +672,14 @@ class _Replay:
     """Repeated layers (a ``ModuleList`` of one class): a call whose input signature
     (shapes, dtypes, layouts, python values) was seen ``runs`` times already is not run
     again; its recorded transient peak is charged on the current live bytes and outputs of
-    the recorded shapes are made (fake). Exact for the peak when a layer keeps nothing
-    beyond its outputs (checked on the recorded calls: else the layer is always run)."""
+    the recorded shapes are made (fake); bytes a call keeps beyond its outputs (autocast's
+    cached low-precision weights) are charged again. Used only where the recorded calls
+    agree (else the layer always runs)."""
 
     def __init__(self, tracker, runs: int = 2):
         self.tracker, self.runs = tracker, runs
         self.seen: dict = {}
+        self.instances: set = set()
         self.replayed = 0
 
     @staticmethod
@@ -682,7 +688,9 @@ class _Replay:
             local = getattr(x, "local", None)
             return (type(x).__name__, tuple(x.shape), x.dtype, getattr(x, "tags", None),
                     None if local is None else tuple(local.shape))
-        if isinstance(x, (int, float, bool, str, type(None))):
+        if isinstance(x, float):
+            return float  # a step size, a noise level: no bearing on memory
+        if isinstance(x, (int, bool, str, type(None))):
             return x
         return type(x).__name__
 
@@ -690,6 +698,14 @@ class _Replay:
         leaves, spec = tree_flatten((args, kwargs))
         return (cls, str(spec), tuple(self._leaf_key(x) for x in leaves),
                 torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))
+
+    @staticmethod
+    def _storage(x):
+        t = getattr(x, "local", x)
+        try:
+            return id(t.untyped_storage())
+        except (RuntimeError, NotImplementedError):
+            return id(t)
 
     @staticmethod
     def _bytes(x) -> int:
@@ -700,10 +716,15 @@ class _Replay:
         t = self.tracker
         key = self._key(cls, args, kwargs)
         rec = self.seen.get(key)
-        if rec is not None and rec["runs"] >= self.runs and rec["ok"]:
+        inst = id(getattr(bound, "__self__", bound))
+        first = inst not in self.instances  # this module's first call (its one-off caches are made)
+        self.instances.add(inst)
+        if rec is not None and rec["runs"] >= self.runs and rec["ok"] and not (first and rec["retained"] is None):
             self.replayed += 1
             t.peak = max(t.peak, t.live + t.extra + rec["transient"])
-            return self._make(rec["out"])
+            if first and rec["retained"]:
+                t.charge(rec["retained"])  # e.g. autocast's low-precision copies of this layer's weights
+            return self._make(rec["out"], tree_flatten((args, kwargs))[0])
         entry = t.live + t.extra
         outer = t.peak
         t.peak = entry
@@ -711,13 +732,23 @@ class _Replay:
         mine = t.peak
         t.peak = max(outer, mine)
         leaves, spec = tree_flatten(out)
-        out_bytes = sum(self._bytes(x) for x in leaves if isinstance(x, torch.Tensor))
+        in_leaves = tree_flatten((args, kwargs))[0]
+        ins = {self._storage(x): i for i, x in enumerate(in_leaves) if isinstance(x, torch.Tensor)}
+        fresh = [x for x in leaves if isinstance(x, torch.Tensor) and self._storage(x) not in ins]
+        out_bytes = sum(self._bytes(x) for x in fresh)
         kept = t.live + t.extra - entry
-        desc = (spec, [self._describe(x) for x in leaves])
-        ok = kept <= out_bytes and all(d is not None for d in desc[1])
+        desc = (spec, [("input", ins[self._storage(x)]) if isinstance(x, torch.Tensor) and self._storage(x) in ins
+                       else self._describe(x) for x in leaves])
+        ok = all(d is not None for d in desc[1])
         if rec is None:
-            rec = self.seen[key] = {"runs": 0, "ok": ok, "transient": 0, "out": desc}
+            rec = self.seen[key] = {"runs": 0, "ok": ok, "transient": 0, "out": desc, "retained": None}
         rec["runs"] += 1
+        extra = kept - out_bytes
+        if first:  # what a module keeps on its first call must be the same for every module of the list
+            ok = ok and rec["retained"] in (None, extra)
+            rec["retained"] = extra
+        else:  # a module called again keeps nothing more (else memory grows per call: always run)
+            ok = ok and extra == 0
         rec["ok"] = rec["ok"] and ok
         rec["transient"] = max(rec["transient"], mine - entry)
         return out
@@ -737,11 +768,13 @@ class _Replay:
             return None
         return ("tensor", tuple(x.shape), x.dtype, x.fake_mode)
 
-    def _make(self, desc):
+    def _make(self, desc, inputs):
         spec, leaves = desc
         out = []
         for d in leaves:
-            if d[0] == "value":
+            if d[0] == "input":  # an argument passed through (or updated in place)
+                out.append(inputs[d[1]])
+            elif d[0] == "value":
                 out.append(d[1])
             elif d[0] == "tile":
                 from .eager import TileTensor
@@ -768,27 +801,30 @@ def _repeated_layers(root) -> list:
 
 
 def estimate_call(fn, *args, tracker: "RunTracker", watch: Optional[dict] = None,
-                  methods=("forward", "sample"), replay=None, **kwargs):
+                  methods=("forward", "sample"), replay=None, replay_methods=(), **kwargs):
     """``fn(*args, **kwargs)`` under ``tracker``'s mode (see :class:`RunTracker`); the modules
     in ``watch`` (``{name: module}``) have the peak while each of their ``methods`` ran
     recorded in ``tracker.per_module`` (as :class:`Estimate.per_module`). ``replay``: a
     module whose repeated layers (a ``ModuleList`` of >= 3 of one class: Pairformer blocks,
     transformer layers) run twice per input signature and are then replayed from the
-    record (:class:`_Replay`: same peak, no time). Returns ``fn``'s result (drop it)."""
+    record (:class:`_Replay`: same peak, no time); ``replay_methods``: ``[(module, name)]``
+    more methods replayed so (e.g. one sampling step's network call). Returns ``fn``'s
+    result (drop it)."""
     import functools
 
     patched = []
-    if replay is not None:
+    if replay is not None or replay_methods:
         rp = tracker.replay = _Replay(tracker)
-        for mod in _repeated_layers(replay):
-            if "forward" in mod.__dict__:
+        targets = [(m, "forward") for m in (_repeated_layers(replay) if replay is not None else [])]
+        for mod, meth in [*targets, *replay_methods]:
+            if meth in mod.__dict__:
                 continue
 
-            def fwd(*a, _bound=mod.forward, _cls=type(mod), **kw):
+            def fwd(*a, _bound=getattr(mod, meth), _cls=(type(mod), meth), **kw):
                 return rp.call(_bound, _cls, a, kw)
 
-            object.__setattr__(mod, "forward", fwd)
-            patched.append((mod, "forward"))
+            object.__setattr__(mod, meth, fwd)
+            patched.append((mod, meth))
     for name, mod in (watch or {}).items():
         for meth in methods:
             bound = getattr(mod, meth, None)

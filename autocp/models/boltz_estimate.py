@@ -168,6 +168,12 @@ def _fake_model(cfg: dict, fake_mode, version: int = 2):
     return model.eval()
 
 
+def _step_methods(model) -> list:
+    """One sampling step's network call (``AtomDiffusion.preconditioned_network_forward``)."""
+    sm = getattr(model, "structure_module", None)
+    return [(sm, "preconditioned_network_forward")] if hasattr(sm, "preconditioned_network_forward") else []
+
+
 def estimate_boltz(
     n_tokens: int = 0,
     p: int = 1,
@@ -247,7 +253,8 @@ def estimate_boltz(
         warnings.simplefilter("ignore")
         with torch.no_grad(), comm.simulate(sim), torch.autocast("cpu", dtype=dtype, enabled=low):
             out = estimate_call(pm.apply, run, tiles, tracker=tracker, watch=watch,
-                                  replay=pm.inner if replay else None)
+                                  replay=pm.inner if replay else None,
+                                  replay_methods=_step_methods(pm.inner) if replay else ())
     del out
     per_module = {k: dict(v) for k, v in tracker.per_module.items()}
     e = Estimate(n_tokens=n, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(tracker.peak + params_bytes),
