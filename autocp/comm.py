@@ -124,6 +124,20 @@ def simulate(mesh: SquareMesh):
         _SIM_RANK[0] = prev
 
 
+def _sim_fill(buf: torch.Tensor, like: Optional[torch.Tensor]) -> None:
+    """A simulated receive: a real buffer gets this rank's own values (``like``, when the
+    shapes agree; else zeros) -- the other ranks are taken to hold data like this one's, so
+    index-like values stay valid; a fake buffer (the estimator's large tensors) is left."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(buf, FakeTensor) or buf.device.type == "meta":
+        return
+    if like is not None and like.shape == buf.shape and not isinstance(like, FakeTensor):
+        buf.copy_(like)
+    else:
+        buf.zero_()
+
+
 def simulating() -> bool:
     """True inside :func:`simulate`."""
     return _SIM_RANK[0] is not None
@@ -169,6 +183,7 @@ def start_exchange(
         return send, _Handle([])
     if sim is not None:
         STATS.add(name, _nbytes(send))
+        _sim_fill(recv, send)
         return recv, _Handle([])
     ops = [dist.P2POp(dist.isend, send, dst), dist.P2POp(dist.irecv, recv, src)]
     STATS.add(name, _nbytes(send))
@@ -208,6 +223,9 @@ def all_gather(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, name: 
     STATS.add(name, (mesh.p - 1) * _nbytes(x))
     if not simulating():
         dist.all_gather(parts, x, group=mesh.group(axis))
+    else:
+        for part in parts:
+            _sim_fill(part, x)
     order = mesh.group_order(axis)  # parts[j] comes from mesh index order[j]
     if order != list(range(mesh.p)):
         parts = [parts[order.index(i)] for i in range(mesh.p)]
@@ -234,6 +252,8 @@ def reduce_scatter(x: torch.Tensor, mesh: SquareMesh, axis: str, dim: int, *, na
     STATS.add(name, (p - 1) * _nbytes(chunks) // p)
     if not simulating():
         dist.all_to_all_single(out, chunks, group=mesh.group(axis))
+    else:
+        _sim_fill(out, chunks)
     return out.sum(0)
 
 
@@ -247,6 +267,8 @@ def all_to_all_uneven(x: torch.Tensor, out_splits: list, in_splits: list, group,
     STATS.add(name, row * (sum(in_splits)))
     if not simulating():
         dist.all_to_all_single(out, x.contiguous(), list(out_splits), list(in_splits), group=group)
+    else:
+        _sim_fill(out, None)
     return out
 
 
