@@ -602,6 +602,10 @@ class RunTracker:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 flat = tree_flatten((args, kwargs))[0]
+                active = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+                if (active is not None and active is not tracker.fm) or any(
+                        isinstance(t, FakeTensor) and t.fake_mode is not tracker.fm for t in flat):
+                    return func(*args, **kwargs)  # another fake mode's tracing (the engine's): not ours
                 fake = any(isinstance(t, FakeTensor) for t in flat)
                 if fake:
                     out = tracker._fake_op(func, args, kwargs)
