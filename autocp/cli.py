@@ -287,6 +287,9 @@ def _check(args) -> None:
         raise UsageError(f"--model boltz2-full: given with '{args.cmd}'; it is only an estimate target. Fix: "
                          f"autocp estimate --model boltz2-full --tokens N --mesh p, or autocp predict INPUT to fold.")
     if args.cmd == "estimate":
+        if args.model == FULL_MODEL and args.train:
+            raise UsageError("estimate: --model boltz2-full estimates inference only; given --train. "
+                             "Fix: drop --train, or estimate the trunk (--model boltz2 --train).")
         for p in args.mesh or ():
             if args.tokens < p:
                 raise UsageError(f"--tokens: given {args.tokens} tokens for a {p}x{p} mesh; required N >= p. "
@@ -704,9 +707,6 @@ def estimate_cmd(args) -> int:
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.model == FULL_MODEL:
-        if args.train:
-            raise UsageError("estimate: --model boltz2-full estimates inference only; given --train. "
-                             "Fix: drop --train, or estimate the trunk (--model boltz2 --train).")
         full_peak, desc = _full_model_peak(args, dtype)
         model = None
     else:

@@ -139,7 +139,7 @@ def scale(res, n=30000, p=8):
         e = estimate_boltz(shape=shape, p=p, dtype=torch.bfloat16)
         print(e.table("GiB"), flush=True)
         out.append({"n": n, "p": p, "samples": samples, "peak_bytes": e.peak_bytes, "params_bytes": e.params_bytes,
-                    "seconds": time.time() - t, "guessed": e.guessed,
+                    "seconds": time.time() - t, "details": {k: v for k, v in e.details.items() if k != "shape"},
                     "per_module": {k: {"peak_bytes": v["peak_bytes"], "own_bytes": v["transient_bytes"]}
                                    for k, v in e.per_module.items()}})
     res["scale"] = out

@@ -154,7 +154,10 @@ def distribute(x: torch.Tensor, tags) -> TileTensor:
                          f"dim. Fix: e.g. (None, 'r', 'c', None) for z[B, N, N, C].")
     if all(t is None for t in tags):
         return x
-    return TileTensor(shard_tags(x, tags, ctx.mesh).contiguous(), tags, x.shape)
+    local = shard_tags(x, tags, ctx.mesh)
+    # a view (a row block of a token feature is one) would keep the whole tensor's storage alive
+    local = local.clone(memory_format=torch.contiguous_format) if local._is_view() else local.contiguous()
+    return TileTensor(local, tags, x.shape)
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -42,6 +42,10 @@ class Estimate:
     per_module: dict = field(default_factory=dict)
     fits: Optional[tuple] = None  # smallest (p, p) that fits device_bytes
     backward: bool = False  # forward + backward (one training step) rather than forward only
+    #: whole-program estimates: ``guessed`` (values a fake could not give, by kind),
+    #: ``replayed`` (repeated-layer calls charged from their record), ``warnings`` (the
+    #: engine's: gathers), ``demoted`` (real ops run on fakes for size), ``shape``
+    details: dict = field(default_factory=dict)
 
     def __str__(self) -> str:
         s = (f"N={self.n_tokens} on {self.mesh_shape[0]}x{self.mesh_shape[1]}: per-rank peak "
@@ -59,6 +63,8 @@ class Estimate:
             rows.append(f"{path:<44} {rec['kind']:<24} {rec['peak_bytes'] / scale:>10.3f} "
                         f"{rec['transient_bytes'] / scale:>10.3f}")
         rows.append(f"{'parameters':<44} {'':<24} {self.params_bytes / scale:>10.3f}")
+        for w in self.details.get("warnings", ()):
+            rows.append(f"warning: {w}")
         return "\n".join(rows)
 
 

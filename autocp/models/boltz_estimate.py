@@ -139,7 +139,7 @@ def synthetic_features(shape: PredictShape, fake_mode, *, version: int = 2, real
                 reps = [1] * x.dim()
                 reps[d] = -(-want // x.shape[d])
                 x = x.repeat(*reps).narrow(d, 0, want)
-        out[k] = x.contiguous()
+        out[k] = x.clone(memory_format=torch.contiguous_format)  # its own storage, not the repeat buffer
     for k in ("token_pad_mask", "atom_pad_mask", "msa_mask", "token_resolved_mask", "atom_resolved_mask"):
         if isinstance(out.get(k), torch.Tensor) and not _is_fake(out[k]):
             out[k] = torch.ones_like(out[k])  # no padding: every token / atom / row real
@@ -249,18 +249,17 @@ def estimate_boltz(
 
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         with torch.no_grad(), comm.simulate(sim), torch.autocast("cpu", dtype=dtype, enabled=low):
             out = estimate_call(pm.apply, run, tiles, tracker=tracker, watch=watch,
                                   replay=pm.inner if replay else None,
                                   replay_methods=_step_methods(pm.inner) if replay else ())
     del out
     per_module = {k: dict(v) for k, v in tracker.per_module.items()}
-    e = Estimate(n_tokens=n, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(tracker.peak + params_bytes),
-                 params_bytes=int(params_bytes), per_module=per_module, backward=False)
-    e.guessed = dict(tracker.guessed)
-    e.demoted = sorted(set(tracker.demoted))
-    e.replayed = getattr(getattr(tracker, "replay", None), "replayed", 0)
-    e.shape = shape
-    return e
+    notes = sorted({str(w.message) for w in caught if str(w.message).startswith("autocp")})
+    return Estimate(n_tokens=n, mesh_shape=(p, p), dtype=dtype, peak_bytes=int(tracker.peak + params_bytes),
+                    params_bytes=int(params_bytes), per_module=per_module, backward=False,
+                    details={"guessed": dict(tracker.guessed), "demoted": sorted(set(tracker.demoted)),
+                             "replayed": getattr(getattr(tracker, "replay", None), "replayed", 0),
+                             "warnings": notes, "shape": shape})
