@@ -549,6 +549,8 @@ class RunTracker:
         self.seen: dict = {}
         self.per_module: dict = {}
         self.demoted: list = []
+        self.ops = 0  # ops dispatched (fake and real)
+        self.progress = None  # progress(tracker) every 50,000 ops
         self.guessed: dict = {}  # what a fake value was taken to be: {"bool": k, "int": k, "float": k, "select": k}
 
     def add(self, t) -> None:
@@ -607,6 +609,9 @@ class RunTracker:
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
+                tracker.ops += 1
+                if tracker.progress is not None and tracker.ops % 50000 == 0:
+                    tracker.progress(tracker)
                 flat = tree_flatten((args, kwargs))[0]
                 active = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
                 if (active is not None and active is not tracker.fm) or any(
@@ -803,10 +808,20 @@ class _Replay:
 
 def _repeated_layers(root) -> list:
     """The modules of every ``ModuleList`` under ``root`` with at least 3 entries of one class."""
-    out = []
-    for mod in root.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) >= 3 and len({type(m) for m in mod}) == 1:
-            out.extend(mod)
+    out, seen = [], set()
+
+    def walk(m):
+        for mod in m.modules():
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            if isinstance(mod, nn.ModuleList) and len(mod) >= 3 and len({type(x) for x in mod}) == 1:
+                out.extend(mod)
+            inner = mod.__dict__.get("_op")  # a RegisteredOp's 2D op (not a registered child)
+            if isinstance(inner, nn.Module):
+                walk(inner)
+
+    walk(root)
     return out
 
 

@@ -240,6 +240,11 @@ def estimate_boltz(
         tracker.ignore(q)
     low = dtype in (torch.bfloat16, torch.float16)
     watch = {name: mod for name, mod in pm.inner.named_children()}
+    from ..passes.eager import RegisteredOp
+
+    for mod in pm.inner.modules():  # build the 2D ops now, so their repeated layers are replayed too
+        if isinstance(mod, RegisteredOp):
+            mod.op()
 
     def run(mdl, b):
         out = mdl(b, recycling_steps=shape.recycling_steps, num_sampling_steps=shape.sampling_steps,

@@ -18,8 +18,8 @@ KW = dict(recycling_steps=1, sampling_steps=2, diffusion_samples=1, max_parallel
 
 
 def _config():
-    # three Pairformer blocks and three token-transformer layers: the replayed stacks
-    return boltz_full.tiny_boltz2_config(pairformer_args={"num_blocks": 3},
+    # three Pairformer blocks, MSA layers and token-transformer layers: the replayed stacks
+    return boltz_full.tiny_boltz2_config(pairformer_args={"num_blocks": 3}, msa_args={"msa_blocks": 3},
                                          score_model_args={"token_transformer_depth": 3})
 
 
