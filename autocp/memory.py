@@ -31,6 +31,12 @@ def _is_fake(t) -> bool:
     return isinstance(t, FakeTensor) or t.device.type == "meta"
 
 
+def source_line() -> str:
+    """``file:line`` of the innermost frame outside torch and autocp (the model's own line),
+    else the innermost autocp frame."""
+    return _caller()
+
+
 def _caller() -> str:
     """``file:line`` of the innermost frame outside torch and autocp (the model's own line)."""
     import traceback

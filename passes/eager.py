@@ -218,10 +218,23 @@ def _plain_call(func, args, kwargs):
         return func(*args, **kwargs)
 
 
+#: the metadata calls (shape, dtype, ...) a tensor subclass answers without running anything
+METADATA_CALLS = _METADATA
+
+
+def is_strict() -> bool:
+    """True inside :func:`strict_mode`."""
+    return _strict()
+
+
 def _dispatch(func, args, kwargs):
     if func in _METADATA:
         return _plain_call(func, args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
+    if any(type(a).__name__ == "IndexMap" for a in leaves):  # a one-hot map met a tile: its handlers decide
+        from .index_map import IndexMap
+
+        return IndexMap.__torch_function__(func, (), args, kwargs)
     if not any(isinstance(a, TileTensor) for a in leaves):
         return _plain_call(func, args, kwargs)
     if any(isinstance(a, TileTensor) and any(t in _FLAT for t in a.tags) for a in leaves):

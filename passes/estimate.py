@@ -550,6 +550,8 @@ class RunTracker:
         self.per_module: dict = {}
         self.demoted: list = []
         self.ops = 0  # ops dispatched (fake and real)
+        self.report_bytes = 1 << 30  # allocations at least this large are listed in ``large``
+        self.large: dict = {}  # (shape, dtype, "file:line" of the model / autocp) -> bytes
         self.progress = None  # progress(tracker) every 50,000 ops
         self.guessed: dict = {}  # what a fake value was taken to be: {"bool": k, "int": k, "float": k, "select": k}
 
@@ -571,6 +573,11 @@ class RunTracker:
         self.seen[key] = self._weakref.finalize(st, self._free, key, nbytes)
         self.live += nbytes
         self.peak = max(self.peak, self.live + self.extra)
+        if nbytes >= self.report_bytes:
+            from ..memory import source_line
+
+            where = (tuple(t.shape), str(t.dtype).replace("torch.", ""), source_line())
+            self.large[where] = max(self.large.get(where, 0), nbytes)
 
     def ignore(self, t) -> None:
         st = t.untyped_storage()

@@ -123,7 +123,11 @@ def _index(feats, mesh, n):
     """The replicated atom -> token index ``[B, M]`` (cached on the feature tile)."""
     from ..passes.eager import TileTensor
 
+    from ..passes.index_map import IndexMap
+
     a2t = feats["atom_to_token"]
+    if isinstance(a2t, IndexMap):  # already the index
+        return a2t.idx
     cached = getattr(a2t, "_autocp_atom_index", None)
     if cached is not None:
         return cached

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["FEATURE_LAYOUTS", "FEATURE_LAYOUTS_V1", "feature_tags", "ParallelBoltz", "parallelize_boltz"]
+__all__ = ["FEATURE_LAYOUTS", "FEATURE_LAYOUTS_V1", "INDEX_MAPS", "feature_tags", "ParallelBoltz", "parallelize_boltz"]
 
 _TOKEN = ("token_index", "residue_index", "asym_id", "entity_id", "sym_id", "mol_type", "token_pad_mask",
           "token_resolved_mask", "token_disto_mask", "res_type", "disto_center", "method_feature", "modified",
@@ -53,6 +53,10 @@ FEATURE_LAYOUTS.update({k: {1: "s", 2: "c"} for k in _MSA})
 FEATURE_LAYOUTS.update({k: {2: "r"} for k in _TEMPLATE})
 FEATURE_LAYOUTS.update({"atom_to_token": {2: "r"}, "token_to_rep_atom": {1: "r"}, "token_to_center_atom": {1: "r"}})
 
+
+#: one-hot token <-> atom maps: held as indices (:class:`autocp.passes.index_map.IndexMap`),
+#: not as ``M x N / p`` tiles, when they are one-hot (else tiled as FEATURE_LAYOUTS says)
+INDEX_MAPS = ("atom_to_token", "token_to_rep_atom", "token_to_center_atom")
 
 #: Boltz-1 keys whose shapes differ from Boltz-2's
 FEATURE_LAYOUTS_V1 = dict(FEATURE_LAYOUTS, frames_idx={1: "r"}, frame_resolved_mask={1: "r"},
@@ -171,14 +175,24 @@ class ParallelBoltz(_wrapper_base()):
     def distribute_features(self, feats: dict) -> dict:
         """This rank's tiles of a whole feature dict (:data:`FEATURE_LAYOUTS`); pass the result
         to ``forward`` and drop the whole dict, so only the tiles (and the replicated atom
-        features) stay resident."""
+        features) stay resident. The one-hot token <-> atom maps (:data:`INDEX_MAPS`) are
+        held as indices (:class:`~autocp.passes.index_map.IndexMap`: O(M), not O(M N / p))."""
         from ..passes.context import tile_context
         from ..passes.eager import TileTensor, distribute
 
+        from ..passes.index_map import IndexMap, index_map_of
+
         n, n_seq = self._sizes(feats)
+        out = {}
         with tile_context(self.mesh, n, n_seq):
-            return {k: (distribute(v, feature_tags(k, v, n, n_seq, self.version))
-                        if isinstance(v, torch.Tensor) and not isinstance(v, TileTensor) else v) for k, v in feats.items()}
+            for k, v in feats.items():
+                if not isinstance(v, torch.Tensor) or isinstance(v, (TileTensor, IndexMap)):
+                    out[k] = v
+                    continue
+                tags = feature_tags(k, v, n, n_seq, self.version)
+                m = index_map_of(v, tags) if k in INDEX_MAPS and v.dim() == 3 else None
+                out[k] = m if m is not None else distribute(v, tags)
+        return out
 
     def apply(self, fn, feats: dict, *args, strict: Optional[bool] = None, **kwargs) -> Any:
         """``fn(model, tiled_feats, *args, **kwargs)`` on this mesh: ``model`` is the 2D model

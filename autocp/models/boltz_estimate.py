@@ -34,7 +34,8 @@ import torch
 __all__ = ["released_boltz2_config", "PredictShape", "synthetic_features", "estimate_boltz", "INFERENCE_DROP"]
 
 #: keys a prediction does not need (training targets): dropped before the features are tiled
-INFERENCE_DROP = ("disto_target", "r_set_to_rep_atom")
+#: (the same list ``autocp predict`` drops)
+from ..predict import TRAINING_TARGETS as INFERENCE_DROP  # noqa: E402
 
 
 def released_boltz2_config(**overrides) -> dict:
@@ -168,6 +169,27 @@ def _fake_model(cfg: dict, fake_mode, version: int = 2):
     return model.eval()
 
 
+def _index_maps(dense: dict, n: int, m: int) -> dict:
+    """The one-hot token <-> atom maps as a real complex has them (atoms in token order, ``M / N``
+    per token), held as indices exactly as :meth:`ParallelBoltz.distribute_features` holds them."""
+    from ..passes.index_map import IndexMap
+    from .boltz_e2e import FEATURE_LAYOUTS, INDEX_MAPS
+
+    atom_tok = torch.arange(m) * n // m             # token of each atom
+    first = torch.searchsorted(atom_tok, torch.arange(n))  # first atom of each token
+    out = {}
+    for key in INDEX_MAPS:
+        v = dense.get(key)
+        if v is None:
+            continue
+        tags = [None] * 3
+        for d, t in FEATURE_LAYOUTS[key].items():
+            tags[d] = t
+        idx = atom_tok if key == "atom_to_token" else first
+        out[key] = IndexMap(idx.unsqueeze(0).expand(v.shape[0], -1).contiguous(), v.shape[2], v.dtype, tags)
+    return out
+
+
 def _step_methods(model) -> list:
     """One sampling step's network call (``AtomDiffusion.preconditioned_network_forward``)."""
     sm = getattr(model, "structure_module", None)
@@ -226,15 +248,18 @@ def estimate_boltz(
     sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
     pm = ParallelBoltz(model, sim)
     feats = synthetic_features(shape, fm, version=version)
+    from .boltz_e2e import INDEX_MAPS
+
+    maps = {k: feats.pop(k) for k in INDEX_MAPS if k in feats}  # (fake) dense maps: only their shapes are used
     tiles = pm.distribute_features(feats)
     del feats
-    m = shape.atoms()
-    a2t = tiles.get("atom_to_token")
-    if a2t is not None:  # the atom -> token index a real complex has: atoms in token order
-        idx = (torch.arange(m) * n // m).unsqueeze(0).expand(a2t.shape[0], m).contiguous()
-        a2t._autocp_atom_index = idx
+    tiles.update(_index_maps(maps, n, shape.atoms()))
+    from ..passes.index_map import IndexMap
+
     for v in tiles.values():
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, IndexMap):
+            tracker.add(v.idx)
+        elif isinstance(v, torch.Tensor):
             tracker.add(getattr(v, "local", v))
     for q in [*model.parameters(), *model.buffers()]:
         tracker.ignore(q)
@@ -267,4 +292,5 @@ def estimate_boltz(
                     params_bytes=int(params_bytes), per_module=per_module, backward=False,
                     details={"guessed": dict(tracker.guessed), "demoted": sorted(set(tracker.demoted)),
                              "replayed": getattr(getattr(tracker, "replay", None), "replayed", 0),
-                             "warnings": notes, "shape": shape})
+                             "warnings": notes, "shape": shape,
+                             "large": sorted(((b, *w) for w, b in tracker.large.items()), reverse=True)[:12]})
