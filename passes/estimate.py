@@ -704,9 +704,12 @@ class _Replay:
         self.instances: set = set()
         self.replayed = 0
 
-    @staticmethod
-    def _leaf_key(x):
+    @classmethod
+    def _leaf_key(cls, x):
         if isinstance(x, torch.Tensor):
+            if cls._plain(x) is None:
+                with torch._C.DisableTorchFunctionSubclass():
+                    return (type(x).__name__, tuple(x.shape), x.dtype, id(x))
             local = getattr(x, "local", None)
             return (type(x).__name__, tuple(x.shape), x.dtype, getattr(x, "tags", None),
                     None if local is None else tuple(local.shape))
@@ -722,17 +725,33 @@ class _Replay:
                 torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"))
 
     @staticmethod
-    def _storage(x):
-        t = getattr(x, "local", x)
+    def _plain(x):
+        """The tensor that owns ``x``'s storage: a TileTensor's tile, a plain / fake tensor
+        itself; ``None`` for any other subclass (never asked for its storage: a lazy tensor
+        would build itself)."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        from .eager import TileTensor
+
+        t = x.local if isinstance(x, TileTensor) else x
+        if type(t) in (torch.Tensor, nn.Parameter) or isinstance(t, FakeTensor):
+            return t
+        return None
+
+    @classmethod
+    def _storage(cls, x):
+        t = cls._plain(x)
+        if t is None:
+            return id(x)
         try:
             return id(t.untyped_storage())
         except (RuntimeError, NotImplementedError):
             return id(t)
 
-    @staticmethod
-    def _bytes(x) -> int:
-        t = getattr(x, "local", x)
-        return t.untyped_storage().nbytes() if isinstance(t, torch.Tensor) else 0
+    @classmethod
+    def _bytes(cls, x) -> int:
+        t = cls._plain(x)
+        return t.untyped_storage().nbytes() if t is not None else 0
 
     def call(self, bound, cls, args, kwargs):
         t = self.tracker
@@ -775,12 +794,14 @@ class _Replay:
         rec["transient"] = max(rec["transient"], mine - entry)
         return out
 
-    @staticmethod
-    def _describe(x):
+    @classmethod
+    def _describe(cls, x):
         if not isinstance(x, torch.Tensor):
             return ("value", x)
         from torch._subclasses.fake_tensor import FakeTensor
 
+        if cls._plain(x) is None:
+            return None  # another tensor subclass: the layer always runs
         local = getattr(x, "local", None)
         if local is not None:
             if not isinstance(local, FakeTensor):

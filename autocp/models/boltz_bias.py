@@ -47,19 +47,21 @@ class LazyPairBias(torch.Tensor):
     exists until :meth:`layer` (one slice) or :meth:`materialise` (all) is called."""
 
     @staticmethod
-    def __new__(cls, parts, shape, split: bool = False):
+    def __new__(cls, parts, shape, split: bool = False, cast=None):
         z = parts[0][1]
-        r = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=z.dtype, device=z.device,
+        r = torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=cast or z.dtype, device=z.device,
                                                 requires_grad=False)
         r._parts = list(parts)
         r._split = split
+        r._cast = cast  # a recorded ``.float()`` / ``.to(dtype)``: applied to each layer's slice
         return r
 
     def layer(self, i: int):
         """Layer ``i``'s bias ``[B, N, N, h]``: its own projection of the z tile, now."""
         STATS["layer_reads"] += 1
         proj, z = self._parts[i]
-        return proj(z)
+        out = proj(z)
+        return out.to(self._cast) if self._cast is not None else out
 
     def materialise(self):
         """The whole bias (exact): every projection, concatenated as Boltz does."""
@@ -67,6 +69,7 @@ class LazyPairBias(torch.Tensor):
         with torch._C.DisableTorchFunctionSubclass():
             shape = tuple(self.shape)
         out = torch.cat([proj(z) for proj, z in self._parts], dim=-1)
+        out = out.to(self._cast) if self._cast is not None else out
         return out.view(shape) if self._split else out
 
     def __repr__(self):
@@ -110,20 +113,26 @@ def _lazy_rule(func, args, kwargs):
                 and all(_dims(t)[:-1] == _dims(seq[0])[:-1] for t in seq)):
             parts = [p for t in seq for p in t._parts]
             shape = _dims(seq[0])[:-1] + (sum(_dims(t)[-1] for t in seq),)
-            return LazyPairBias(parts, shape)
+            casts = {t._cast for t in seq}
+            if len(casts) != 1:
+                return NotImplemented
+            return LazyPairBias(parts, shape, cast=casts.pop())
         return NotImplemented
     self = args[0] if args else None
     if not isinstance(self, LazyPairBias):
         return NotImplemented
-    if func in (torch.Tensor.float, torch.Tensor.contiguous) and len(args) == 1 and not kwargs:
-        return self if (func is torch.Tensor.contiguous or self.dtype == torch.float32) else NotImplemented
+    if func is torch.Tensor.contiguous and len(args) == 1 and not kwargs:
+        return self
+    if func is torch.Tensor.float and len(args) == 1 and not kwargs:
+        # under bf16 autocast the projections are bf16: Boltz's ``.float()`` is applied per layer slice
+        return LazyPairBias(self._parts, _dims(self), split=self._split, cast=torch.float32)
     if func is torch.Tensor.view and not self._split:
         shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list, torch.Size)) else args[1:]
         shape, cur = tuple(int(s) for s in shape), _dims(self)
         # Boltz: bias.view(B, N, M, L, D // L) with L the number of layers, each of D // L channels
         if (len(shape) == len(cur) + 1 and shape[:-2] == cur[:-1] and shape[-2] == len(self._parts)
                 and shape[-2] * shape[-1] == cur[-1]):
-            return LazyPairBias(self._parts, shape, split=True)
+            return LazyPairBias(self._parts, shape, split=True, cast=self._cast)
         return NotImplemented
     if func is torch.Tensor.__getitem__ and self._split:
         idx = args[1]

@@ -40,6 +40,23 @@ def test_boltz_spelling_stays_lazy_and_exact():
     assert boltz_bias.STATS["materialised"] == before["materialised"]
 
 
+def test_float_under_bf16_autocast_stays_lazy():
+    # Boltz runs bf16-mixed: the projections are bf16 and Boltz calls .float() on the whole
+    # bias; that used to materialise it (20 GiB per rank at N=30k on 8x8)
+    ps, z = _projs(), torch.randn(1, 5, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.cat([p(z) for p in ps], dim=-1).float().view(1, 5, 5, 3, 4)
+        before = dict(boltz_bias.STATS)
+        bias = _lazy(ps, z).float()
+        assert isinstance(bias, LazyPairBias) and bias.dtype == torch.float32
+        bias = bias.view(1, 5, 5, 3, 4)
+        for i in range(3):
+            got = bias[:, :, :, i]
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, ref[:, :, :, i], rtol=0, atol=0)
+    assert boltz_bias.STATS["materialised"] == before["materialised"]
+
+
 def test_other_uses_materialise_the_exact_bias():
     ps, z = _projs(), torch.randn(1, 4, 4, 8)
     ref = torch.cat([p(z) for p in ps], dim=-1)
