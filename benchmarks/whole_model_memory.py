@@ -127,22 +127,93 @@ def validate(res):
 
 
 def scale(res, n=30000, p=8):
-    import torch
-
-    from autocp.models.boltz_estimate import PredictShape, estimate_boltz
-
     out = []
     for samples in (1, 5):
         t = time.time()
-        shape = PredictShape(n, recycling_steps=1, sampling_steps=2, diffusion_samples=samples,
-                             max_parallel_samples=samples)
-        e = estimate_boltz(shape=shape, p=p, dtype=torch.bfloat16)
+        e = _peak(n, p, samples)
         print(e.table("GiB"), flush=True)
         out.append({"n": n, "p": p, "samples": samples, "peak_bytes": e.peak_bytes, "params_bytes": e.params_bytes,
                     "seconds": time.time() - t, "details": {k: v for k, v in e.details.items() if k != "shape"},
                     "per_module": {k: {"peak_bytes": v["peak_bytes"], "own_bytes": v["transient_bytes"]}
-                                   for k, v in e.per_module.items()}})
+                                   for k, v in e.per_module.items()},
+                    "large": [list(x) for x in e.details.get("large", [])]})
     res["scale"] = out
+
+
+def _peak(n, p, samples=1):
+    import torch
+
+    from autocp.models.boltz_estimate import PredictShape, estimate_boltz
+
+    shape = PredictShape(n, recycling_steps=1, sampling_steps=2, diffusion_samples=samples,
+                         max_parallel_samples=samples)
+    return estimate_boltz(shape=shape, p=p, dtype=torch.bfloat16)
+
+
+FIT_GRID = {8: (10000, 20000, 30000), 16: (20000, 40000, 60000)}
+BUDGETS_GIB = (20, 40, 80)
+
+
+def fit(res):
+    """Per-rank peak at a few N per mesh; the largest N under each budget from a fit of
+    ``peak = a b^2 + c N + d`` (b = ceil(N / p): pair tiles; N: token and atom features)."""
+    import numpy as np
+
+    known = {(r["n"], r["p"]): r["peak_bytes"] for r in res.get("scale", []) if r["samples"] == 1}
+    pts = []
+    for p, grid in FIT_GRID.items():
+        for n in grid:
+            if (n, p) not in known:
+                t = time.time()
+                known[(n, p)] = _peak(n, p).peak_bytes
+                print(f"fit: N={n} {p}x{p}: {known[(n, p)] / GIB:.2f} GiB ({time.time() - t:.0f} s)", flush=True)
+            pts.append({"n": n, "p": p, "peak_bytes": known[(n, p)]})
+    largest = {}
+    for p, grid in FIT_GRID.items():
+        xs = np.array([[(-(-n // p)) ** 2, n, 1.0] for n in grid])
+        ys = np.array([known[(n, p)] for n in grid], dtype=float)
+        coef = np.linalg.solve(xs, ys)
+        for budget in BUDGETS_GIB:
+            hi = 1
+            while hi < 10**6 and coef @ [(-(-hi // p)) ** 2, hi, 1.0] <= budget * GIB:
+                hi *= 2
+            lo = hi // 2
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if coef @ [(-(-mid // p)) ** 2, mid, 1.0] <= budget * GIB:
+                    lo = mid
+                else:
+                    hi = mid
+            fits = coef @ [(-(-1 // p)) ** 2, 1, 1.0] <= budget * GIB
+            largest[f"{p}x{p}@{budget}GiB"] = lo if fits else 0
+            print(f"largest N on {p}x{p} within {budget} GiB per rank: {lo if fits else 'none':,}", flush=True)
+    res["fit"] = {"points": pts, "largest_n": largest, "model": "peak = a*ceil(N/p)^2 + c*N + d per mesh side"}
+    _plot(res)
+
+
+def _plot(res):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for p in FIT_GRID:
+        pts = sorted((q["n"], q["peak_bytes"] / GIB) for q in res["fit"]["points"] if q["p"] == p)
+        ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=f"{p}x{p} (estimated)")
+    for budget in BUDGETS_GIB:
+        ax.axhline(budget, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("tokens N (9 atoms per token, 8192 MSA rows)")
+    ax.set_ylabel("per-rank peak, GiB (bf16-mixed)")
+    ax.set_title("whole Boltz-2 prediction, 1 sample: autocp.models.boltz_estimate")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(res["_out"]) / "whole_model_memory.png"
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 def main(argv=None) -> int:
@@ -158,6 +229,10 @@ def main(argv=None) -> int:
         validate(res)
     if "scale" in args.only:
         scale(res)
+    res["_out"] = str(out)
+    if "fit" in args.only:
+        fit(res)
+    res.pop("_out", None)
     res["machine"] = "2-core CPU, FakeTensor estimate; measured: gloo, live-tensor tracker"
     path.write_text(json.dumps(res, indent=1, default=str))
     print(f"wrote {path}")

@@ -48,6 +48,14 @@ class IndexMap(torch.Tensor):
     def idx(self) -> torch.Tensor:
         return self._idx
 
+    # a traceable wrapper: memory trackers count the index it holds, not a dense map
+    def __tensor_flatten__(self):
+        return ["_idx"], (int(self.shape[2]), self.dtype, self._tags)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        return IndexMap(inner["_idx"], *ctx)
+
     @property
     def tags(self) -> tuple:
         return self._tags
