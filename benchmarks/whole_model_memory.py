@@ -160,6 +160,7 @@ def fit(res):
     import numpy as np
 
     known = {(r["n"], r["p"]): r["peak_bytes"] for r in res.get("scale", []) if r["samples"] == 1}
+    known.update({(q["n"], q["p"]): q["peak_bytes"] for q in res.get("fit", {}).get("points", [])})
     pts = []
     for p, grid in FIT_GRID.items():
         for n in grid:
