@@ -55,37 +55,16 @@ MSA_ROWS = 32
 
 def measure_worker(rank, world, n):
     """Rank (0, 1)'s peak of the real prediction (live tensors, parameters and tiles counted)."""
-    import warnings
-
-    import torch
-
     import autocp
-    from autocp.models.boltz_e2e import ParallelBoltz
-    from autocp.models.boltz_estimate import INFERENCE_DROP
+    from autocp.models.boltz_estimate import PredictShape, measure_boltz
     from autocp.models.boltz_full import make_features, tiny_boltz2
 
     model = tiny_boltz2(seed=0, **small_config())
-
     feats = make_features(n, seed=0, msa_depth=MSA_ROWS)
-    for k in INFERENCE_DROP:
-        feats.pop(k, None)
     atoms = int(feats["atom_pad_mask"].shape[1])
     mesh = autocp.init_mesh()
-    pm = autocp.parallelize(model, mesh)
-    assert isinstance(pm, ParallelBoltz)
-    tiles = pm.distribute_features(feats)
-    del feats
-    held = [*model.parameters(), *(getattr(v, "local", v) for v in tiles.values() if isinstance(v, torch.Tensor))]
-    torch.manual_seed(0)
-    with torch.no_grad(), warnings.catch_warnings(), autocp.MemoryTracker(track=held) as mt:
-        warnings.simplefilter("ignore")
-        out = pm.apply(lambda m, b: m(b, recycling_steps=KW["recycling_steps"],
-                                      num_sampling_steps=KW["sampling_steps"],
-                                      diffusion_samples=KW["diffusion_samples"],
-                                      max_parallel_samples=KW["max_parallel_samples"],
-                                      run_confidence_sequentially=True), tiles)
-        del out
-    return {"coord": mesh.coord, "peak": mt.peak_bytes, "atoms": atoms}
+    peak = measure_boltz(model, feats, PredictShape(n, n_atoms=atoms, msa_rows=MSA_ROWS, n_templates=1, **KW), mesh)
+    return {"coord": mesh.coord, "peak": peak, "atoms": atoms}
 
 
 def estimate_small(n, p, atoms, **kw):

@@ -109,17 +109,22 @@ class _Tracker:
 
         if not isinstance(t, FakeTensor):
             return  # a real tensor here is a parameter/buffer (or a view of one): counted in params_bytes
+        self._count(t)
+
+    def _count(self, t) -> int:
+        """Count ``t``'s storage once (freed with it); its bytes, 0 when already counted."""
         try:
             st = t.untyped_storage()
         except Exception:  # noqa: BLE001
-            return
+            return 0
         key = id(st)
         if key in self.seen:
-            return
+            return 0
         nbytes = st.nbytes()
         self.seen[key] = self._weakref.finalize(st, self._free, key, nbytes)
         self.live += nbytes
         self.peak = max(self.peak, self.live + self.extra)
+        return nbytes
 
     def _free(self, key, nbytes):
         self.seen.pop(key, None)
@@ -523,7 +528,7 @@ def estimate(
 
 
 # ----------------------------------------------------------------------------- whole programs
-class RunTracker:
+class RunTracker(_Tracker):
     """A dispatch mode for estimating a whole python program on one simulated rank: tensors
     may be real (small index-like inputs whose *values* steer the program: masks, chain ids,
     atom -> token maps) or fake (everything large); an op on real tensors only runs for real,
@@ -538,16 +543,9 @@ class RunTracker:
     real allocation), and is listed in ``demoted``."""
 
     def __init__(self, fake_mode, real_limit: int = 1 << 24):
-        import weakref
-
+        super().__init__()
         self.fm = fake_mode
         self.real_limit = int(real_limit)
-        self._weakref = weakref
-        self.live = 0
-        self.peak = 0
-        self.extra = 0
-        self.seen: dict = {}
-        self.per_module: dict = {}
         self.demoted: list = []
         self.ops = 0  # ops dispatched (fake and real)
         self.report_bytes = 1 << 30  # allocations at least this large are listed in ``large``
@@ -562,34 +560,12 @@ class RunTracker:
             return  # another mode's fake (an engine's own shape tracing): allocates nothing
         if t.device.type == "meta":
             return
-        try:
-            st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):
-            return
-        key = id(st)
-        if key in self.seen:
-            return
-        nbytes = st.nbytes()
-        self.seen[key] = self._weakref.finalize(st, self._free, key, nbytes)
-        self.live += nbytes
-        self.peak = max(self.peak, self.live + self.extra)
+        nbytes = self._count(t)
         if nbytes >= self.report_bytes:
             from ..memory import source_line
 
             where = (tuple(t.shape), str(t.dtype).replace("torch.", ""), source_line())
             self.large[where] = max(self.large.get(where, 0), nbytes)
-
-    def ignore(self, t) -> None:
-        st = t.untyped_storage()
-        self.seen[id(st)] = st
-
-    def charge(self, nbytes) -> None:
-        self.extra += nbytes
-        self.peak = max(self.peak, self.live + self.extra)
-
-    def _free(self, key, nbytes) -> None:
-        self.seen.pop(key, None)
-        self.live -= nbytes
 
     def _small_pointwise(self, func, flat) -> bool:
         """A pointwise op whose broadcast output is within ``real_limit`` (no probe needed)."""

@@ -31,7 +31,8 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["released_boltz2_config", "PredictShape", "synthetic_features", "estimate_boltz", "INFERENCE_DROP"]
+__all__ = ["released_boltz2_config", "PredictShape", "synthetic_features", "estimate_boltz", "measure_boltz",
+           "INFERENCE_DROP"]
 
 #: keys a prediction does not need (training targets): dropped before the features are tiled
 #: (the same list ``autocp predict`` drops)
@@ -294,3 +295,29 @@ def estimate_boltz(
                              "replayed": getattr(getattr(tracker, "replay", None), "replayed", 0),
                              "warnings": notes, "shape": shape,
                              "large": sorted(((b, *w) for w, b in tracker.large.items()), reverse=True)[:12]})
+
+
+def measure_boltz(model: torch.nn.Module, feats: dict, shape: PredictShape, mesh=None, seed: int = 0) -> int:
+    """The measured counterpart of :func:`estimate_boltz` on this rank of a real mesh: the
+    live-tensor peak (:class:`autocp.MemoryTracker`: parameters, this rank's feature tiles
+    and everything the prediction allocates; outputs kept as tiles) of
+    ``autocp.parallelize(model, mesh)`` predicting ``feats`` (whole, batch first; the
+    training-only keys are dropped) with ``shape``'s loop flags. Call it on every rank."""
+    import warnings
+
+    import autocp
+
+    feats = {k: v for k, v in feats.items() if k not in INFERENCE_DROP}
+    pm = autocp.parallelize(model, autocp.init_mesh() if mesh is None else mesh)
+    tiles = pm.distribute_features(feats)
+    del feats
+    held = [*model.parameters(), *(getattr(v, "local", v) for v in tiles.values() if isinstance(v, torch.Tensor))]
+    torch.manual_seed(seed)
+    with torch.no_grad(), warnings.catch_warnings(), autocp.MemoryTracker(track=held) as mt:
+        warnings.simplefilter("ignore")
+        out = pm.apply(lambda m, b: m(b, recycling_steps=shape.recycling_steps, num_sampling_steps=shape.sampling_steps,
+                                      diffusion_samples=shape.diffusion_samples,
+                                      max_parallel_samples=shape.max_parallel_samples,
+                                      run_confidence_sequentially=True), tiles)
+        del out
+    return mt.peak_bytes

@@ -24,29 +24,14 @@ def _config():
 
 
 def measure_worker(rank, world):
-    import warnings
-
     import autocp
-    from autocp.models.boltz_estimate import INFERENCE_DROP
+    from autocp.models.boltz_estimate import PredictShape, measure_boltz
 
     model = boltz_full.tiny_boltz2(seed=0, **_config())
     feats = boltz_full.make_features(N, seed=0, msa_depth=MSA)
-    for k in INFERENCE_DROP:
-        feats.pop(k, None)
     atoms = int(feats["atom_pad_mask"].shape[1])
     mesh = autocp.init_mesh()
-    pm = autocp.parallelize(model, mesh)
-    tiles = pm.distribute_features(feats)
-    del feats
-    held = [*model.parameters(), *(getattr(v, "local", v) for v in tiles.values() if isinstance(v, torch.Tensor))]
-    torch.manual_seed(0)
-    with torch.no_grad(), warnings.catch_warnings(), autocp.MemoryTracker(track=held) as mt:
-        warnings.simplefilter("ignore")
-        out = pm.apply(lambda m, b: m(b, recycling_steps=KW["recycling_steps"], num_sampling_steps=KW["sampling_steps"],
-                                      diffusion_samples=1, max_parallel_samples=1, run_confidence_sequentially=True),
-                       tiles)
-        del out
-    return mesh.coord, mt.peak_bytes, atoms
+    return mesh.coord, measure_boltz(model, feats, PredictShape(N, n_atoms=atoms, msa_rows=MSA, **KW), mesh), atoms
 
 
 def _estimate(atoms, replay=True, p=2):

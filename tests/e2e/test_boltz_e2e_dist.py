@@ -86,13 +86,12 @@ def test_whole_model_inference_parity(version, world, token_bias):
         assert r["ptm"][1] > 0 and r["iptm"][1] > 0  # the reference's pTM / ipTM are not the zeroed ones
 
 
-def samples_worker(rank, world, version, samples):
+def _ref_and_parallel(model, feats, kw):
+    """The single-device prediction and the strict parallel one, same seed."""
     import warnings
 
     import autocp
 
-    model, feats = _build(version)
-    kw = dict(recycling_steps=0, num_sampling_steps=4, diffusion_samples=samples, max_parallel_samples=samples)
     torch.manual_seed(0)
     with torch.no_grad():
         ref = model(dict(feats), **kw)
@@ -101,6 +100,13 @@ def samples_worker(rank, world, version, samples):
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         out = pm(dict(feats), **kw)
+    return ref, out
+
+
+def samples_worker(rank, world, version, samples):
+    model, feats = _build(version)
+    kw = dict(recycling_steps=0, num_sampling_steps=4, diffusion_samples=samples, max_parallel_samples=samples)
+    ref, out = _ref_and_parallel(model, feats, kw)
     return {k: (float((out[k].double() - ref[k].double()).abs().max()), tuple(ref[k].shape))
             for k in ("sample_atom_coords", "pae", "pde", "plddt") if k in ref}
 
@@ -118,9 +124,6 @@ def test_boltz1_two_diffusion_samples():
 
 
 def subsample_worker(rank, world, depth, keep):
-    import warnings
-
-    import autocp
     from autocp.models.boltz_full import make_features, tiny_boltz2
 
     # boltz predict's default: subsample_msa=True (a torch.randperm draw inside MSAModule)
@@ -128,14 +131,7 @@ def subsample_worker(rank, world, depth, keep):
     feats = make_features(N, seed=0, msa_depth=depth)
     feats["token_pad_mask"][0, -1] = 0
     kw = dict(recycling_steps=1, num_sampling_steps=2, diffusion_samples=1, max_parallel_samples=1)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        ref = model(dict(feats), **kw)
-    pm = autocp.parallelize(model, autocp.init_mesh(), strict=True)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        out = pm(dict(feats), **kw)
+    ref, out = _ref_and_parallel(model, feats, kw)
     return {k: (float((out[k].double() - ref[k].double()).abs().max()), float(ref[k].double().abs().max()))
             for k in ("z", "s", "pdistogram")}
 
