@@ -214,3 +214,20 @@ def test_bench(what, tmp_path):
             assert r["measured_bytes_per_layer"] == pytest.approx(r["analytic_bytes_per_layer"], rel=1e-6), r
     else:
         assert all(r["original_s"] > 0 and r["parallelize_1x1_s"] > 0 for r in rows)
+
+
+def test_estimate_whole_model_in_process(monkeypatch, capsys):
+    """``autocp estimate --model boltz2-full``: the whole prediction on one simulated rank
+    (here the tiny widths stand in for the released configuration, to stay fast)."""
+    boltz_full = pytest.importorskip("autocp.models.boltz_full")
+    if not boltz_full.boltz_full_available():
+        pytest.skip("whole-model deps missing")
+    from autocp.models import boltz_estimate
+
+    monkeypatch.setattr(boltz_estimate, "released_boltz2_config", lambda **kw: boltz_full.tiny_boltz2_config(**kw))
+    code = main(["estimate", "--model", "boltz2-full", "--tokens", "24", "--mesh", "2", "--recycling-steps", "0",
+                 "--sampling-steps", "2", "--msa-rows", "6", "--table"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "the whole Boltz-2 prediction" in out and "2x2" in out
+    assert "pairformer_module" in out and "structure_module" in out  # the per-module table
