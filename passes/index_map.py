@@ -185,6 +185,9 @@ def _apply(m: IndexMap, x):
         return NotImplemented
     if x.dtype != m.dtype:
         raise RuntimeError(f"expected m1 and m2 to have the same dtype, but got: {m.dtype} != {x.dtype}")
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))  # as autocast runs bmm: a 0/1 map times x in low precision
     idx, tag = _rows_block(m)
     bsz = max(idx.shape[0], x.shape[0])
     idx = idx.expand(bsz, -1) if idx.shape[0] != bsz else idx

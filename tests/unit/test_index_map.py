@@ -45,6 +45,17 @@ def test_calls_match_the_dense_map(ctx):
     assert m.to(torch.float32).dtype == torch.float32 and m.long().dtype == torch.int64
 
 
+def test_bmm_follows_autocast(ctx):
+    d = _dense()
+    m = index_map_of(d, (None, None, None))
+    x = torch.randn(2, 5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.bmm(d.float(), x)
+        got = torch.bmm(m.float(), x)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
 def test_other_calls_build_the_dense_tile(ctx):
     d = _dense()
     m = index_map_of(d, (None, None, None))
