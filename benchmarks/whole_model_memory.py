@@ -13,8 +13,10 @@ and, at small N, measured.
   ligand complex (``make_features``), 32 MSA rows, 1 recycling step, 3 sampling steps.
 * scale: the released Boltz-2 (``released_boltz2_config``: 64 Pairformer blocks) at
   N = 30,000 on 8x8, bf16-mixed, 1 and 5 samples: per-module table.
-* fit: the largest N whose per-rank peak fits 20 / 40 / 80 GiB on 8x8 and 16x16 (bisection
-  over N), and a plot.
+* fit: estimates at N = 10k / 20k / 30k on 8x8 and 60k on 16x16; one least-squares fit
+  ``peak = a ceil(N/p)^2 + c N + d`` over them (what a rank holds depends on its tile side
+  and N only); the largest N whose fitted peak fits 20 / 40 / 80 GiB on 8x8 and 16x16,
+  and a plot.
 
 Recycling / sampling steps: the estimate of the scale / fit runs uses 1 recycling step
 and 2 sampling steps; every recycling pass and every sampling step frees what the
@@ -129,49 +131,52 @@ def _peak(n, p, samples=1):
     return estimate_boltz(shape=shape, p=p, dtype=torch.bfloat16)
 
 
-FIT_GRID = {8: (10000, 20000, 30000), 16: (20000, 40000, 60000)}
+FIT_GRID = {8: (10000, 20000, 30000), 16: (60000,)}
 BUDGETS_GIB = (20, 40, 80)
 
 
-def fit(res):
-    """Per-rank peak at a few N per mesh; the largest N under each budget from a fit of
-    ``peak = a b^2 + c N + d`` (b = ceil(N / p): pair tiles; N: token and atom features)."""
+def _features(n, p):
+    return [float(-(-n // p)) ** 2, float(n), 1.0]
+
+
+def fit(res, only_known: bool = False):
+    """Per-rank peak at a few (N, p); the largest N under each budget from one least-squares
+    fit of ``peak = a b^2 + c N + d`` over all points (b = ceil(N / p): pair tiles; N: token
+    and atom features; d: parameters), since what a rank holds depends on (b, N) only.
+    ``only_known``: fit the points already in the JSON (no new estimates)."""
     import numpy as np
 
     known = {(r["n"], r["p"]): r["peak_bytes"] for r in res.get("scale", []) if r["samples"] == 1}
     known.update({(q["n"], q["p"]): q["peak_bytes"] for q in res.get("fit", {}).get("points", [])})
-    pts = []
-    for p, grid in FIT_GRID.items():
-        for n in grid:
-            if (n, p) not in known:
-                t = time.time()
-                known[(n, p)] = _peak(n, p).peak_bytes
-                print(f"fit: N={n} {p}x{p}: {known[(n, p)] / GIB:.2f} GiB ({time.time() - t:.0f} s)", flush=True)
-            pts.append({"n": n, "p": p, "peak_bytes": known[(n, p)]})
+    if not only_known:
+        for p, grid in FIT_GRID.items():
+            for n in grid:
+                if (n, p) not in known:
+                    t = time.time()
+                    known[(n, p)] = _peak(n, p).peak_bytes
+                    print(f"fit: N={n} {p}x{p}: {known[(n, p)] / GIB:.2f} GiB ({time.time() - t:.0f} s)", flush=True)
+    pts = [{"n": n, "p": p, "peak_bytes": b} for (n, p), b in sorted(known.items())]
+    xs = np.array([_features(q["n"], q["p"]) for q in pts])
+    ys = np.array([q["peak_bytes"] for q in pts], dtype=float)
+    coef = np.linalg.lstsq(xs, ys, rcond=None)[0]
+    resid = {f"{q['n']}@{q['p']}x{q['p']}": float(coef @ _features(q["n"], q["p"]) / q["peak_bytes"] - 1) for q in pts}
     largest = {}
-    for p, grid in FIT_GRID.items():
-        xs = np.array([[(-(-n // p)) ** 2, n, 1.0] for n in grid])
-        ys = np.array([known[(n, p)] for n in grid], dtype=float)
-        coef = np.linalg.solve(xs, ys)
+    for p in (8, 16):
         for budget in BUDGETS_GIB:
-            hi = 1
-            while hi < 10**6 and coef @ [(-(-hi // p)) ** 2, hi, 1.0] <= budget * GIB:
-                hi *= 2
-            lo = hi // 2
+            lo, hi = 0, 1
+            while hi < 10**7 and coef @ _features(hi, p) <= budget * GIB:
+                lo, hi = hi, hi * 2
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if coef @ [(-(-mid // p)) ** 2, mid, 1.0] <= budget * GIB:
-                    lo = mid
-                else:
-                    hi = mid
-            fits = coef @ [(-(-1 // p)) ** 2, 1, 1.0] <= budget * GIB
-            largest[f"{p}x{p}@{budget}GiB"] = lo if fits else 0
-            print(f"largest N on {p}x{p} within {budget} GiB per rank: {lo if fits else 'none':,}", flush=True)
-    res["fit"] = {"points": pts, "largest_n": largest, "model": "peak = a*ceil(N/p)^2 + c*N + d per mesh side"}
-    _plot(res)
+                lo, hi = (mid, hi) if coef @ _features(mid, p) <= budget * GIB else (lo, mid)
+            largest[f"{p}x{p}@{budget}GiB"] = lo
+            print(f"largest N on {p}x{p} within {budget} GiB per rank: {lo:,}", flush=True)
+    res["fit"] = {"points": pts, "largest_n": largest, "coef_a_b2_c_n_d": [float(c) for c in coef],
+                  "fit_rel_error": resid, "model": "peak = a*ceil(N/p)^2 + c*N + d (least squares over the points)"}
+    _plot(res, coef)
 
 
-def _plot(res):
+def _plot(res, coef=None):
     try:
         import matplotlib
 
@@ -181,9 +186,16 @@ def _plot(res):
         print("matplotlib missing: no plot")
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for p in FIT_GRID:
+    import numpy as np
+
+    for p, color in ((8, "C0"), (16, "C1")):
         pts = sorted((q["n"], q["peak_bytes"] / GIB) for q in res["fit"]["points"] if q["p"] == p)
-        ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", label=f"{p}x{p} (estimated)")
+        if pts:
+            ax.plot([a for a, _ in pts], [b for _, b in pts], "o", color=color, label=f"{p}x{p}: estimated")
+        if coef is not None:
+            ns = np.linspace(2000, 80000, 80)
+            ax.plot(ns, [coef @ _features(int(n), p) / GIB for n in ns], "-", color=color, lw=1,
+                    label=f"{p}x{p}: fit a b^2 + c N + d")
     for budget in BUDGETS_GIB:
         ax.axhline(budget, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("tokens N (9 atoms per token, 8192 MSA rows)")
@@ -200,6 +212,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", nargs="+", default=["validate", "scale", "fit"], choices=["validate", "scale", "fit"])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--fit-known", action="store_true", help="fit: only the points already in the JSON")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,7 +224,7 @@ def main(argv=None) -> int:
         scale(res)
     res["_out"] = str(out)
     if "fit" in args.only:
-        fit(res)
+        fit(res, only_known=args.fit_known)
     res.pop("_out", None)
     res["machine"] = "2-core CPU, FakeTensor estimate; measured: gloo, live-tensor tracker"
     path.write_text(json.dumps(res, indent=1, default=str))

@@ -231,10 +231,9 @@ def _dispatch(func, args, kwargs):
     if func in _METADATA:
         return _plain_call(func, args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
-    if any(type(a).__name__ == "IndexMap" for a in leaves):  # a one-hot map met a tile: its handlers decide
-        from .index_map import IndexMap
-
-        return IndexMap.__torch_function__(func, (), args, kwargs)
+    imap = next((type(a) for a in leaves if type(a).__name__ == "IndexMap"), None)
+    if imap is not None:  # a one-hot map (passes/index_map.py) met a tile: its handlers decide
+        return imap.__torch_function__(func, (), args, kwargs)
     if not any(isinstance(a, TileTensor) for a in leaves):
         return _plain_call(func, args, kwargs)
     if any(isinstance(a, TileTensor) and any(t in _FLAT for t in a.tags) for a in leaves):
