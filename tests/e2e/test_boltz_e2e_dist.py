@@ -138,7 +138,7 @@ def subsample_worker(rank, world, depth, keep):
 
 # MSA subsampling (boltz predict subsamples 8192 rows to 1024) kept the MSA whole per rank and
 # was refused under strict; now the kept rows are re-split over the mesh: 11 of 13 rows
-@pytest.mark.parametrize("world", [4, 9])
+@pytest.mark.parametrize("world", [9])  # 3x3: 13 MSA rows and 11 kept rows split unevenly
 def test_msa_subsample_parity(world):
     for rank, r in enumerate(run_distributed(subsample_worker, world, 13, 11, timeout=900)):
         for k, (err, scale) in r.items():
