@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--train", action="store_true", help="one training step (forward + backward), not inference")
     e.add_argument("--mesh", type=_mesh_side, nargs="+", default=None,
                    help="mesh sides p to tabulate (default: the sides the search visits)")
-    e.add_argument("--max-mesh", type=_mesh_side, default=64, help="largest side p searched for a fit, default 64")
+    e.add_argument("--max-mesh", type=_mesh_side, default=None,
+                   help="largest side p searched for a fit, default 64 (boltz2-full: 16; each side takes minutes, "
+                        "more for large p)")
     e.add_argument("--blocks", type=blocks, default=1, help="Pairformer blocks, default 1 (the forward peak is one "
                    "block's; --train stores every block's activations)")
     e.add_argument("--channels", type=chans, default=128, help="pair channels C (Boltz-2: 128; single 3C, MSA C/2)")
@@ -706,6 +708,8 @@ def estimate_cmd(args) -> int:
     import autocp
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.max_mesh is None:
+        args.max_mesh = 16 if args.model == FULL_MODEL else 64
     if args.model == FULL_MODEL:
         full_peak, desc = _full_model_peak(args, dtype)
         model = None
