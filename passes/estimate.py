@@ -587,7 +587,6 @@ class RunTracker(_Tracker):
         from torch.utils._python_dispatch import TorchDispatchMode
 
         tracker = self
-        aten = torch.ops.aten
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -623,7 +622,6 @@ class RunTracker(_Tracker):
                         tracker.add(t)
                 return out
 
-        self._aten = aten
         return Mode()
 
     def _fake_op(self, func, args, kwargs):

@@ -204,7 +204,6 @@ def estimate_boltz(
     *,
     shape: Optional[PredictShape] = None,
     config: Optional[dict] = None,
-    model: Optional[torch.nn.Module] = None,
     version: int = 2,
     replay: bool = True,
 ):
@@ -213,9 +212,11 @@ def estimate_boltz(
     each top-level Boltz module ran (``structure_module`` covers the whole sampling loop).
 
     ``shape``: a :class:`PredictShape` (default ``PredictShape(n_tokens)``); ``config``:
-    ``Boltz2`` kwargs (default :func:`released_boltz2_config`); or ``model``: a built model
-    (its parameters are faked, never touched). ``dtype`` bf16 / fp16: Boltz's
-    ``bf16-mixed`` (fp32 weights under ``torch.autocast``); fp32: as is."""
+    ``Boltz2`` kwargs (default :func:`released_boltz2_config`; the model is built with fake
+    parameters). ``dtype`` bf16 / fp16: Boltz's ``bf16-mixed`` (fp32 weights under
+    ``torch.autocast``, CPU autocast rules); fp32: as is. ``replay``: repeated layers (64
+    Pairformer blocks, transformer layers, every sampling step's network call) run twice per
+    input signature, then their recorded peak is charged (the same figure, minutes less)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .. import comm
@@ -231,19 +232,7 @@ def estimate_boltz(
     if n < p:
         raise MeshError(f"estimate_boltz: N={n} is smaller than the mesh side p={p}. Fix: use p <= N.")
     fm = FakeTensorMode(allow_non_fake_inputs=True)
-    if model is None:
-        model = _fake_model(config if config is not None else released_boltz2_config(), fm, version)
-    else:
-        import copy
-
-        real = model
-        model = copy.deepcopy(real).to("meta")
-        with fm:
-            model = model.to_empty(device="cpu")
-        model.train(False)
-        for name in ("training_args", "validation_args", "predict_args"):
-            if hasattr(real, name):
-                setattr(model, name, getattr(real, name))
+    model = _fake_model(config if config is not None else released_boltz2_config(), fm, version)
     params_bytes = sum(q.numel() * q.element_size() for q in model.parameters())
     tracker = RunTracker(fm)
     sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
