@@ -26,7 +26,7 @@ are dropped as ``autocp predict`` drops them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
