@@ -79,13 +79,23 @@ if HERE not in sys.path:
 MIB = 2**20
 GIB = 2**30
 
-#: Boltz-2 released widths (the Pairformer trunk and the diffusion score model)
-PAIRFORMER_CFG = dict(token_s=384, token_z=128, num_blocks=1, num_heads=16, pairwise_head_width=32,
-                      pairwise_num_heads=4, dropout=0.0, v2=True)
-DIFFUSION_CFG = dict(token_s=384, token_z=128, atom_s=128, atom_z=16, sigma_data=16, dim_fourier=256,
-                     atom_encoder_depth=3, atom_encoder_heads=4, token_transformer_depth=24,
-                     token_transformer_heads=16, atom_decoder_depth=3, atom_decoder_heads=4,
-                     conditioning_transition_layers=2)
+def released_widths() -> tuple:
+    """``(pairformer kwargs, diffusion score-model kwargs)`` of one Boltz-2 Pairformer block and
+    the score model at the released widths (from :func:`autocp.models.boltz_estimate.released_boltz2_config`)."""
+    from autocp.models.boltz_estimate import released_boltz2_config
+
+    cfg = released_boltz2_config()
+    pf, sm = cfg["pairformer_args"], cfg["score_model_args"]
+    pairformer = dict(token_s=cfg["token_s"], token_z=cfg["token_z"], num_blocks=1, num_heads=pf["num_heads"],
+                      pairwise_head_width=pf["pairwise_head_width"], pairwise_num_heads=pf["pairwise_num_heads"],
+                      dropout=0.0, v2=True)
+    keys = ("sigma_data", "dim_fourier", "atom_encoder_depth", "atom_encoder_heads", "token_transformer_depth",
+            "token_transformer_heads", "atom_decoder_depth", "atom_decoder_heads", "conditioning_transition_layers")
+    diffusion = dict(token_s=cfg["token_s"], token_z=cfg["token_z"], atom_s=cfg["atom_s"], atom_z=cfg["atom_z"],
+                     **{k: sm[k] for k in keys})
+    return pairformer, diffusion
+
+
 #: tiny widths for --cpu-smoke
 SMOKE_PAIRFORMER_CFG = dict(token_s=32, token_z=16, num_blocks=1, num_heads=2, pairwise_head_width=8,
                             pairwise_num_heads=2, dropout=0.0, v2=True)
@@ -128,8 +138,8 @@ class Ctx:
         self.t0 = time.time()
         self.deadline = self.t0 + args.time_budget
         self.repeats = args.repeats
-        self.pf_cfg = dict(SMOKE_PAIRFORMER_CFG if self.smoke else PAIRFORMER_CFG)
-        self.df_cfg = dict(SMOKE_DIFFUSION_CFG if self.smoke else DIFFUSION_CFG)
+        pf, df = (SMOKE_PAIRFORMER_CFG, SMOKE_DIFFUSION_CFG) if self.smoke else released_widths()
+        self.pf_cfg, self.df_cfg = dict(pf), dict(df)
 
     def elapsed(self) -> float:
         return time.time() - self.t0

@@ -128,7 +128,7 @@ def register_boltz_defaults() -> list[ModuleRule]:
         from boltz.model.modules.trunkv2 import MSAModule as _MSAModuleV2
 
         rules.append(register_module(
-            _MSAModuleV2, _msa_module_factory, kind="msa_module", checker=_msa_module_checker,
+            _MSAModuleV2, _msa_module_factory, kind="msa_module",
             comm_bytes=None, arg_layouts=ARG_LAYOUTS["msa_module"], name="boltz.model.modules.trunkv2.MSAModule"))
     except Exception:  # noqa: BLE001 -- boltz-2 missing in this install
         pass
@@ -193,10 +193,6 @@ class NativeOpAdapter(nn.Module):
 
 
 # ----------------------------------------------------------------------------- Boltz-2 MSAModule
-def _msa_module_checker(module):
-    return True
-
-
 def _msa_module_factory(module, mesh):
     try:
         from ..ops.msa import MSALayer2D  # noqa: F401

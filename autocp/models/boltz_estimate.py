@@ -94,7 +94,6 @@ class PredictShape:
         return -(-int(m) // 32) * 32  # Boltz pads atoms to whole windows of 32
 
 
-_MSA_KEYS = ("msa", "msa_paired", "deletion_value", "has_deletion", "msa_mask")
 
 
 def _template(version: int, n_templates: int):
@@ -110,8 +109,12 @@ def synthetic_features(shape: PredictShape, fake_mode, *, version: int = 2, real
     featurizer output (scaled from a 40-token complex: token dims to N, atom dims to M, MSA
     rows to S). Floating tensors and tensors of more than ``real_limit`` elements are fake
     (``fake_mode``); the rest (ids, flags, integer masks) are real, their values tiled from
-    the small complex (so chain ids and residue types look like a complex's). The atom -> token map is fake at scale; its index
-    (atom ``m`` on token ``m N // M``) is attached by :func:`estimate_boltz`."""
+    the small complex (so chain ids and residue types look like a complex's). The dense
+    token <-> atom maps come out fake at scale; :func:`estimate_boltz` replaces them by the
+    index maps a real complex has (atom ``m`` on token ``m N // M``)."""
+    from .boltz_e2e import FEATURE_LAYOUTS
+
+    msa_keys = {k for k, dims in FEATURE_LAYOUTS.items() if dims.get(1) == "s"}  # [B, S, N] MSA features
     f0, n0, m0, s0 = _template(version, shape.n_templates)
     n, m, s = int(shape.n_tokens), shape.atoms(), int(shape.msa_rows)
     out: dict[str, Any] = {}
@@ -125,7 +128,7 @@ def synthetic_features(shape: PredictShape, fake_mode, *, version: int = 2, real
         for d, size in enumerate(v.shape):
             if d == 0:
                 continue
-            if k in _MSA_KEYS and d == 1 and size == s0:
+            if k in msa_keys and d == 1 and size == s0:
                 new[d] = s
             elif size == n0:
                 new[d] = n
