@@ -103,6 +103,7 @@ class _Tracker:
         self.extra = 0
         self.seen = {}
         self.per_module = {}
+        self.at_peak: list = []  # what was live at the current scope's peak (RunTracker fills it)
 
     def add(self, t):
         from torch._subclasses.fake_tensor import FakeTensor
@@ -123,8 +124,13 @@ class _Tracker:
         nbytes = st.nbytes()
         self.seen[key] = self._weakref.finalize(st, self._free, key, nbytes)
         self.live += nbytes
-        self.peak = max(self.peak, self.live + self.extra)
+        if self.live + self.extra > self.peak:
+            self.peak = self.live + self.extra
+            self._on_peak()
         return nbytes
+
+    def _on_peak(self, note=None):
+        """A new peak (of the current scope) was reached; ``note``: ``(what, bytes)`` charged."""
 
     def _free(self, key, nbytes):
         self.seen.pop(key, None)
@@ -137,7 +143,9 @@ class _Tracker:
 
     def charge(self, nbytes):
         self.extra += nbytes
-        self.peak = max(self.peak, self.live + self.extra)
+        if self.live + self.extra > self.peak:
+            self.peak = self.live + self.extra
+            self._on_peak()
 
 
 _SCALAR_OPS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
@@ -177,16 +185,21 @@ class _Watch:
     def __enter__(self):
         t = self.tracker
         self.entry = t.live + t.extra
-        self.outer_peak = t.peak
+        self.outer_peak, self.outer_at = t.peak, t.at_peak
         t.peak = self.entry  # measure this module's own peak, then restore the running max
+        t._on_peak()
         return self
 
     def __exit__(self, *exc):
         t = self.tracker
-        mine = t.peak
+        mine, mine_at = t.peak, t.at_peak
         t.peak = max(self.outer_peak, mine)
+        if mine < self.outer_peak:
+            t.at_peak = self.outer_at
         rec = t.per_module.setdefault(self.path, {"kind": self.kind, "calls": 0, "peak_bytes": 0, "transient_bytes": 0})
         rec["calls"] += 1
+        if mine >= rec["peak_bytes"] and mine_at:
+            rec["at_peak"] = mine_at
         rec["peak_bytes"] = max(rec["peak_bytes"], mine)
         rec["transient_bytes"] = max(rec["transient_bytes"], mine - self.entry)
         return False
@@ -552,6 +565,8 @@ class RunTracker(_Tracker):
         self.large: dict = {}  # (shape, dtype, "file:line" of the model / autocp) -> bytes
         self.progress = None  # progress(tracker) every 50,000 ops
         self.guessed: dict = {}  # what a fake value was taken to be: {"bool": k, "int": k, "float": k, "select": k}
+        self.watch_bytes = 256 << 20  # live allocations this large are listed in ``at_peak`` (with per_module)
+        self.live_large: dict = {}  # storage id -> (bytes, shape, dtype, "file:line")
 
     def add(self, t) -> None:
         from torch._subclasses.fake_tensor import FakeTensor
@@ -560,12 +575,27 @@ class RunTracker(_Tracker):
             return  # another mode's fake (an engine's own shape tracing): allocates nothing
         if t.device.type == "meta":
             return
-        nbytes = self._count(t)
-        if nbytes >= self.report_bytes:
+        try:
+            st = t.untyped_storage()
+        except Exception:  # noqa: BLE001
+            return
+        nbytes = st.nbytes()
+        if nbytes >= self.watch_bytes and id(st) not in self.seen:
             from ..memory import source_line
 
             where = (tuple(t.shape), str(t.dtype).replace("torch.", ""), source_line())
-            self.large[where] = max(self.large.get(where, 0), nbytes)
+            self.live_large[id(st)] = (nbytes, *where)
+            if nbytes >= self.report_bytes:
+                self.large[where] = max(self.large.get(where, 0), nbytes)
+        self._count(t)
+
+    def _free(self, key, nbytes):
+        super()._free(key, nbytes)
+        self.live_large.pop(key, None)
+
+    def _on_peak(self, note=None):
+        """Snapshot the large live tensors (``(bytes, shape, dtype, "file:line")``), with ``note``."""
+        self.at_peak = sorted(self.live_large.values(), reverse=True) + ([(note[1], (), "", note[0])] if note else [])
 
     def _small_pointwise(self, func, flat) -> bool:
         """A pointwise op whose broadcast output is within ``real_limit`` (no probe needed)."""
@@ -736,16 +766,21 @@ class _Replay:
         self.instances.add(inst)
         if rec is not None and rec["runs"] >= self.runs and rec["ok"] and not (first and rec["retained"] is None):
             self.replayed += 1
-            t.peak = max(t.peak, t.live + t.extra + rec["transient"])
+            if t.live + t.extra + rec["transient"] > t.peak:
+                t.peak = t.live + t.extra + rec["transient"]
+                t._on_peak((f"{cls[0].__name__}.{cls[1]} (replayed) transient", rec["transient"]))
             if first and rec["retained"]:
                 t.charge(rec["retained"])  # e.g. autocast's low-precision copies of this layer's weights
             return self._make(rec["out"], tree_flatten((args, kwargs))[0])
         entry = t.live + t.extra
-        outer = t.peak
+        outer, outer_at = t.peak, t.at_peak
         t.peak = entry
+        t._on_peak()
         out = bound(*args, **kwargs)
         mine = t.peak
         t.peak = max(outer, mine)
+        if mine < outer:
+            t.at_peak = outer_at
         leaves, spec = tree_flatten(out)
         in_leaves = tree_flatten((args, kwargs))[0]
         ins = {self._storage(x): i for i, x in enumerate(in_leaves) if isinstance(x, torch.Tensor)}

@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["FEATURE_LAYOUTS", "FEATURE_LAYOUTS_V1", "INDEX_MAPS", "feature_tags", "ParallelBoltz", "parallelize_boltz"]
+__all__ = ["FEATURE_LAYOUTS", "FEATURE_LAYOUTS_V1", "INDEX_MAPS", "ROW_CHUNKED", "feature_tags", "ParallelBoltz", "parallelize_boltz"]
 
 _TOKEN = ("token_index", "residue_index", "asym_id", "entity_id", "sym_id", "mol_type", "token_pad_mask",
           "token_resolved_mask", "token_disto_mask", "res_type", "disto_center", "method_feature", "modified",
@@ -57,6 +57,10 @@ FEATURE_LAYOUTS.update({"atom_to_token": {2: "r"}, "token_to_rep_atom": {1: "r"}
 #: one-hot token <-> atom maps: held as indices (:class:`autocp.passes.index_map.IndexMap`),
 #: not as ``M x N / p`` tiles, when they are one-hot (else tiled as FEATURE_LAYOUTS says)
 INDEX_MAPS = ("atom_to_token", "token_to_rep_atom", "token_to_center_atom")
+
+#: pair glue modules run on blocks of their tiles (:class:`autocp.passes.row_chunk.RowChunked`:
+#: proven block-local by their sharded trace per call, else run op by op -- exact either way)
+ROW_CHUNKED = ("ContactConditioning", "PairwiseConditioning", "RelativePositionEncoder")
 
 #: Boltz-1 keys whose shapes differ from Boltz-2's
 FEATURE_LAYOUTS_V1 = dict(FEATURE_LAYOUTS, frames_idx={1: "r"}, frame_resolved_mask={1: "r"},
@@ -156,6 +160,7 @@ class ParallelBoltz(_wrapper_base()):
         replace.update({path: AtomWindowOp(m, mesh) for path, m in atoms.items()})
         lazy = bind_lazy_bias(model, mesh, token_bias)  # diffusion token-transformer bias: per layer, not resident
         replace.update(lazy)
+        replace.update(_row_chunked(model, mesh, replace))
         clone = structural_clone(model, replace)
         super().__init__(clone, mesh)
         object.__setattr__(self, "_original_type", type(model))
@@ -226,6 +231,22 @@ class ParallelBoltz(_wrapper_base()):
             return _full(out) if output == "full" else out
 
         return self.apply(run, feats, strict=strict)
+
+
+def _row_chunked(model, mesh, taken: dict) -> dict:
+    """``{path: RowChunked}`` for the :data:`ROW_CHUNKED` modules not inside a ``taken``
+    path; the ``taken`` replacements inside one (a registered transition) move into its
+    clone (popped from ``taken``): they run when the module runs op by op."""
+    from ..passes.row_chunk import RowChunked
+    from ..passes.trace import structural_clone
+
+    out = {}
+    for path, m in model.named_modules():
+        if not path or type(m).__name__ not in ROW_CHUNKED or any(path.startswith(t + ".") for t in taken):
+            continue
+        inner = {t[len(path) + 1:]: taken.pop(t) for t in list(taken) if t.startswith(path + ".")}
+        out[path] = RowChunked(structural_clone(m, inner) if inner else m, mesh)
+    return out
 
 
 def _boundary(out, mesh, n, n_seq):
