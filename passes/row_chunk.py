@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .context import current
 from .wrapper import ModuleWrapper
 
-__all__ = ["RowChunked", "DEFAULT_CHUNK_ELEMS"]
+__all__ = ["RowChunked", "DEFAULT_CHUNK_ELEMS", "map_rows"]
 
 #: pair entries per block (rows x columns of the local tile): ~1 Mi
 DEFAULT_CHUNK_ELEMS = 1 << 20
@@ -369,6 +369,25 @@ class _Out:
             return self.buf
         rows = [torch.cat(b, self.cdim) if len(b) > 1 else b[0] for _, b in self.lines]
         return torch.cat(rows, self.rdim) if len(rows) > 1 else rows[0]
+
+
+def map_rows(fn, x: torch.Tensor, dim: int = 1, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> torch.Tensor:
+    """``fn(x)`` for a ``fn`` that acts on each index of ``dim`` on its own (a LayerNorm /
+    Linear over the channels of a local pair tile), computed on blocks of ``dim`` so its
+    intermediates exist for one block at a time: the local-tile form of :class:`RowChunked`."""
+    rows = int(x.shape[dim])
+    per_row = max(1, x.numel() // max(1, rows) // max(1, int(x.shape[-1])))  # entries per row, channels aside
+    step = max(1, chunk_elems // per_row)
+    if step >= rows:
+        return fn(x)
+    out = None
+    for lo in range(0, rows, step):
+        ln = min(step, rows - lo)
+        piece = fn(x.narrow(dim, lo, ln))
+        if out is None:
+            out = _Out(piece, dim, rows, None, 0)
+        out.put(piece, lo, 0, ln, None)
+    return out.done()
 
 
 def _global(local_shape, tags, ctx):

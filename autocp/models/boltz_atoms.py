@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..ops.atom_windows import WindowPlan, atom_token_index, atoms_to_tokens, band_gather, tokens_to_atoms, window_keys
+from ..passes.row_chunk import map_rows
 from ..passes.wrapper import ModuleWrapper
 
 __all__ = ["ATOM_MODULES", "AtomWindowOp", "find_atom_modules", "WindowKeys"]
@@ -203,7 +204,7 @@ def _encode(enc, feats, s_trunk, z, v1: bool):
     if enc.structure_prediction:
         s_to_c = enc.s_to_c_trans(_row(s_trunk).float())
         c_ext = c_ext + tokens_to_atoms(s_to_c, mesh, n, idx_ext).to(c_ext)
-        z_to_p = enc.z_to_p_trans(_pair(z).float())
+        z_to_p = map_rows(lambda blk: enc.z_to_p_trans(blk.float()), _pair(z))  # LN + Linear per entry
         p = p + band_gather(z_to_p, idx, plan, n).to(p)
     c_ext = c_ext * inside.to(c_ext.dtype)  # Boltz's keys outside [0, M) are zero
     c = c_ext[:, h:h + na]

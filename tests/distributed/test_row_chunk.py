@@ -152,3 +152,19 @@ def test_row_chunked_parity(p, n, chunk):
                 assert stats[blocked] >= 1 and stats["engine"] == 0, (name, stats)
             else:
                 assert stats["rows"] == stats["outer"] == 0 and stats["engine"] >= 1, (name, stats)
+
+
+def test_map_rows_matches_whole_call():
+    from autocp.passes.row_chunk import map_rows
+
+    torch.manual_seed(0)
+    f = nn.Sequential(nn.LayerNorm(6), nn.Linear(6, 3))
+    x = torch.randn(2, 9, 5, 6, dtype=torch.bfloat16)
+    ref = f(x.float())
+    for chunk in (1, 7, 45, 10_000):
+        got = map_rows(lambda b: f(b.float()), x, dim=1, chunk_elems=chunk)
+        assert torch.equal(got, ref), chunk
+    xg = x.float().requires_grad_(True)
+    g = torch.autograd.grad(map_rows(f, xg, chunk_elems=7).square().sum(), xg)[0]
+    xr = x.float().requires_grad_(True)
+    assert torch.allclose(g, torch.autograd.grad(f(xr).square().sum(), xr)[0], atol=1e-6)
