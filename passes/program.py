@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten
 
+from .export import export
 from .context import tile_context
 from .rewrite import gather_tags, shard_tags
 from .shard import shard_graph
@@ -25,7 +26,7 @@ def _no_opaque(entry, in_tags):
 
 def compile_tile_program(module, example_args, in_tags, *, n, p, n_seq=None, strict=False):
     """``(program, exported_program)``; ``in_tags``: one tag tuple per tensor input."""
-    ep = torch.export.export(module, tuple(example_args), strict=False)
+    ep = export(module, example_args)
     gm = ep.module() if False else ep.graph_module
     prog = shard_graph(gm, in_tags, n=n, n_seq=n_seq, p=p, resolver=_no_opaque, strict=strict,
                        what=type(module).__name__)

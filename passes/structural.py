@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .export import export
 from .analyze import Analysis, analyze_graph
 from .match import INPLACE_FORMS, ancestors_until, is_contraction, n_token_tags, rule_triangle_mult
 from .tags import op_name as _name
@@ -834,7 +835,7 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
     bound = BoundCall(module, spec, tidx, consts)
     ex = [example_like(s, d) for s, d in in_meta]
     try:
-        ep = torch.export.export(bound, tuple(ex), {}, strict=False)
+        ep = export(bound, ex)
     except Exception as exc:  # noqa: BLE001
         raise StructuralRewriteError(f"capture of the module alone failed: {type(exc).__name__}: {exc}") from exc
     gm = ep.graph_module

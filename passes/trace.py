@@ -35,10 +35,13 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .export import export
 from .. import registry as _registry
 
 __all__ = [
     "CaptureError",
+    "StaleCaptureError",
+    "live_entries",
     "OpaqueEntry",
     "BlockGraph",
     "Capture",
@@ -52,6 +55,11 @@ __all__ = [
 
 class CaptureError(RuntimeError):
     """The model could not be captured; the message names module, construct and fix."""
+
+
+class StaleCaptureError(BaseException):
+    """A captured graph ran after its capture was freed (not an ``Exception``: a model's own
+    ``except Exception`` must not swallow it)."""
 
 
 # ----------------------------------------------------------------------------- opaque op
@@ -78,7 +86,22 @@ class OpaqueEntry:
         return type(self.module).__name__
 
 
-_TABLE: dict[str, OpaqueEntry] = {}
+#: key -> entry, held weakly: a capture (``_CACHE[model]``) holds its entries, so dropping
+#: the model and its parallel module frees them (and the modules they run)
+_TABLE: "weakref.WeakValueDictionary[str, OpaqueEntry]" = weakref.WeakValueDictionary()
+
+
+def live_entries() -> list:
+    """The opaque call sites of captures still alive (freed with their model)."""
+    return list(_TABLE.values())
+
+
+def _entry(key: str) -> OpaqueEntry:
+    entry = _TABLE.get(key)
+    if entry is None:
+        raise StaleCaptureError(f"autocp: opaque call {key!r} outlived its capture (its model was dropped). "
+                                 f"Fix: keep the model alive while its parallel module runs.")
+    return entry
 _KEYS = itertools.count()
 
 
@@ -92,7 +115,7 @@ def _rebuild(entry: OpaqueEntry, tensors):
 
 @torch.library.custom_op("autocp::opaque", mutates_args=())
 def _opaque(key: str, args: list[torch.Tensor]) -> list[torch.Tensor]:
-    entry = _TABLE[key]
+    entry = _entry(key)
     a, kw = _rebuild(entry, args)
     out = entry.module(*a, **kw)
     flat, _ = tree_flatten(out)
@@ -105,7 +128,7 @@ def _opaque(key: str, args: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @_opaque.register_fake
 def _opaque_fake(key, args):
-    entry = _TABLE[key]
+    entry = _entry(key)
     if entry.out_meta is not None:
         return [torch.empty(shape, dtype=dtype, device=args[0].device if args else "cpu")
                 for shape, dtype in entry.out_meta]
@@ -336,7 +359,7 @@ def _explain_failure(exc: BaseException, paths: dict, what: str) -> CaptureError
 
 def _export(mod, args, kwargs, paths, what):
     try:
-        return torch.export.export(mod, tuple(args), dict(kwargs), strict=False)
+        return export(mod, args, kwargs)
     except CaptureError:
         raise
     except Exception as exc:  # noqa: BLE001 -- re-raised with context
