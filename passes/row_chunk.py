@@ -41,8 +41,9 @@ from .wrapper import ModuleWrapper
 
 __all__ = ["RowChunked", "DEFAULT_CHUNK_ELEMS", "map_rows"]
 
-#: pair entries per block (rows x columns of the local tile): ~1 Mi
-DEFAULT_CHUNK_ELEMS = 1 << 20
+#: pair entries per block (rows x columns of the local tile): 256 Ki (Boltz's glue keeps up to
+#: ~2 KB of intermediates per entry: ~0.5 GiB per block)
+DEFAULT_CHUNK_ELEMS = 1 << 18
 
 
 class _Hidden:
@@ -260,8 +261,8 @@ class RowChunked(ModuleWrapper):
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = _plan(self.inner, hidden, spec, ctx)
-        if plan.kind is None:
-            self.stats["engine"] += 1
+        if plan.kind is None or (plan.kind == "outer" and _tile_entries(hidden) <= self.chunk_elems):
+            self.stats["engine"] += 1  # not provable, or an outer module whose tile is one block already
             return self.inner(*args, **kwargs)
         self.stats[plan.kind] += 1
         object.__setattr__(self, "_decisions", plan.decisions)
@@ -295,6 +296,8 @@ class RowChunked(ModuleWrapper):
         cols = max((int(a.local.shape[a.tags.index("c")]) for a in leaves if isinstance(a, TileTensor)
                     and "c" in a.tags), default=1)
         step = max(1, self.chunk_elems // cols)
+        if step >= rows:  # one block: the module on the whole local tiles
+            return self._call(locs, spec)
         outs, ospec = None, None
         for lo in range(0, rows, step):
             ln = min(step, rows - lo)
@@ -315,7 +318,8 @@ class RowChunked(ModuleWrapper):
         col = {i: T.convert(leaves[i].local, leaves[i].tags, _swap(leaves[i].tags)) for i in tok}
         i0 = next(iter(tok))
         rows, cols = int(row[i0].shape[tok[i0]]), int(col[i0].shape[tok[i0]])
-        side = max(1, math.isqrt(self.chunk_elems) // 2)
+        # R + C tokens per block: (R + C)^2 entries, never more than the tile itself
+        side = max(1, min(math.isqrt(self.chunk_elems) // 2, rows // 2, cols // 2))
         outs, ospec = None, None
         for r0 in range(0, rows, side):
             rn = min(side, rows - r0)
@@ -369,6 +373,14 @@ class _Out:
             return self.buf
         rows = [torch.cat(b, self.cdim) if len(b) > 1 else b[0] for _, b in self.lines]
         return torch.cat(rows, self.rdim) if len(rows) > 1 else rows[0]
+
+
+def _tile_entries(leaves) -> int:
+    """Rows x columns of the local tile the outputs will have (token vectors' blocks)."""
+    from .eager import TileTensor
+
+    sizes = [int(a.local.shape[a.tags.index("r")]) for a in leaves if isinstance(a, TileTensor) and "r" in a.tags]
+    return max(sizes, default=1) ** 2
 
 
 def map_rows(fn, x: torch.Tensor, dim: int = 1, chunk_elems: int = DEFAULT_CHUNK_ELEMS) -> torch.Tensor:
