@@ -45,6 +45,7 @@ from .context import current
 from . import tile_ops as T
 from .rewrite import gather_tags, shard_tags
 from .shard import ShardingError, shard_graph
+from .storage import reinplace
 from .wrapper import ModuleWrapper
 from ..tile_io import FLAT_TAGS
 
@@ -464,6 +465,7 @@ def _build(func, leaves, spec, tpos, ctx):
             return _InplaceFallback(str(e))
         raise EagerShardingError(f"{e}\n  called at {_user_line()}") from e
     prog.const_targets = []
+    reinplace(prog.gm)  # a dead redistributed / fresh operand of add / mul is written in place (no autograd)
     for nt in prog.notes:
         if nt.pair and nt.what in ("gather", "op-gather"):
             warnings.warn(f"autocp: {getattr(func, '__name__', func)} gathers a pair tensor ({nt.op}: "

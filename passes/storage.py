@@ -104,6 +104,18 @@ def binary_maybe_inplace(kind: str, target: int, a, b, storage_dtype=None):
     return dst.add_(other) if kind == "add" else dst.mul_(other)
 
 
+def binary_into_unaliased(kind: str, target: int, a, b, *inputs):
+    """:func:`binary_maybe_inplace` when operand ``target`` shares storage with none of
+    ``inputs`` (the program's inputs), else out of place: a redistribution's result is
+    fresh on most ranks, but on a diagonal rank a transpose exchange returns its input."""
+    dst = (a, b)[target]
+    if isinstance(dst, torch.Tensor):
+        key = dst.untyped_storage()._cdata
+        if any(isinstance(x, torch.Tensor) and x.untyped_storage()._cdata == key for x in inputs):
+            return torch.add(a, b) if kind == "add" else torch.mul(a, b)
+    return binary_maybe_inplace(kind, target, a, b)
+
+
 def _writable(t: torch.Tensor) -> bool:
     """No two elements share memory (an expanded tensor is not)."""
     return all(s != 0 or n == 1 for s, n in zip(t.stride(), t.shape))
@@ -152,9 +164,11 @@ def reinplace(gm: fx.GraphModule, opaque_kinds=None) -> int:
     at run time); returns the number of rewritten nodes. ``opaque_kinds[k]``: the kind of
     the ``k``-th opaque call (only ``"module"`` -- a registered distributed op -- is trusted
     not to return or keep an alias of its inputs)."""
+    from . import tile_ops as T
     from .shard import invoke_opaque
 
     kinds = list(opaque_kinds or [])  # "module": trusted
+    places = [n for n in gm.graph.nodes if n.op == "placeholder"]
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     def trusted_opaque(node) -> bool:
@@ -166,7 +180,25 @@ def reinplace(gm: fx.GraphModule, opaque_kinds=None) -> int:
         k = mod.args[1]
         return k < len(kinds) and kinds[k] == "module"
 
+    def from_input(node) -> bool:
+        """``node`` is a program input or a view chain of one (its storage is an input's)."""
+        while isinstance(node, fx.Node) and node.op == "call_function":
+            t = node.target
+            if not (isinstance(t, torch._ops.OpOverload) and len(t._schema.returns) == 1
+                    and t._schema.returns[0].alias_info is not None and not t._schema.is_mutable):
+                return False
+            node = node.args[0]
+        return isinstance(node, fx.Node) and node.op == "placeholder"
+
+    def redistributed(node) -> bool:
+        """A tile_ops redistribution of an input (or a view of one): fresh unless it returned
+        that input itself (a diagonal rank's transpose exchange; checked at run time)."""
+        return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is T.convert
+                and from_input(node.args[0]))
+
     def fresh(node) -> bool:
+        if redistributed(node):
+            return True
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return False
         if node.meta.get("autocp.fresh"):
@@ -202,7 +234,12 @@ def reinplace(gm: fx.GraphModule, opaque_kinds=None) -> int:
         if pick is None:
             continue
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(binary_maybe_inplace, (kind, pick, *operands, sdt))
+            if redistributed(operands[pick]) and sdt is None:
+                new = gm.graph.call_function(binary_into_unaliased, (kind, pick, *operands, *places))
+            elif redistributed(operands[pick]):
+                continue
+            else:
+                new = gm.graph.call_function(binary_maybe_inplace, (kind, pick, *operands, sdt))
         new.meta.update(node.meta)
         new.meta["autocp.fresh"] = True  # writes into a fresh tensor nobody else reads: owned like one
         node.replace_all_uses_with(new)
