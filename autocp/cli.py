@@ -258,6 +258,10 @@ def _predict_parser(sub) -> None:
     q.add_argument("--memory-report", "--memory_report", dest="memory_report", action="store_true",
                    help="per-rank peak memory of each prediction (CPU: live tensors; CUDA: max allocated) and a "
                    "check that no rank held a whole O(N^2 * C) pair tensor")
+    q.add_argument("--estimate", choices=("block", "whole"), default="block",
+                   help="the per-rank peak printed (and checked against --device-memory) before each prediction: "
+                   "'block' one Pairformer block + parameters (seconds), 'whole' the whole prediction with these "
+                   "loop flags (minutes at 30k tokens; docs/memory.md)")
     q.add_argument("--json", default=None, help="write the per-rank summaries (timings, memory) to this JSON file")
     q.add_argument("--use_msa_server", action="store_true", help=argparse.SUPPRESS)
     q.add_argument("--write_embeddings", action="store_true", help=argparse.SUPPRESS)

@@ -71,6 +71,7 @@ class PredictConfig:
     device_memory: Optional[int] = None  # bytes per device: refuse a mesh that will not fit
     strict: bool = True  # no pair tensor gathered anywhere in the model (else a warned, exact gather)
     memory_report: bool = False  # per-rank peak of each prediction (CPU: live tensors; CUDA: max allocated)
+    estimate: str = "block"  # the plan's estimate: "block" (one Pairformer block, seconds) or "whole" (the prediction)
     quiet: bool = False
 
     @property
@@ -257,15 +258,21 @@ def _say(rank: int, cfg: PredictConfig, msg: str) -> None:
         print(msg, flush=True)
 
 
-def plan_line(cfg: PredictConfig, model, n_tokens: int, n_atoms: int, mesh_p: int) -> tuple:
-    """``(text, peak_bytes)``: N, atoms, mesh and the estimated per-rank peak of one trunk
-    block of this checkpoint at this N (:func:`autocp.estimate`, FakeTensor, nothing
-    allocated) plus the model's parameters. Leaves the global RNG state as it found it."""
+def plan_line(cfg: PredictConfig, model, n_tokens: int, n_atoms: int, mesh_p: int, batch=None) -> tuple:
+    """``(text, peak_bytes)``: N, atoms, mesh and the estimated per-rank peak -- with
+    ``cfg.estimate == "block"`` of one trunk block of this checkpoint at this N
+    (:func:`autocp.estimate`) plus the model's parameters; with ``"whole"`` of the whole
+    prediction with this run's loop flags (:func:`autocp.models.boltz_estimate.estimate_boltz`
+    on the checkpoint's hyperparameters; ``batch`` gives the MSA depth and template count).
+    FakeTensor, nothing allocated. Leaves the global RNG state as it found it."""
     import copy
 
     import torch
 
     from .api import estimate
+
+    if cfg.estimate == "whole":
+        return _whole_plan(cfg, model, n_tokens, n_atoms, mesh_p, batch)
 
     pf = model.pairformer_module
     one = copy.copy(pf)
@@ -281,6 +288,37 @@ def plan_line(cfg: PredictConfig, model, n_tokens: int, n_atoms: int, mesh_p: in
         peak, what = None, f"no estimate ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     return (f"N={n_tokens} tokens, {n_atoms} atoms, {mesh_p}x{mesh_p} mesh ({mesh_p * mesh_p} rank(s)); {what}",
             peak)
+
+
+def _whole_plan(cfg: PredictConfig, model, n_tokens: int, n_atoms: int, mesh_p: int, batch=None) -> tuple:
+    import torch
+
+    from .models.boltz_estimate import PredictShape, estimate_boltz
+
+    head = f"N={n_tokens} tokens, {n_atoms} atoms, {mesh_p}x{mesh_p} mesh ({mesh_p * mesh_p} rank(s))"
+    batch = batch or {}
+    msa = batch.get("msa")
+    tmpl = batch.get("template_restype")
+    shape = PredictShape(n_tokens, n_atoms=n_atoms or None,
+                         msa_rows=int(msa.shape[1]) if isinstance(msa, torch.Tensor) else cfg.max_msa_seqs,
+                         n_templates=int(tmpl.shape[1]) if isinstance(tmpl, torch.Tensor) else 1,
+                         recycling_steps=cfg.recycling_steps, sampling_steps=cfg.sampling_steps,
+                         diffusion_samples=cfg.diffusion_samples,
+                         max_parallel_samples=cfg.max_parallel_samples or cfg.diffusion_samples)
+    try:
+        hp = dict(getattr(model, "hparams", {}) or {})
+        if not hp:
+            raise ValueError(f"{type(model).__name__} has no hyperparameters to rebuild it from")
+        with torch.random.fork_rng(devices=[]):
+            est = estimate_boltz(shape=shape, p=mesh_p, dtype=torch.float32, config=hp,
+                                 version=1 if type(model).__name__ == "Boltz1" else 2)
+        peak = est.peak_bytes
+        top = max(est.per_module.items(), key=lambda kv: kv[1]["peak_bytes"])
+        what = (f"estimated per-rank peak {peak / 2**30:.3f} GiB (the whole prediction, fp32; largest while "
+                f"{top[0]} ran)")
+    except Exception as e:  # noqa: BLE001 -- the plan is advisory; say why there is no number
+        peak, what = None, f"no whole-model estimate ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return f"{head}; {what}", peak
 
 
 def _check_fits(cfg: PredictConfig, model, n: int, p: int, peak) -> None:
@@ -364,7 +402,7 @@ def _run_stage(cfg: PredictConfig, mesh, stage: str, manifest, checkpoint, predi
         batch = dm.transfer_batch_to_device(batch, device, 0)
         rec = batch["record"][0].id
         n, n_atoms = int(batch["token_pad_mask"].shape[1]), int(batch["atom_pad_mask"].shape[1])
-        text, peak = plan_line(cfg, model, n, n_atoms, mesh.p)  # plan first: refuse before any work
+        text, peak = plan_line(cfg, model, n, n_atoms, mesh.p, batch)  # plan first: refuse before any work
         _say(rank, cfg, f"[{stage}] {rec}: {text}")
         _check_fits(cfg, model, n, mesh.p, peak)
         if pm is None:

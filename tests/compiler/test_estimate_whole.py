@@ -82,3 +82,23 @@ def test_synthetic_features_scale_every_token_atom_and_msa_dim():
         assert list(v.shape) == want, (k, tuple(v.shape), want)
         big = v.numel() > 2000 or v.is_floating_point()
         assert isinstance(v, FakeTensor) == big, k
+
+
+def test_predict_plan_prints_the_whole_estimate():
+    """``autocp predict --estimate whole``: the plan line is the whole-model estimate of the
+    checkpoint's own hyperparameters with the run's loop flags and the batch's MSA depth."""
+    from autocp.models.boltz_estimate import PredictShape, estimate_boltz
+    from autocp.predict import PredictConfig, plan_line
+
+    model = boltz_full.tiny_boltz2(seed=0, **_config())
+    feats = boltz_full.make_features(N, seed=0, msa_depth=MSA)
+    atoms = int(feats["atom_pad_mask"].shape[1])
+    cfg = PredictConfig(data="x.yaml", estimate="whole", recycling_steps=1, sampling_steps=2, diffusion_samples=1,
+                        max_parallel_samples=1)
+    text, peak = plan_line(cfg, model, N, atoms, 2, feats)
+    assert "the whole prediction" in text and "largest while" in text, text
+    want = estimate_boltz(shape=PredictShape(N, n_atoms=atoms, msa_rows=MSA, n_templates=1, **KW), p=2,
+                          dtype=torch.float32, config=dict(model.hparams))
+    assert peak == want.peak_bytes, (peak, want.peak_bytes)
+    block_text, block_peak = plan_line(PredictConfig(data="x.yaml"), model, N, atoms, 2)
+    assert "one Pairformer block" in block_text and block_peak < peak
