@@ -147,7 +147,8 @@ def fit(res, only_known: bool = False):
     import numpy as np
 
     known = {(r["n"], r["p"]): r["peak_bytes"] for r in res.get("scale", []) if r["samples"] == 1}
-    known.update({(q["n"], q["p"]): q["peak_bytes"] for q in res.get("fit", {}).get("points", [])})
+    if only_known:  # else every point is estimated again (an earlier run's figures may be stale)
+        known = {**{(q["n"], q["p"]): q["peak_bytes"] for q in res.get("fit", {}).get("points", [])}, **known}
     if not only_known:
         for p, grid in FIT_GRID.items():
             for n in grid:
