@@ -194,7 +194,7 @@ def gather_to_rank0(x, mesh):
 
 #: featurizer outputs that only the training losses read: ``disto_target`` is a one-hot
 #: ``[B, N, N, K, 64]`` (O(N^2 * 64), half of z's bytes at Boltz-2's widths)
-TRAINING_TARGETS = ("disto_target", "r_set_to_rep_atom")  # training-only: [N,N,64] / [R,M]
+from .models.boltz_e2e import TRAINING_TARGETS  # noqa: E402 -- training-only: [N,N,64] / [R,M]
 
 _DROP = ("s", "z")  # the trunk embeddings: O(N^2 * C); the writer does not read them
 

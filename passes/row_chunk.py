@@ -22,8 +22,12 @@ sharded program is provably block-local:
   block) and the ``R x C`` corner of its output is kept (4x the arithmetic of the block,
   a bounded transient).
 
-Anything else -- a reduction over tokens, a transpose of a pair tensor, a python branch on
-a value (``if torch.any(...)``: not traceable on fakes), dropout in training -- runs
+Python reads of token vectors' values (``if torch.any(feats["cyclic_period"] > 0):``) are
+taken once on the whole (gathered, O(N)) vectors and replayed in the trace and in every
+block, so each block takes the branch the whole tensor takes.
+
+Anything else -- a reduction over tokens, a transpose of a pair tensor, a python read of a
+pair tensor's value, dropout in training -- runs
 through the TileTensor engine as before (exact), so declaring a module here can cost
 memory, never correctness.
 """
@@ -37,6 +41,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .context import current
+from .eager import EagerShardingError
 from .wrapper import ModuleWrapper
 
 __all__ = ["RowChunked", "DEFAULT_CHUNK_ELEMS", "map_rows"]
@@ -70,8 +75,9 @@ _SCALAR_READS = (torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__,
                  torch.Tensor.__index__, torch.Tensor.tolist)
 
 
-class _Diverged(RuntimeError):
-    pass
+class _Diverged(EagerShardingError):
+    """A block read a different number of values than the whole inputs did (not an
+    ``Exception``: a model's own ``except Exception`` must not swallow it)."""
 
 
 class _Decisions(torch.overrides.TorchFunctionMode):
@@ -201,7 +207,7 @@ def _plan(module, leaves, spec, ctx) -> _Plan:
 
         prog = shard_graph(gm, in_tags, n=ctx.n, n_seq=ctx.n_seq, p=ctx.mesh.p, resolver=refuse,
                            what=type(module).__name__)
-    except Exception as e:  # noqa: BLE001 -- not provable: the engine runs it (exact)
+    except (Exception, _Diverged) as e:  # noqa: BLE001 -- not provable: the engine runs it (exact)
         return _Plan(None, why=f"{type(e).__name__}: {str(e)[:120]}")
     odd = [tg for i, tg in zip(tpos, in_tags) if i not in unused and any(t not in (None, "r", "c") for t in tg)]
     if odd:
@@ -282,7 +288,7 @@ class RowChunked(ModuleWrapper):
                 raise _Diverged(f"{d.i} value reads in a block, {len(self._decisions)} on the whole inputs")
         flat, ospec = tree_flatten(out)
         if not all(isinstance(o, torch.Tensor) for o in flat):
-            raise TypeError(f"autocp RowChunked({type(self.inner).__name__}): a block returned a non-tensor output; "
+            raise EagerShardingError(f"autocp RowChunked({type(self.inner).__name__}): a block returned a non-tensor output; "
                             f"its trace promised tensors only (internal error)")
         return flat, ospec
 
@@ -356,7 +362,7 @@ class _Out:
         if self.cdim is not None:
             want[self.cdim] = cn
         if list(piece.shape) != want:
-            raise RuntimeError(f"autocp RowChunked: a block's output has shape {tuple(piece.shape)}; its trace "
+            raise EagerShardingError(f"autocp RowChunked: a block's output has shape {tuple(piece.shape)}; its trace "
                                f"promised {tuple(want)} (internal error: the module is not block-local)")
         if self.buf is not None:
             view = self.buf.narrow(self.rdim, r0, piece.shape[self.rdim])

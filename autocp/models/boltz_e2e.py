@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["FEATURE_LAYOUTS", "FEATURE_LAYOUTS_V1", "INDEX_MAPS", "ROW_CHUNKED", "feature_tags", "ParallelBoltz", "parallelize_boltz"]
+__all__ = ["FEATURE_LAYOUTS", "FEATURE_LAYOUTS_V1", "INDEX_MAPS", "ROW_CHUNKED", "TRAINING_TARGETS", "feature_tags", "ParallelBoltz", "parallelize_boltz"]
 
 _TOKEN = ("token_index", "residue_index", "asym_id", "entity_id", "sym_id", "mol_type", "token_pad_mask",
           "token_resolved_mask", "token_disto_mask", "res_type", "disto_center", "method_feature", "modified",
@@ -61,6 +61,10 @@ INDEX_MAPS = ("atom_to_token", "token_to_rep_atom", "token_to_center_atom")
 #: pair glue modules run on blocks of their tiles (:class:`autocp.passes.row_chunk.RowChunked`:
 #: proven block-local by their sharded trace per call, else run op by op -- exact either way)
 ROW_CHUNKED = ("ContactConditioning", "PairwiseConditioning", "RelativePositionEncoder")
+
+#: training-only keys (``[N, N, 64]`` distogram target, ``[R, M]`` symmetry map): a prediction
+#: drops them before its features are tiled (``autocp predict``, the whole-model estimate)
+TRAINING_TARGETS = ("disto_target", "r_set_to_rep_atom")
 
 #: Boltz-1 keys whose shapes differ from Boltz-2's
 FEATURE_LAYOUTS_V1 = dict(FEATURE_LAYOUTS, frames_idx={1: "r"}, frame_resolved_mask={1: "r"},

@@ -36,7 +36,7 @@ __all__ = ["released_boltz2_config", "PredictShape", "synthetic_features", "esti
 
 #: keys a prediction does not need (training targets): dropped before the features are tiled
 #: (the same list ``autocp predict`` drops)
-from ..predict import TRAINING_TARGETS as INFERENCE_DROP  # noqa: E402
+from .boltz_e2e import TRAINING_TARGETS as INFERENCE_DROP  # noqa: E402
 
 
 def released_boltz2_config(**overrides) -> dict:
