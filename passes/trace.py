@@ -102,6 +102,8 @@ def _entry(key: str) -> OpaqueEntry:
         raise StaleCaptureError(f"autocp: opaque call {key!r} outlived its capture (its model was dropped). "
                                  f"Fix: keep the model alive while its parallel module runs.")
     return entry
+
+
 _KEYS = itertools.count()
 
 
