@@ -36,6 +36,7 @@ import warnings
 
 import torch
 from pairformer_setup import build_pairformer, pairformer_inputs
+from plotting import pyplot  # noqa: E402 -- benchmarks/ is the script's directory
 
 MB = 1e6
 CFG = dict(token_s=64, token_z=32, num_blocks=2, num_heads=4, dropout=0.0, pairwise_head_width=32,
@@ -146,12 +147,8 @@ def original_row(n, repeats):
 
 
 def _plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [f"N={r['n']} {r['mesh']}\n{r['impl']}" for r in rows]

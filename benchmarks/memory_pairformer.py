@@ -26,6 +26,7 @@ import time
 
 import torch
 from pairformer_setup import build_pairformer, pairformer_inputs
+from plotting import pyplot  # noqa: E402 -- benchmarks/ is the script's directory
 
 MB = 1e6  # the figures are in MB = 10^6 bytes
 CFG = dict(token_s=64, token_z=32, num_blocks=2, num_heads=4, dropout=0.0, pairwise_head_width=32,
@@ -97,12 +98,8 @@ def parallel(n, P):
 
 
 def _plot(data, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     if "target" in data:

@@ -25,6 +25,7 @@ import time
 
 import torch
 from pairformer_setup import build_pairformer, pairformer_inputs
+from plotting import pyplot  # noqa: E402 -- benchmarks/ is the script's directory
 
 GIB = 2**30
 CFG = dict(token_s=384, token_z=128, num_blocks=1, v2=True)
@@ -132,13 +133,8 @@ def curve(ns, meshes, dtype):
 
 
 def plot(res, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]

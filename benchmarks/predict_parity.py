@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from plotting import pyplot  # noqa: E402 -- benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -167,13 +168,8 @@ def memory_ratios(rows: list, params: int) -> None:
 
 
 def _plot(rows: list, params_bytes: int, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no PNG")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ps = [r["mesh"] ** 2 for r in rows]

@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from plotting import pyplot  # noqa: E402 -- benchmarks/ is the script's directory
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
@@ -178,13 +179,8 @@ def fit(res, only_known: bool = False):
 
 
 def _plot(res, coef=None):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     import numpy as np
