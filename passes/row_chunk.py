@@ -271,28 +271,28 @@ class RowChunked(ModuleWrapper):
             self.stats["engine"] += 1  # not provable, or an outer module whose tile is one block already
             return self.inner(*args, **kwargs)
         self.stats[plan.kind] += 1
-        object.__setattr__(self, "_decisions", plan.decisions)
         hidden = [_Hidden() if i in plan.unused else a for i, a in enumerate(hidden)]  # not sliced, not read
-        outs, ospec = (self._rows if plan.kind == "rows" else self._outer)(hidden, spec, plan.out_tags)
+        outs, ospec = (self._rows if plan.kind == "rows" else self._outer)(hidden, spec, plan)
         res = [TileTensor(o, tags, _global(o.shape, tags, ctx)) for o, tags in zip(outs, plan.out_tags)]
         return tree_unflatten(res, ospec)
 
-    def _call(self, leaves, spec):
+    def _call(self, leaves, spec, decisions):
         a, kw = tree_unflatten(leaves, spec)
-        if self._decisions is None:
+        if decisions is None:
             out = self.inner(*a, **kw)
         else:
-            with _Decisions(self._decisions) as d:
+            with _Decisions(decisions) as d:
                 out = self.inner(*a, **kw)
-            if d.i != len(self._decisions):
-                raise _Diverged(f"{d.i} value reads in a block, {len(self._decisions)} on the whole inputs")
+            if d.i != len(decisions):
+                raise _Diverged(f"{d.i} value reads in a block, {len(decisions)} on the whole inputs")
         flat, ospec = tree_flatten(out)
         if not all(isinstance(o, torch.Tensor) for o in flat):
             raise EagerShardingError(f"autocp RowChunked({type(self.inner).__name__}): a block returned a non-tensor output; "
                             f"its trace promised tensors only (internal error)")
         return flat, ospec
 
-    def _rows(self, leaves, spec, out_tags):
+    def _rows(self, leaves, spec, plan):
+        out_tags = plan.out_tags
         from .eager import TileTensor
 
         rdim = {i: a.tags.index("r") for i, a in enumerate(leaves) if isinstance(a, TileTensor) and "r" in a.tags}
@@ -303,11 +303,12 @@ class RowChunked(ModuleWrapper):
                     and "c" in a.tags), default=1)
         step = max(1, self.chunk_elems // cols)
         if step >= rows:  # one block: the module on the whole local tiles
-            return self._call(locs, spec)
+            return self._call(locs, spec, plan.decisions)
         outs, ospec = None, None
         for lo in range(0, rows, step):
             ln = min(step, rows - lo)
-            flat, ospec = self._call([x.narrow(rdim[i], lo, ln) if i in rdim else x for i, x in enumerate(locs)], spec)
+            blk = [x.narrow(rdim[i], lo, ln) if i in rdim else x for i, x in enumerate(locs)]
+            flat, ospec = self._call(blk, spec, plan.decisions)
             if outs is None:
                 outs = [_Out(o, t.index("r"), rows, t.index("c") if "c" in t else None, cols)
                         for o, t in zip(flat, out_tags)]
@@ -315,7 +316,8 @@ class RowChunked(ModuleWrapper):
                 o.put(piece, lo, 0, ln, o.shape[o.cdim] if o.cdim is not None else None)
         return [o.done() for o in outs], ospec
 
-    def _outer(self, leaves, spec, out_tags):
+    def _outer(self, leaves, spec, plan):
+        out_tags = plan.out_tags
         from . import tile_ops as T
         from .eager import TileTensor
 
@@ -333,7 +335,7 @@ class RowChunked(ModuleWrapper):
                 cn = min(side, cols - c0)
                 blk = [torch.cat([row[i].narrow(tok[i], r0, rn), col[i].narrow(tok[i], c0, cn)], tok[i])
                        if i in tok else a for i, a in enumerate(leaves)]
-                flat, ospec = self._call(blk, spec)
+                flat, ospec = self._call(blk, spec, plan.decisions)
                 if outs is None:
                     outs = [_Out(o, t.index("r"), rows, t.index("c"), cols) for o, t in zip(flat, out_tags)]
                 for o, t, piece in zip(outs, out_tags, flat):  # the rows x columns corner of the R + C tokens
