@@ -72,9 +72,12 @@ def parallelize(
     are shared.
 
     ``emit="graph"`` (default) runs the captured, sharded ATen graph (:mod:`autocp.passes.shard`:
-    every glue op proven tile-local, redistributed, or gathered exactly) instead of the model's
-    own python on tiles (``emit="python"``, the old path: exact only when the glue is
-    tile-local; kept for comparison, see docs/shard.md).
+    every glue op proven tile-local, redistributed, or gathered exactly). A model whose python
+    cannot be captured (a branch on a value, ``.item()``, a type check that rejects fake
+    tensors) runs instead -- with a warning naming the module and line -- on the eager engine
+    (:mod:`autocp.passes.eager`, ``emit="eager"`` asks for it): its own python on
+    :class:`~autocp.passes.eager.TileTensor` inputs, every torch call through the same rule
+    table, registered modules as their 2D ops; exact, with python dispatch per call.
 
     Training (docs/training.md): with ``grad_sync=True`` (default) parameter gradients are
     complete after ``backward()`` (bucketed all-reduce of ``grad_bucket_mb`` MiB buckets,
@@ -102,8 +105,9 @@ def parallelize(
     if pair_dtype is not None and (not isinstance(pair_dtype, torch.dtype) or not pair_dtype.is_floating_point):
         raise ValueError(f"parallelize: given pair_dtype={pair_dtype!r}; required None or a floating torch.dtype. "
                          f"Fix: pair_dtype=torch.bfloat16.")
-    if emit not in ("python", "graph"):
-        raise ValueError(f"parallelize: given emit={emit!r}; required 'python' or 'graph'.")
+    if emit not in ("graph", "eager"):
+        raise ValueError(f"parallelize: given emit={emit!r}; required 'graph' (default) or 'eager'. Fix: drop emit "
+                         f"(a model that cannot be captured falls back to the eager engine by itself).")
     if recompute not in ("ops", "blocks", "none"):
         raise ValueError(f"parallelize: given recompute={recompute!r}; required 'ops' (default), 'blocks' or "
                          f"'none'. Fix: pass one of those.")
@@ -168,10 +172,7 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
                  recompute="ops", pair_dtype=None):
     from . import guard
 
-    from .passes.emit import ParallelModule
-    from .passes.explain import build_report
-    from .passes.rewrite import GatherFallback
-    from .passes.trace import structural_clone
+    from .passes.trace import CaptureError
 
     args, kwargs = _split_example(example_inputs)
     args, kwargs = guard.prepare_parallelize(model, sq, args, kwargs, broadcast_from=broadcast_from)  # autocp.guard
@@ -181,75 +182,100 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
     tensors = [l for l in tree_flatten((args, kwargs))[0] if isinstance(l, torch.Tensor)]
     n_seq = n_seq_of(tensors, input_tags)
     root = _root_op(work, sq, input_tags, n, tensors)
-    if root is not None:
-        return guard.attach(root, model, sq, args, kwargs, check_inputs=check_inputs)
-    # with emit="graph", modules the planner cannot bind run op by op through the shard pass
-    # (which enforces strict per op: no pair gather); only the python path refuses them here
-    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=strict and emit != "graph",
+    if root is None and emit == "eager":
+        root = _engine_module(model, work, sq, input_tags, n, n_seq, tensors, strict, "")
+    if root is None:
+        try:
+            root = _graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, strict, reuse_blocks,
+                                 recompute, pair_dtype)
+        except CaptureError as e:  # the model's python cannot be captured: run it on the engine (exact)
+            if pair_dtype is not None or recompute != "ops":
+                raise CaptureError(
+                    f"{e}\n  parallelize: recompute={recompute!r} / pair_dtype={pair_dtype!r} need a captured "
+                    f"graph; the eager engine this model would fall back to has neither. Fix: make the construct "
+                    f"capturable, or drop those options.") from e
+            warnings.warn(f"autocp: {type(model).__name__} runs on the eager engine (its python on TileTensors, "
+                          f"every torch call through the rule table: exact, slower dispatch) because it could not "
+                          f"be captured: {_first_line(e)}", stacklevel=3)
+            root = _engine_module(model, guard.private_tree(model), sq, input_tags, n, n_seq, tensors, strict,
+                                  f"capture failed: {_first_line(e)}")
+    return guard.attach(root, model, sq, args, kwargs, check_inputs=check_inputs)
+
+
+def _first_line(e) -> str:
+    return (str(e).splitlines() or [""])[0][:400]
+
+
+def _engine_module(model, work, sq, input_tags, n, n_seq, tensors, strict, why):
+    """``model`` on the eager engine (:mod:`autocp.passes.eager`): its registered modules
+    bound to their 2D ops (:class:`~autocp.passes.eager.RegisteredOp`), everything else its
+    own python on TileTensors. Output layouts are those the run produces."""
+    from .passes.eager import RegisteredOp, bind_registered
+    from .passes.emit import ParallelModule
+    from .passes.explain import build_engine_report
+    from .passes.rewrite import Action, RewritePlan
+
+    bind_registered(work, sq)
+    plan = RewritePlan()
+    plan.actions[""] = Action("", "eager", why or "emit='eager'", module_cls=type(model).__name__)
+    for path, mod in work.named_modules():
+        if isinstance(mod, RegisteredOp):
+            cls = type(mod.inner).__name__
+            plan.actions[path] = Action(path, "op", f"registry:{cls}", mod.rule.kind, cls,
+                                        op_name=getattr(mod.rule.op_factory, "__qualname__", ""))
+    report = build_engine_report(model, plan, sq, n, tensors, why)
+    return ParallelModule(model, work, sq, input_tags=input_tags, output_tags=[], n_tokens=n, n_seq=n_seq,
+                          report=report, plan=plan, engine=True, strict=strict)
+
+
+def _graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, strict, reuse_blocks, recompute,
+                  pair_dtype):
+    """``model`` captured, planned and sharded (the default, ``emit="graph"``): modules the
+    planner cannot bind run op by op through the shard pass (which enforces ``strict`` per
+    op: no pair gather), the top-level python too."""
+    from .passes.emit import ParallelModule
+    from .passes.explain import build_report
+    from .passes.graph_emit import build_graph_runner
+    from .passes.rewrite import GatherFallback
+    from .passes.shard import canonical_tags
+    from .passes.trace import structural_clone
+    from .registry import lookup_module
+
+    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=False,
                                        reuse_blocks=reuse_blocks)
     out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
-    # with emit="graph" the top-level python is sharded op by op like any glue (exact; an op
-    # that needs a whole pair tensor gathers it, warned / refused by strict): never gathered whole
-    root_fallback = "" in plan.fallback_paths and emit != "graph"
-    if strict and root_fallback:
-        from .passes.rewrite import UnsupportedPairOpError
-
-        raise UnsupportedPairOpError(
-            f"autocp (strict): the top-level python of {type(model).__name__} needs full pair tensors "
-            f"({plan.reasons.get('', 'no rule covers it')}); "
-            f"the whole model would run gathered (O(N^2) per rank). Fix: move the pair ops into modules and "
-            f"register them (autocp.register_module), or strict=False.")
-    if emit == "graph":
-        from .passes.shard import canonical_tags
-
-        for act in plan.actions.values():  # boundary layouts the ops are built for: always valid
-            act.in_tags = [canonical_tags(t) for t in act.in_tags]
-            act.out_tags = [canonical_tags(t) for t in act.out_tags]
+    for act in plan.actions.values():  # boundary layouts the ops are built for: always valid
+        act.in_tags = [canonical_tags(t) for t in act.in_tags]
+        act.out_tags = [canonical_tags(t) for t in act.out_tags]
     replacements = {}
     for path, act in plan.actions.items():
-        if not path and emit == "graph":
+        if not path:
             continue
         mod = work.get_submodule(path)
         if act.action == "op":
-            from .registry import lookup_module
-
             replacements[path] = act.builder(mod, sq) if act.builder is not None else lookup_module(mod).build(mod, sq)
         else:
             replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
-    if emit != "graph" or root_fallback:
-        _warn_fallbacks(plan, [p for p, a in plan.actions.items() if a.action == "fallback"], n)
-    if root_fallback:
-        warnings.warn(
-            f"autocp: pair ops in the top-level python of {type(model).__name__} are not covered; the whole "
-            f"model runs gathered (O(N^2) per rank). Fix: move them into a module and register it.",
-            stacklevel=2,
-        )
-        clone = GatherFallback(work, sq, input_tags, out_tags)
-    else:
-        clone = structural_clone(work, replacements)
-    graphs = None
-    if emit == "graph" and not root_fallback:
-        from .passes.graph_emit import build_graph_runner
+    clone = structural_clone(work, replacements)
 
-        def builder(a, kw, n_, n_seq_):
-            runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
-                                        strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
-                                        pair_dtype=pair_dtype)
-            _warn_fallbacks(plan, runner.opaque_fallbacks, n_)
-            return runner
+    def builder(a, kw, n_, n_seq_):
+        runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
+                                    strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
+                                    pair_dtype=pair_dtype)
+        _warn_fallbacks(plan, runner.opaque_fallbacks, n_)
+        return runner
 
-        graphs = {(n, n_seq): builder(args, kwargs, n, n_seq)}
-        for path, act in plan.actions.items():  # unbound modules the shard pass ran op by op
-            if act.action == "fallback" and path not in graphs[(n, n_seq)].opaque_fallbacks:
-                act.action = "glue"
+    graphs = {(n, n_seq): builder(args, kwargs, n, n_seq)}
+    for path, act in plan.actions.items():  # unbound modules the shard pass ran op by op
+        if act.action == "fallback" and path not in graphs[(n, n_seq)].opaque_fallbacks:
+            act.action = "glue"
     report = build_report(model, cap, an, mr, plan, sq, n, tensors)
     pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
-                        report=report, plan=plan, root_fallback=root_fallback)
-    if graphs is not None:
-        object.__setattr__(pm, "_graph_builder", builder)
-        object.__setattr__(pm, "_graphs", graphs)
-        pm.output_tags = list(graphs[(n, n_seq)].out_tags)
-    return guard.attach(pm, model, sq, args, kwargs, check_inputs=check_inputs)
+                        report=report, plan=plan, strict=strict)
+    object.__setattr__(pm, "_graph_builder", builder)
+    object.__setattr__(pm, "_graphs", graphs)
+    pm.output_tags = list(graphs[(n, n_seq)].out_tags)
+    return pm
 
 
 def _warn_fallbacks(plan, paths, n):

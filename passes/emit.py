@@ -8,10 +8,13 @@ Guarantees: :class:`ParallelModule` --
 * same ``state_dict`` keys (and shapes) as the original model, parameters *shared* (the
   same ``Parameter`` objects), the original model not mutated (a structural clone holds
   the replaced modules);
-* ``forward`` accepts full tensors (sharded by the input layouts) or DTensors, runs the
-  model's own python on local tiles inside :func:`autocp.passes.context.tile_context`, and
-  returns full tensors (default), local tiles (``output="local"``) or DTensors
-  (``output="dtensor"``);
+* ``forward`` accepts full tensors (sharded by the input layouts) or DTensors, runs either
+  the sharded captured graph (:mod:`autocp.passes.graph_emit`) or -- the engine mode, for a
+  model that cannot be captured -- the model's own python on
+  :class:`autocp.passes.eager.TileTensor` inputs (every torch call through the same rule
+  table, registered modules as their 2D ops), inside
+  :func:`autocp.passes.context.tile_context`, and returns full tensors (default), local
+  tiles (``output="local"``) or DTensors (``output="dtensor"``);
 * gradient convention at the boundary: DTensor's (:mod:`autocp.tile_io`) -- an output's
   cotangent is the true one of what this rank holds (a tile's; a replicated value's --
   RowToken / ColToken blocks, full outputs, scalars -- the same on every replica, else
@@ -69,7 +72,8 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
     autocp_parallel = True  # what autocp.guard checks (no import of this module there)
 
     def __init__(self, original: nn.Module, clone: nn.Module, mesh, *, input_tags, output_tags,
-                 n_tokens: int, n_seq: Optional[int], report=None, plan=None, root_fallback: bool = False):
+                 n_tokens: int, n_seq: Optional[int], report=None, plan=None,
+                 engine: bool = False, strict: bool = False):
         clone.training = original.training
         super().__init__(clone, mesh)
         object.__setattr__(self, "_original_type", type(original))
@@ -79,7 +83,8 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
         self.example_n_seq = n_seq
         self.report = report
         self.plan = plan
-        self.root_fallback = root_fallback
+        self.engine = engine  # run ``inner`` on TileTensors (autocp.passes.eager), not a captured graph
+        self.strict = strict
 
     def __call__(self, *args, **kwargs):  # autocp.guard: binding, call checks, cross-rank agreement
         from .. import guard
@@ -168,6 +173,37 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
         self.output_tags = list(runner.out_tags)
         return runner
 
+    def _run_engine(self, a, kw, n, n_seq):
+        """The model's own python on TileTensors (:mod:`autocp.passes.eager`): every torch call
+        on a sharded input goes through the rule table, registered modules run their 2D ops;
+        the outputs' layouts are what the run produced (``output_tags`` is updated)."""
+        from .eager import TileTensor, global_shape, strict_mode
+
+        leaves, spec = tree_flatten((a, kw))
+        wrapped, k = [], 0
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                tags = self.input_tags[k] if k < len(self.input_tags) else None
+                k += 1
+                if tags and any(t is not None for t in tags):
+                    x = TileTensor(x, tags, global_shape(x.shape, tags, n, n_seq))
+            wrapped.append(x)
+        a2, kw2 = tree_unflatten(wrapped, spec)
+        with strict_mode(self.strict):
+            out = self.inner(*a2, **kw2)
+        oleaves, ospec = tree_flatten(out)
+        res, tags_out = [], []
+        for o in oleaves:
+            if isinstance(o, TileTensor):
+                res.append(o.local)
+                tags_out.append(o.tags)
+            else:
+                if isinstance(o, torch.Tensor):
+                    tags_out.append((None,) * o.dim())
+                res.append(o)
+        self.output_tags = tags_out
+        return tree_unflatten(res, ospec)
+
     def forward(self, *args, output: str = "full", **kwargs):
         if output not in ("full", "local", "dtensor"):
             raise ValueError(f"output must be 'full', 'local' or 'dtensor'; given {output!r}")
@@ -201,7 +237,9 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
             graph = self._graph_for(args, kwargs, n, n_seq)
             if graph is not None:  # emit="graph": the sharded captured graph (autocp.passes.graph_emit)
                 out = graph(a, kw)
-            else:
+            elif self.engine:
+                out = self._run_engine(a, kw, n, n_seq)
+            else:  # a root 2D op: called with the model's own arguments on tiles
                 out = self.inner(*a, **kw)
         if self.grad_reducer is not None and torch.is_grad_enabled():
             self.grad_reducer.attach_output([x for x in tree_flatten(out)[0]])

@@ -14,7 +14,8 @@ import torch
 
 from .analyze import layout_name
 
-__all__ = ["Row", "Report", "build_report", "build_root_report", "render", "comm_per_rank", "layer_comm"]
+__all__ = ["Row", "Report", "build_report", "build_root_report", "build_engine_report", "render", "comm_per_rank",
+           "layer_comm"]
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Report:
     peak_bytes: Optional[int] = None
     model: object = None
     dtype: torch.dtype = torch.float32
+    engine: str = ""  # set when the model runs on the eager engine (why it is not captured)
 
     def to_graphml(self, path: str) -> None:
         self.view.to_graphml(path)
@@ -156,6 +158,30 @@ def build_root_report(model, rule, plan, mesh, n, tensors=()) -> Report:
     return rep
 
 
+def build_engine_report(model, plan, mesh, n, tensors=(), why: str = "") -> Report:
+    """Report of a model run on the eager engine (:mod:`autocp.passes.eager`): one row per
+    registered module bound to its 2D op (with its comm formula), the glue op by op."""
+    rep = Report(n_tokens=n, p=mesh.p, model=model, engine=why or "requested (emit='eager')")
+    itemsize = 4
+    for t in tensors:
+        if t.dtype.is_floating_point:
+            rep.dtype, itemsize = t.dtype, t.element_size()
+            break
+    batch = next((int(t.shape[0]) for t in tensors if t.dim() >= 3 and t.shape[1] == n and t.shape[2] == n), 1)
+    from ..registry import lookup_module
+
+    for path, act in plan.actions.items():
+        mod = model.get_submodule(path)
+        rule = lookup_module(mod) if act.action == "op" else None
+        per_rank = comm_per_rank(rule, mod, mesh.p, n, batch, itemsize) if rule is not None and \
+            rule.comm_bytes is not None else {}
+        rep.rows.append(Row(path=path or "<root>", module_cls=act.module_cls, kind=act.kind or "module",
+                            rule=act.why, action=act.action, in_layouts="", out_layouts="",
+                            comm_bytes=max(per_rank.values()) if per_rank else None, note=act.op_name,
+                            comm_per_rank=per_rank))
+    return rep
+
+
 def _fmt_bytes(b) -> str:
     if b is None:
         return "-"
@@ -170,10 +196,14 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
     """A readable table of the report; ``memory=True`` adds the estimated per-rank peak."""
     if rep is None:
         return "(no report)"
-    head = (f"autocp plan: N={rep.n_tokens} on a {rep.p}x{rep.p} mesh; captured {rep.n_nodes} ATen nodes in "
-            f"{rep.capture_seconds:.2f}s; repeated blocks captured once: "
-            f"{', '.join(f'{g}' for g in rep.blocks) or 'none'}; {rep.shape_rewrites} token-axis shape constants "
-            f"recomputed on tiles")
+    if rep.engine:
+        head = (f"autocp plan: N={rep.n_tokens} on a {rep.p}x{rep.p} mesh; eager engine (the model's python on "
+                f"TileTensors, every torch call through the shard rule table, exact): {rep.engine}")
+    else:
+        head = (f"autocp plan: N={rep.n_tokens} on a {rep.p}x{rep.p} mesh; captured {rep.n_nodes} ATen nodes in "
+                f"{rep.capture_seconds:.2f}s; repeated blocks captured once: "
+                f"{', '.join(f'{g}' for g in rep.blocks) or 'none'}; {rep.shape_rewrites} token-axis shape constants "
+                f"recomputed on tiles")
     cols = ["module", "class", "op kind", "matched by", "action", "in layouts", "out layouts", "comm/call"]
     # comm/call: op rows = max over ranks of the bytes one rank sends in one forward call
     # (exact: the op's own formula); fallback rows = bytes of the full tensors it gathers

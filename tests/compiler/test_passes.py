@@ -11,7 +11,7 @@ from autocp.passes.analyze import analyze, infer_input_layouts, layout_name
 from autocp.passes.match import match
 from autocp.passes.rewrite import UnsupportedPairOpError
 from autocp.passes.trace import OPAQUE_OP, CaptureError, capture
-from tests.compiler._workers import build_pairformer, pairformer_inputs
+from tests.compiler._workers import build_pairformer, pairformer_inputs, strict_plan
 
 
 def _opaque_paths(gm):
@@ -118,9 +118,9 @@ def test_structural_matches_on_foreign_spelling():
 
 def test_strict_raises_on_unsupported_pair_op_and_default_warns():
     m, inputs = _af3like()
-    # the planner's refusal (emit="python": the model's python on tiles needs every pair op bound)
+    # the planner's refusal (a strict plan binds every pair op to a 2D op)
     with pytest.raises(UnsupportedPairOpError) as ei:
-        parallelize(m, None, example_inputs=inputs, strict=True, emit="python")
+        strict_plan(m, inputs)
     msg = str(ei.value)
     assert "node" in msg and "register_module" in msg and "blocks.0." in msg
     # emit="graph" (default): strict refuses gathers only; this trunk's unbound ops all run

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from autocp.testing import run_distributed
+from tests.compiler._workers import strict_plan
 
 
 class EinsumMix(nn.Module):
@@ -286,7 +287,7 @@ def test_one_process_plan_and_strict():
     z8, pm8, mask = _pair_inputs(7)
     s = torch.randn(1, 7, 8)
     with pytest.raises(UnsupportedPairOpError) as ei:
-        parallelize(af, None, example_inputs=(z8, s, mask, pm8), strict=True, emit="python")
+        strict_plan(af, (z8, s, mask, pm8))
     msg = str(ei.value)
     assert "blocks.0.single (SingleAttention)" in msg and "softmax" in msg and "register_module" in msg
     assert "not pair-derived" in msg
