@@ -146,7 +146,7 @@ def check(pm, *args, tol: float = 1e-4, **kwargs) -> CheckReport:
 
     if not hasattr(pm, "_graph_for") or getattr(pm, "_graphs", None) is None:
         raise TypeError(f"autocp.check: given {type(pm).__name__}; required a module returned by "
-                        f"autocp.parallelize(..., emit='graph') (a root 2D op or emit='python' has no tile program).")
+                        f"autocp.parallelize(..., emit='graph') (a root 2D op or the eager engine has no captured tile program).")
     mesh = pm.mesh
     leaves, spec = tree_flatten((args, kwargs))
     n, n_seq = pm._sizes(leaves)

@@ -205,59 +205,6 @@ class _Watch:
         return False
 
 
-class _SimOp(nn.Module):
-    """autocp's real 2D op for one rank of a simulated ``p x p`` mesh: its own tile
-    program (chunking, ring buffers, gathers) runs on the fake tiles with communication
-    replaced by shape-correct no-ops (:func:`autocp.comm.simulate`)."""
-
-    def __init__(self, op, kind, tracker, mesh, n, n_seq, path):
-        super().__init__()
-        object.__setattr__(self, "inner", op)
-        self.kind, self.path = kind, path
-        self.n, self.n_seq = n, n_seq
-        object.__setattr__(self, "mesh", mesh)
-        object.__setattr__(self, "tracker", tracker)
-
-    def forward(self, *a, **kw):
-        from .. import comm
-        from .context import tile_context
-
-        with _Watch(self.tracker, self.path, self.kind), comm.simulate(self.mesh), \
-                tile_context(self.mesh, self.n, self.n_seq):
-            return self.inner(*a, **kw)
-
-
-class _SimGather(nn.Module):
-    """A fallback module: gathered (full) inputs, original module, local outputs."""
-
-    def __init__(self, module, in_tags, out_tags, n, b, tracker, path):
-        super().__init__()
-        object.__setattr__(self, "inner", module)
-        object.__setattr__(self, "tracker", tracker)
-        self.in_tags, self.out_tags, self.n, self.b, self.path = in_tags, out_tags, n, b, path
-
-    def forward(self, *a, **kw):
-        with _Watch(self.tracker, self.path, "gathered"):
-            return self._run(*a, **kw)
-
-    def _run(self, *a, **kw):
-        def full(x, tags):
-            if not tags:
-                return x
-            return x.new_empty([self.n if t in ("r", "c") else s for s, t in zip(x.shape, tags)])
-
-        def local(x, tags):
-            if not tags:
-                return x
-            for d, t in enumerate(tags):
-                if t in ("r", "c"):
-                    x = x.narrow(d, 0, self.b)
-            return x.clone()
-
-        a2, kw2 = map_tagged((a, kw), self.in_tags, full)
-        return map_tagged(self.inner(*a2, **kw2), self.out_tags, local)
-
-
 def _tile_inputs(inputs, tags, p, n):
     """Meta tensors of this rank's tile shapes (token axes -> b, MSA rows -> ceil(S/p))."""
     b = -(-n // p)
@@ -272,68 +219,6 @@ def _tile_inputs(inputs, tags, p, n):
         return torch.empty(shape, dtype=x.dtype, device="meta")
 
     return map_tagged(inputs, tags, tile)
-
-
-def _peak_for(model, plan_actions, input_tags, inputs, p, n, dtype, training, include_params=True):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .trace import structural_clone
-
-    from ..mesh import SquareMesh
-    from ..registry import lookup_module
-
-    tracker = _Tracker()
-    b = -(-n // p)
-    # an off-diagonal rank when there is one: its transposes and skews really move tiles
-    sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
-    n_seq = n_seq_of([t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)], input_tags)
-    repl = {}
-    for path, act in plan_actions.items():
-        mod = model.get_submodule(path)
-        if act.action == "op":
-            op = (act.builder(mod, sim) if getattr(act, "builder", None) is not None
-                  else lookup_module(mod).build(mod, sim))  # builder: structural rewrite
-            repl[path] = _SimOp(op, act.kind, tracker, sim, n, n_seq, path)
-        else:
-            repl[path] = _SimGather(mod, act.in_tags, act.out_tags, n, b, tracker, path)
-    clone = structural_clone(model, repl)
-    clone.train(training)
-    for m in repl.values():
-        if hasattr(m, "inner"):
-            m.inner.train(training)
-    params_bytes = sum(q.numel() * torch.empty((), dtype=dtype).element_size() for q in model.parameters())
-    local = _tile_inputs(inputs, input_tags, p, n)
-    with FakeTensorMode(allow_non_fake_inputs=True) as fm:
-        fl = tree_flatten(local)[0]
-        fake_in = []
-        for t in fl:
-            if isinstance(t, torch.Tensor):
-                fake_in.append(torch.empty(t.shape, dtype=t.dtype) if t.dtype.is_floating_point
-                               else torch.ones(t.shape, dtype=t.dtype))
-            else:
-                fake_in.append(t)
-        a, kw = tree_unflatten(fake_in, tree_flatten(local)[1]) if isinstance(local, tuple) and len(local) == 2 and isinstance(local[1], dict) else (tuple(fake_in), {})
-        for t in fake_in:
-            if isinstance(t, torch.Tensor):
-                tracker.add(t)
-        for q in [*model.parameters(), *model.buffers()]:
-            tracker.ignore(fm.from_tensor(q))  # memoised: the fake the ops will see
-        with _mode(tracker):
-            if training:
-                saved = [(q, q.grad) for q in model.parameters()]
-                try:
-                    out = clone(*a, **kw)
-                    loss = sum(o.float().sum() for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
-                    del out
-                    loss.backward()
-                finally:  # fake gradients never stay on the real parameters
-                    for q, g in saved:
-                        q.grad = g
-            else:
-                with torch.no_grad():
-                    out = clone(*a, **kw)
-    per_module = {k: dict(v) for k, v in tracker.per_module.items()}
-    return tracker.peak + (params_bytes if include_params else 0), params_bytes, per_module
 
 
 class _WatchOp(nn.Module):
@@ -462,10 +347,8 @@ def estimate(
     ``make_inputs(n) -> tuple``: example inputs at token length ``n`` (meta tensors are
     fine); default: ``(s, z, mask, pair_mask)`` from the model's weights. With
     ``device_bytes``, also the smallest square mesh that fits (``Estimate.fits``).
-    ``emit`` / ``recompute``: as for :func:`autocp.parallelize` (``"graph"``: the model is
-    captured at N on FakeTensors and its sharded tile program runs; ``"python"``: the
-    model's own python runs on fake tiles around the real ops). ``pair_dtype``: as for
-    :func:`autocp.parallelize` (graph emit only).
+    ``recompute`` / ``pair_dtype``: as for :func:`autocp.parallelize`; the model is captured
+    at N on FakeTensors and its sharded tile program runs (``emit="graph"``, the only value).
 
     ``dtype`` bf16/fp16: by default (``autocast=None`` -> True) the model runs as Boltz runs
     in bf16 ("bf16-mixed"): fp32 weights under ``torch.autocast(dtype)``, the inputs in
@@ -473,8 +356,10 @@ def estimate(
     note Boltz's own modules do not run that way: ``pre_norm_s(s.float())`` meets bf16
     LayerNorm weights). fp32: weights as given.
     """
-    if emit not in ("graph", "python"):
-        raise ValueError(f"estimate: given emit={emit!r}; required 'graph' (default) or 'python'.")
+    if emit != "graph":
+        raise ValueError(f"estimate: given emit={emit!r}; required 'graph' (the captured tile program; a model "
+                         f"that runs on the eager engine is estimated with autocp.passes.estimate.estimate_call). "
+                         f"Fix: drop emit.")
     if backward is not None:
         training = bool(backward)
     from ..mesh import MeshError, SquareMesh
@@ -518,10 +403,8 @@ def estimate(
         run = copy.deepcopy(model).to(dtype)  # the model as it would run: weights in ``dtype``
     was = model.training
     def peak_at(q):
-        if emit == "graph":  # the top-level python is sharded op by op too
-            return _peak_for_graph(run, plan, tags, make(n_tokens), q, n_tokens, dtype, training, recompute,
-                                   pair_dtype, autocast)
-        return _peak_for(run, plan.actions, tags, make(n_tokens), q, n_tokens, dtype, training)
+        return _peak_for_graph(run, plan, tags, make(n_tokens), q, n_tokens, dtype, training, recompute,
+                               pair_dtype, autocast)
 
     try:
         peak, pbytes, per_module = peak_at(p)

@@ -45,9 +45,7 @@ def resolve_input_tags(model, args, kwargs, input_layouts):
             )
         pairs = []
         for name, val in bound.items():
-            for leaf in tree_flatten(val)[0]:
-                if isinstance(leaf, torch.Tensor):
-                    pairs.append((leaf, input_layouts.get(name)))
+            pairs += _layouts_of(val, input_layouts.get(name), name)
     tags = []
     n = None
     for t, lay in pairs:
@@ -64,6 +62,48 @@ def resolve_input_tags(model, args, kwargs, input_layouts):
     if n is None:
         raise ValueError("input_layouts: no input has a token axis (Pair2D/RowToken/ColToken/MsaTiles).")
     return tags, n
+
+
+def _layouts_of(val, spec, where: str) -> list:
+    """``[(tensor, Layout or None)]`` for the tensors of one argument: ``spec`` mirrors the
+    argument's structure (a dict of layouts for a dict argument -- e.g. a feature dict --, a
+    list / tuple for a sequence, one Layout for a tensor; a missing key or ``None`` is
+    replicated). A Layout given for a container, or a key the argument lacks, is an error."""
+    from ..layout import Layout
+
+    if isinstance(val, torch.Tensor):
+        if spec is not None and not isinstance(spec, Layout):
+            raise ValueError(f"input_layouts[{where}]: given {type(spec).__name__} for a tensor {list(val.shape)}; "
+                             f"required a Layout (Pair2D(), RowToken(), MsaTiles(), ColToken(), Replicated()) or "
+                             f"None. Fix: e.g. input_layouts={{..., {where.split('[')[0]!r}: autocp.Pair2D()}}.")
+        return [(val, spec)]
+    if isinstance(spec, Layout):
+        raise ValueError(f"input_layouts[{where}]: given the layout {spec!r} for a {type(val).__name__}; required "
+                         f"one per tensor. Fix: a dict / list mirroring {where}, e.g. {{'pair_feat': Pair2D()}}.")
+    out = []
+    if isinstance(val, dict):
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"input_layouts[{where}]: given {type(spec).__name__} for a dict; required a dict of "
+                             f"layouts by key. Fix: {{'key': autocp.Pair2D(), ...}}.")
+        extra = set(spec or {}) - set(val)
+        if extra:
+            raise ValueError(f"input_layouts[{where}]: given keys {sorted(map(str, extra))} that the argument does "
+                             f"not have (it has {sorted(map(str, val))[:12]}). Fix: use its keys.")
+        keys = tree_flatten(val)[1].context  # the order tree_flatten visits the values
+        for k in keys:
+            out += _layouts_of(val[k], (spec or {}).get(k), f"{where}[{k!r}]")
+        return out
+    if isinstance(val, (list, tuple)):
+        if spec is not None and (not isinstance(spec, (list, tuple)) or len(spec) != len(val)):
+            raise ValueError(f"input_layouts[{where}]: given {spec!r} for a {type(val).__name__} of {len(val)}; "
+                             f"required a list of the same length. Fix: one layout (or None) per element.")
+        for i, v in enumerate(val):
+            out += _layouts_of(v, spec[i] if spec is not None else None, f"{where}[{i}]")
+        return out
+    if spec is not None and tree_flatten(val)[0] and any(isinstance(x, torch.Tensor) for x in tree_flatten(val)[0]):
+        raise ValueError(f"input_layouts[{where}]: {type(val).__name__} arguments take no layout here. Fix: pass "
+                         f"its tensors as a dict, list or tensor argument.")
+    return [(t, None) for t in tree_flatten(val)[0] if isinstance(t, torch.Tensor)]
 
 
 def n_seq_of(tensors, tags):

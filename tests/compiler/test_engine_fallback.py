@@ -39,6 +39,25 @@ class StdGuardTriMul(nn.Module):
         return z + torch.sigmoid(self.g(x)) * self.out(self.norm_out(p))
 
 
+class FeatDict(nn.Module):
+    """A model that takes one feature dict, as AF3-like models do, with an ``if not
+    mask.any()`` guard (not capturable) and an outer sum of token features (a layout
+    conversion in the glue)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin_s = nn.Linear(3, 4)
+        self.lin_z = nn.Linear(4, 4)
+
+    def forward(self, feats):
+        z, s, mask = feats["pair"], feats["single"], feats["token_mask"]
+        if not mask.any():
+            return z
+        e = self.lin_s(s)
+        z = z + e[:, :, None] + e[:, None, :]
+        return self.lin_z(z) * (mask[:, :, None] * mask[:, None, :])[..., None]
+
+
 def _inputs(n=7, c=8):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(1, n, n, c, generator=g)
@@ -73,7 +92,32 @@ def engine_worker(rank, world):
     out = pm(zp, mask)
     (out * w).sum().backward()
     scale = float(ref.abs().max())
+    # a feature dict with per-key layouts (input_layouts mirrors the argument)
+    from autocp.layout import Pair2D, RowToken
+
+    fd = FeatDict()
+    g = torch.Generator().manual_seed(5)
+    feats = {"pair": torch.randn(1, 7, 7, 4, generator=g), "single": torch.randn(1, 7, 3, generator=g),
+             "token_mask": torch.tensor([[1, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)}
+    with warnings.catch_warnings(record=True) as wl2:
+        warnings.simplefilter("always")
+        pf = parallelize(fd, mesh, example_inputs=((feats,), {}), strict=True,
+                         input_layouts={"feats": {"pair": Pair2D(), "single": RowToken(), "token_mask": RowToken()}})
+    fr = dict(feats, single=feats["single"].clone().requires_grad_(True))
+    ref2 = fd(fr)
+    (ref2 * ref2).sum().backward()
+    fref = {k: p.grad.clone() for k, p in fd.named_parameters()}
+    fd.zero_grad()
+    fp = dict(feats, single=feats["single"].clone().requires_grad_(True))
+    out2 = pf(fp)
+    (out2 * out2).sum().backward()
     return {
+        "dict_out_err": float((out2 - ref2).abs().max()) / float(ref2.abs().max()),
+        "dict_in_grad_err": float((fp["single"].grad - fr["single"].grad).abs().max()),
+        "dict_grad_err": max(float((p.grad - fref[k]).abs().max()) / float(fref[k].abs().max())
+                             for k, p in pf.named_parameters()),
+        "dict_warnings": [str(x.message) for x in wl2],
+        "dict_input_tags": pf.input_tags,
         "out_err": float((out - ref).abs().max()) / scale,
         "in_grad_err": float((zp.grad - zr.grad).abs().max()) / float(zr.grad.abs().max()),
         "grad_err": max(float((p.grad - ref_grads[k]).abs().max()) / float(ref_grads[k].abs().max())
@@ -93,3 +137,22 @@ def test_uncapturable_block_runs_on_engine_exactly(world):
         assert "test_engine_fallback.py" in eng[0] and "if a_std != 0" in eng[0]  # module and line named
         assert not [w for w in r["warnings"] if "gather" in w], r["warnings"]  # strict: no pair gather
         assert "eager engine" in r["explain"] and r["actions"] == ["eager"]
+        assert r["dict_out_err"] < 1e-5 and r["dict_in_grad_err"] < 1e-4 and r["dict_grad_err"] < 1e-4, r
+        assert r["dict_input_tags"] == [(None, "r", "c", None), (None, "r", None), (None, "r")]
+        assert any("if not mask.any()" in w for w in r["dict_warnings"]), r["dict_warnings"]
+        assert not [w for w in r["dict_warnings"] if "gather" in w], r["dict_warnings"]
+
+
+def test_input_layouts_mirror_the_argument():
+    """Bad per-key layouts are refused with given / required / fix."""
+    from autocp.layout import Pair2D
+    from autocp.passes.pipeline import resolve_input_tags
+
+    feats = {"pair": torch.zeros(1, 5, 5, 4), "single": torch.zeros(1, 5, 3)}
+    tags, n = resolve_input_tags(FeatDict(), (feats,), {}, {"feats": {"pair": Pair2D()}})
+    assert n == 5 and tags == [(None, "r", "c", None), (None, None, None)]
+    for bad, words in [({"feats": {"pairs": Pair2D()}}, "not have"), ({"feats": Pair2D()}, "one per tensor"),
+                       ({"feats": {"pair": "Pair2D"}}, "required a Layout")]:
+        with pytest.raises(ValueError) as ei:
+            resolve_input_tags(FeatDict(), (feats,), {}, bad)
+        assert words in str(ei.value) and "Fix" in str(ei.value), str(ei.value)
