@@ -482,7 +482,6 @@ def build_model(spec: str, *, channels: int, blocks: int, msa_rows: int = 7, see
         return model.eval(), _user_inputs(model, make), f"{type(model).__name__} from {spec}"
     randomize_(model, seed)
     model._autocp_cli_inputs = ("s", "z", "mask", "pair_mask") + (_MSA_KEYS if spec == "boltz2" else ())
-    model._autocp_cli_widths = (w["cs"], w["cz"]) + ((w["cm"],) if spec == "boltz2" else ())
     return model.eval(), _builtin_inputs(spec, w, msa_rows), desc
 
 
@@ -748,17 +747,9 @@ def estimate_cmd(args) -> int:
         peak(p)
     good = None
     if cap is not None:
-        # autocp.estimate plans at a small N = max(2p, 6); when that equals a channel width
-        # its layout analysis can take the channel axis for a token axis and charge a
-        # gathered (full-N) module, silently (e.g. 865 GiB instead of 1.6 GiB per rank at
-        # N=30,000 on 64x64 with token_z=128). Such sides are left out of the search.
-        widths = set(getattr(model, "_autocp_cli_widths", ())) if model is not None else set()
-        hi = min(args.max_mesh, n)
-        sides = [q for q in range(1, hi + 1) if max(2 * q, 6) not in widths]
-        skipped = [q for q in range(1, hi + 1) if q not in sides]
-        if skipped:
-            print(f"  note: sides {skipped} left out: autocp.estimate plans them at N = 2p, equal to a channel "
-                  f"width {sorted(widths)} (known estimate issue: a channel axis taken for a token axis)", flush=True)
+        # autocp.estimate plans at an N that is no channel width (passes.pipeline.planning_n):
+        # every side is usable
+        sides = list(range(1, min(args.max_mesh, n) + 1))
         # the per-rank peak falls with p: walk down from the largest side (cheap: small
         # tiles), halving while it fits, then bisect between the last fitting side and the
         # next smaller one (over the usable sides)

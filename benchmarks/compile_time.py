@@ -17,18 +17,18 @@ import torch
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=48)
-    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--n", type=int, default=None, help="example N (default: the planner's, no channel width)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from boltz.model.layers.pairformer import PairformerModule
 
-    from autocp.passes.pipeline import compile_stages, resolve_input_tags
+    from autocp.passes.pipeline import compile_stages, planning_n, resolve_input_tags
     from autocp.mesh import SquareMesh
 
     t0 = time.perf_counter()
     model = PairformerModule(384, 128, args.blocks, v2=True).eval()
     t_build = time.perf_counter() - t0
-    n = args.n
+    n = args.n or planning_n(model, 8)
     inputs = (torch.randn(1, n, 384), torch.randn(1, n, n, 128), torch.ones(1, n), torch.ones(1, n, n))
     t0 = time.perf_counter()
     tags, nn_ = resolve_input_tags(model, inputs, {}, None)

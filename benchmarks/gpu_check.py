@@ -448,7 +448,7 @@ def _build_tile_program(ctx, model, make_inputs, n, p):
 
     from autocp.mesh import SquareMesh
     from autocp.passes.graph_emit import build_graph_runner
-    from autocp.passes.pipeline import compile_stages, n_seq_of, resolve_input_tags
+    from autocp.passes.pipeline import compile_stages, n_seq_of, planning_n, resolve_input_tags
     from autocp.passes.rewrite import GatherFallback
     from autocp.passes.shard import canonical_tags
     from autocp.registry import lookup_module
@@ -463,7 +463,7 @@ def _build_tile_program(ctx, model, make_inputs, n, p):
         return torch.randn(shape).to(dt)
 
     model.to("cpu")
-    n_small = max(2 * p, 6)
+    n_small = planning_n(model, p)
     small = make_inputs(n_small, real_cpu)
     tags, _ = resolve_input_tags(model, small, {}, None)
     _, _, _, plan = compile_stages(model, small, {}, tags, n_small, SquareMesh.single(), strict=False)

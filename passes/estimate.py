@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .pipeline import compile_stages, n_seq_of, resolve_input_tags
+from .pipeline import compile_stages, n_seq_of, planning_n, resolve_input_tags
 from .tags import map_tagged
 
 __all__ = ["Estimate", "estimate", "default_inputs", "RunTracker", "estimate_call"]
@@ -387,7 +387,8 @@ def estimate(
         raise MeshError(f"estimate: N={n_tokens} is smaller than the mesh side p={p}. Fix: use p <= N.")
     make = make_inputs or (lambda n: default_inputs(model, n, dtype))
     # plan at a small N (the plan does not depend on N); real tensors for the capture
-    n_small = max(2 * p, 6) if n_tokens >= max(2 * p, 6) else n_tokens
+    n_small = planning_n(model, p)
+    n_small = n_small if n_tokens >= n_small else n_tokens
     small = make(n_small)
     small = tuple(torch.zeros(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t for t in small)
     small = tuple(torch.randn(t.shape) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dim() >= 3 else

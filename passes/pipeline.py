@@ -14,7 +14,7 @@ import inspect
 import torch
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["resolve_input_tags", "compile_stages", "n_seq_of"]
+__all__ = ["resolve_input_tags", "compile_stages", "n_seq_of", "planning_n"]
 
 
 def resolve_input_tags(model, args, kwargs, input_layouts):
@@ -24,6 +24,7 @@ def resolve_input_tags(model, args, kwargs, input_layouts):
     tensors = [l for l in leaves if isinstance(l, torch.Tensor)]
     tags, n = infer_input_layouts(tensors) if input_layouts is None else (None, None)
     if input_layouts is None:
+        _refuse_ambiguous(model, args, kwargs, tensors, tags, n)
         return tags, n
     # explicit: {arg name: Layout} (names of model.forward's parameters) or a list per tensor
     if isinstance(input_layouts, (list, tuple)):
@@ -62,6 +63,58 @@ def resolve_input_tags(model, args, kwargs, input_layouts):
     if n is None:
         raise ValueError("input_layouts: no input has a token axis (Pair2D/RowToken/ColToken/MsaTiles).")
     return tags, n
+
+
+def planning_n(model, p: int) -> int:
+    """The token count a plan is captured at (the plan does not depend on N): the smallest
+    ``n >= max(2p, 6)`` that is no channel width of ``model`` (so layouts by shape are
+    unambiguous)."""
+    widths = {int(d) for q in model.parameters() for d in q.shape}
+    n = max(2 * p, 6)
+    while n in widths:
+        n += 1
+    return n
+
+
+def _refuse_ambiguous(model, args, kwargs, tensors, tags, n) -> None:
+    """Layouts guessed by shape must not rest on a coincidence of sizes: a ``[B, N, N]``
+    input is a pair tensor without channels *or* a token tensor with ``N`` channels when
+    ``N`` is also a width of the model's parameters -- then the caller must say which."""
+    widths = {int(d) for q in model.parameters() for d in q.shape}
+    if n not in widths:
+        return
+    names = _leaf_names(model, args, kwargs)
+    bad = [i for i, (t, tg) in enumerate(zip(tensors, tags)) if t.dim() == 3 and tg and tg[1:] == ("r", "c")]
+    if not bad:
+        return
+    from ..layout import LayoutError
+
+    given = ", ".join(f"{names[i]} {list(tensors[i].shape)}" for i in bad)
+    raise LayoutError(
+        f"autocp: cannot tell the layout of {given} by shape: N={n} is also a channel width of "
+        f"{type(model).__name__}'s parameters, so a [B, N, N] input may be a pair tensor (Pair2D) or a token "
+        f"tensor with {n} channels (RowToken). Required: input_layouts naming each tensor input's layout. Fix: "
+        f"parallelize(..., input_layouts={{'s': autocp.RowToken(), 'z': autocp.Pair2D(), 'mask': "
+        f"autocp.RowToken(), 'pair_mask': autocp.Pair2D()}}) with {type(model).__name__}.forward's argument names.")
+
+
+def _leaf_names(model, args, kwargs) -> list:
+    """A readable name per tensor leaf of a call (``z``, ``feats['pair']``), in flatten order."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    except TypeError:
+        bound = None
+    if bound is None:
+        return [f"input {i}" for i in range(len([t for t in tree_flatten((args, kwargs))[0]
+                                                   if isinstance(t, torch.Tensor)]))]
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    out = []
+    for name, val in bound.items():
+        for path, leaf in tree_flatten_with_path(val)[0]:
+            if isinstance(leaf, torch.Tensor):
+                out.append(name + keystr(path))
+    return out
 
 
 def _layouts_of(val, spec, where: str) -> list:

@@ -143,7 +143,7 @@ def _table(out):
 
 
 def test_estimate_smallest_mesh():
-    # 7 channels (widths 7, 21): estimate's plan N = 2p never equals a width, so no side is left out
+    # 7 channels (widths 7, 21): estimate plans at an N that is no width; every side is searched
     res = _cli("estimate", "--tokens", "40", "--device-memory", "1MiB", "--channels", "7", "--msa-rows", "4",
                "--max-mesh", "8", "--mesh", "1")
     assert res.returncode == 0, res.stdout + res.stderr
