@@ -776,9 +776,8 @@ def estimate_cmd(args) -> int:
         print(f"no square mesh up to {hi}x{hi} fits {_fmt_bytes(cap)} per device at N={n:,}. "
               f"Fix: a larger --max-mesh, --dtype bf16, or more device memory.")
         return 0
-    below = [q for q in skipped if q < good]
     print(f"smallest square mesh that fits {_fmt_bytes(cap)} per device: {good}x{good} ({good * good} devices), "
-          f"per-rank peak {_fmt_bytes(cache[good])}" + (f" (sides {below} were not estimated, see the note)" if below else ""))
+          f"per-rank peak {_fmt_bytes(cache[good])}")
     return 0
 
 

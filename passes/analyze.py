@@ -1,7 +1,7 @@
 """Pass 2 -- analyze: shapes, tensor kinds and layouts on every node.
 
 Requires: a captured graph (:mod:`autocp.passes.trace`): ``node.meta["val"]`` (FakeTensor
-from export), opaque nodes annotated with ``node.meta["autocp.opaque"]``; the layouts of
+from export), opaque nodes annotated with ``rec(node).opaque``; the layouts of
 the user inputs and the global token length N.
 
 A layout is a tuple of per-dim *tags*, one per tensor dim:
@@ -12,20 +12,20 @@ A layout is a tuple of per-dim *tags*, one per tensor dim:
 * ``"s"`` -- the MSA sequence axis, blocks over mesh rows (MsaTiles ``(None,"s","c",None)``);
 * ``"?"`` -- a dim of length N that comes from a *shape constant* (``rand([1,N,1,1])``,
   ``expand``, ``new_ones``): the model's python recomputes it from local shapes, so on
-  tiles it is the block size (recorded in ``node.meta["autocp.shape_rewrite"]``);
+  tiles it is the block size (recorded in ``rec(node).shape_rewrite``);
 * ``None`` -- not sharded (channels, heads, batch, ...).
 
 Guarantees on every node:
 
-* ``node.meta["autocp.layout"]`` -- the tag tuple (or a list of them for multi-output nodes);
-* ``node.meta["autocp.kind"]`` -- ``"pair"`` (two token axes), ``"token"`` (one), ``"msa"``,
+* ``rec(node).layout`` -- the tag tuple (or a list of them for multi-output nodes);
+* ``rec(node).kind`` -- ``"pair"`` (two token axes), ``"token"`` (one), ``"msa"``,
   ``"other"``;
-* ``node.meta["autocp.needs_full"]`` -- ``None`` or why this op would need the full tensor
+* ``rec(node).needs_full`` -- ``None`` or why this op would need the full tensor
   (contraction / softmax / normalisation / slicing over a token axis, unknown op);
   only *live* nodes (that reach an output) are flagged;
-* ``node.meta["autocp.comm"]`` -- a cheap layout conversion the op needs instead (e.g.
+* ``rec(node).comm`` -- a cheap layout conversion the op needs instead (e.g.
   ``"all_reduce(row)"`` for a sum over the column-token axis);
-* ``node.meta["autocp.contracted"]`` -- for contractions: the tags of the contracted dims
+* ``rec(node).contracted`` -- for contractions: the tags of the contracted dims
   (what the structural matcher keys on).
 
 Block graphs (repeated layers captured once) are analysed once per input layout and
@@ -42,6 +42,7 @@ import torch
 
 from .tags import TOKEN_TAGS, canonical_out_tags, kind_of, layout_name, op_name
 from .trace import OPAQUE_OP, Capture
+from .record import put, rec
 
 __all__ = ["Analysis", "analyze", "analyze_graph", "layout_name", "infer_input_layouts", "TOKEN_TAGS",
            "ANALYSIS_RULES", "analysis_rule", "RuleInput", "SOFTMAX"]
@@ -109,7 +110,7 @@ def _val(n):
 
 def _tags(n):
     if isinstance(n, torch.fx.Node):
-        return n.meta.get("autocp.layout")
+        return rec(n).layout
     return None
 
 
@@ -258,39 +259,39 @@ def analyze_graph(gm, in_tags: list, n: int, analysis: Analysis, prefix: str = "
     live = _live_nodes(graph)
     outputs = None
     for node in graph.nodes:
-        node.meta["autocp.needs_full"] = None
-        node.meta["autocp.comm"] = None
+        put(node, needs_full=None)
+        put(node, comm=None)
         reason = None
         v = node.meta.get("val")
         if node.op == "placeholder":
             t = user_set.get(node)
             if t is None and isinstance(v, torch.Tensor):
                 t = tuple([None] * v.dim())
-            node.meta["autocp.layout"] = t
+            put(node, layout=t)
         elif node.op == "get_attr":
-            node.meta["autocp.layout"] = None
+            put(node, layout=None)
         elif node.op == "output":
             outs = node.args[0]
             outputs = [(_tags(o) if isinstance(o, torch.fx.Node) else None) for o in (outs if isinstance(outs, (tuple, list)) else [outs])]
             continue
         elif node.op == "call_function":
             tags, reason = _rule(node, n, analysis, prefix, capture)
-            override = node.meta.get("autocp.layout_override")
+            override = rec(node).layout_override
             if override is not None:
                 tags = override  # the output layout of a matched distributed op
-            node.meta["autocp.layout"] = tags
+            put(node, layout=tags)
         else:
-            node.meta["autocp.layout"] = None
-        tags = node.meta.get("autocp.layout")
-        node.meta["autocp.kind"] = kind_of(tags) if isinstance(tags, tuple) else (
+            put(node, layout=None)
+        tags = rec(node).layout
+        put(node, kind=kind_of(tags) if isinstance(tags, tuple) else (
             max((kind_of(t) for t in tags if isinstance(t, tuple)), key=["other", "token", "msa", "pair"].index, default="other")
-            if isinstance(tags, list) else "other")
+            if isinstance(tags, list) else "other"))
         if reason and node in live:
-            node.meta["autocp.needs_full"] = reason
+            put(node, needs_full=reason)
             analysis.needs_full.append((prefix, node))
-        if node.meta.get("autocp.comm"):
+        if rec(node).comm:
             analysis.comm.append((prefix, node))
-        if node.meta.get("autocp.shape_rewrite"):
+        if rec(node).shape_rewrite:
             analysis.shape_rewrites.append((prefix, node))
     return outputs
 
@@ -385,7 +386,7 @@ def _factory(ri):
         return None, None
     tags = _unknown_len(ri.out_shape, ri.n)
     if "?" in tags:
-        ri.node.meta["autocp.shape_rewrite"] = f"{ri.name} with token length {ri.n} in its shape -> block size on tiles"
+        put(ri.node, shape_rewrite=f"{ri.name} with token length {ri.n} in its shape -> block size on tiles")
     if ri.name.endswith("_like") and ri.tensor_args:
         return _tags(ri.tensor_args[0]), None
     return tags, None
@@ -442,7 +443,7 @@ def _expand(ri):
     for i, s in enumerate(out_shape):
         if t[i] is None and s == n and n > 1:
             t[i] = "?"
-            ri.node.meta["autocp.shape_rewrite"] = f"{ri.name} to token length {n} -> block size on tiles"
+            put(ri.node, shape_rewrite=f"{ri.name} to token length {n} -> block size on tiles")
     if ri.name == "repeat_interleave" and len(ri.args) > 2 and ri.args[2] is not None:
         d = ri.args[2] % len(xt)
         if xt[d] is not None:
@@ -479,7 +480,7 @@ def _softmax(ri):
     xt = ri.xt
     d = ri.args[1] % len(xt)
     if xt[d] in ("r", "c", "s"):
-        ri.node.meta["autocp.softmax_tag"] = xt[d]
+        put(ri.node, softmax_tag=xt[d])
         return xt, f"{ri.name} over token axis {xt[d]!r} (attention over a sharded axis)"
     return xt, None
 
@@ -500,7 +501,7 @@ def _reduction(ri):
         return tags, f"{ri.name} over token axis {red}"
     if red:
         groups = ",".join("row" if t == "c" else "col" for t in red)
-        ri.node.meta["autocp.comm"] = f"all_reduce({groups}) of a {ri.name} over token axis {red}"
+        put(ri.node, comm=f"all_reduce({groups}) of a {ri.name} over token axis {red}")
     return ([tags, tags] if multi else tags), None
 
 
@@ -513,9 +514,9 @@ def _contraction(ri):
 def _sdpa(ri):
     q, k = ri.args[0], ri.args[1]
     kt = _tags(k)
-    ri.node.meta["autocp.contracted"] = {"key": kt[-2]} if kt and kt[-2] else {}
+    put(ri.node, contracted={"key": kt[-2]} if kt and kt[-2] else {})
     if kt and kt[-2] not in (None, "?"):
-        ri.node.meta["autocp.softmax_tag"] = kt[-2]
+        put(ri.node, softmax_tag=kt[-2])
         return _tags(q), f"attention over token axis {kt[-2]!r}"
     return _tags(q), None
 
@@ -613,8 +614,8 @@ def _contraction_rule(node, name, n):
         ops = list(args[1])
         tl = [_tags(o) for o in ops]
         out, ctags = _einsum_contracted(eq, tl)
-        node.meta["autocp.contracted"] = {k: sorted(v) for k, v in ctags.items()}
-        node.meta["autocp.operands"] = ops
+        put(node, contracted={k: sorted(v) for k, v in ctags.items()})
+        put(node, operands=ops)
         bad = sorted({t for v in ctags.values() for t in v if t != "?"})
         out = _fix_unknown(out, node, n)
         return out, (f"einsum contracts token axis {bad}" if bad else None)
@@ -637,8 +638,8 @@ def _contraction_rule(node, name, n):
         batch.append(_merge(ta, tb)[0])
     out = tuple(batch) + (at[-2], bt[-1])
     ctag = sorted({t for t in (ka, kb) if t is not None})
-    node.meta["autocp.contracted"] = {"k": ctag} if ctag else {}
-    node.meta["autocp.operands"] = [a, b]
+    put(node, contracted={"k": ctag} if ctag else {})
+    put(node, operands=[a, b])
     bad = [t for t in ctag if t != "?"]
     out = _fix_unknown(out, node, n)
     return out, (f"{name} contracts token axis {bad}" if bad else None)
@@ -650,9 +651,9 @@ def _fix_unknown(out, node, n):
 
 
 def _opaque_rule(node, n, analysis, prefix, capture):
-    entry = node.meta.get("autocp.opaque")
+    entry = rec(node).opaque
     in_tags = [_tags(a) for a in node.args[1]]
-    node.meta["autocp.in_layouts"] = in_tags
+    put(node, in_layouts=in_tags)
     if entry is None:
         return None, None
     if entry.kind == "module":
@@ -661,11 +662,11 @@ def _opaque_rule(node, n, analysis, prefix, capture):
             out = rule.out_layouts(in_tags)
         else:
             out = [in_tags[0]] if in_tags else [None]
-        node.meta["autocp.out_layouts"] = out
+        put(node, out_layouts=out)
         return list(out), None
     if entry.kind == "fallback":
         out = entry.out_tags or canonical_out_tags(entry.out_meta or [], n)
-        node.meta["autocp.out_layouts"] = out
+        put(node, out_layouts=out)
         return list(out), None
     # a block instance: analyse its graph once per input layout
     blk = capture.blocks[entry.group] if capture is not None else None
@@ -676,7 +677,7 @@ def _opaque_rule(node, n, analysis, prefix, capture):
     if cached is None:
         cached = analyze_graph(blk.gm, in_tags, n, analysis, prefix=blk.rep, capture=capture)
         analysis.block_in_tags[key] = cached
-    node.meta["autocp.out_layouts"] = cached
+    put(node, out_layouts=cached)
     return list(cached), None
 
 

@@ -8,7 +8,7 @@ report the first node whose tiles diverge from the single-device values.
 2. the tile program of this rank runs on its tiles, every emitted node's value recorded;
 3. in graph order, each source node with a tensor value is compared with the emitted node
    the shard pass mapped it to (``TileProgram.src_map``): the reference is sliced to the
-   node's tags (``node.meta["autocp.tags"]``), padding slots ignored, error relative to
+   node's tags (``rec(node).tags``), padding slots ignored, error relative to
    the reference's scale. A repeated block whose outputs diverge is entered: its own tile
    program is compared with its source graph on the block's recorded inputs;
 4. the earliest divergence over all ranks is reported (same answer on every rank), with
@@ -32,6 +32,7 @@ from ..mesh import COL, ROW
 from . import tile_ops as T
 from .context import tile_context
 from .shard import source_line, tag_str
+from .record import rec
 
 __all__ = ["CheckReport", "check"]
 
@@ -104,7 +105,7 @@ def _compare(src_gm, ref_args, prog, tile_args, where, tol, worst):
             continue
         rv = ref.values.get(nd.name)
         en = emitted.get(prog.src_map[nd.name])
-        tags = en.meta.get("autocp.tags") if en is not None else None
+        tags = rec(en).tags if en is not None else None
         tv = tile.values.get(en.name) if en is not None else None
         if isinstance(rv, (list, tuple)) and isinstance(tv, (list, tuple)) and isinstance(tags, list):
             pairs = [(r, t, g) for r, t, g in zip(rv, tv, tags) if isinstance(r, torch.Tensor)]
@@ -125,7 +126,7 @@ def _compare(src_gm, ref_args, prog, tile_args, where, tol, worst):
         worst.append((err, where, nd.name))
         if err > tol:
             sub = None
-            entry = nd.meta.get("autocp.opaque")
+            entry = rec(nd).opaque
             if entry is not None and getattr(entry, "kind", None) == "block":
                 call = en.args[0] if en is not None else None
                 block = tile.values.get(call.name) if isinstance(call, fx.Node) else None

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .analyze import layout_name
+from .record import rec
 
 __all__ = ["Row", "Report", "build_report", "build_root_report", "build_engine_report", "render", "comm_per_rank",
            "layer_comm"]
@@ -139,7 +140,7 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
                 comm_bytes=None, note=f"{m.detail}; nodes {','.join(m.nodes[:3])}",
             ))
     rep.uncovered = [(pre, nd.name, path, reason) for pre, nd, path, reason in mr.uncovered]
-    rep.comm_nodes = [(pre, nd.name, nd.meta.get("autocp.comm")) for pre, nd in an.comm]
+    rep.comm_nodes = [(pre, nd.name, rec(nd).comm) for pre, nd in an.comm]
     return rep
 
 

@@ -3,7 +3,7 @@
 Requires: the analysis (:mod:`autocp.passes.analyze`): ``autocp.layout``,
 ``autocp.kind``, ``autocp.needs_full``, ``autocp.contracted``, ``autocp.softmax_tag``.
 
-Guarantees: ``node.meta["autocp.match"]`` is a :class:`Match` on every node that a rule
+Guarantees: ``rec(node).match`` is a :class:`Match` on every node that a rule
 covers, and :func:`match` returns all matches plus the *uncovered* nodes (live nodes
 that need a full tensor and no rule covers).
 
@@ -38,6 +38,7 @@ import torch
 from .analyze import SOFTMAX
 from .tags import layout_name, op_name as _name
 from .trace import OPAQUE_OP, Capture
+from .record import put, rec
 
 __all__ = ["Match", "MatchResult", "GraphView", "match", "register_default_patterns", "module_path_of",
            "ancestors_until", "is_contraction", "n_token_tags", "rule_triangle_mult", "INPLACE_FORMS"]
@@ -106,9 +107,9 @@ class GraphView:
                     nid,
                     op=nd.op,
                     target=_name(nd.target) if nd.op == "call_function" else str(nd.target),
-                    layout=layout_name(nd.meta.get("autocp.layout")),
-                    kind=nd.meta.get("autocp.kind", "other"),
-                    needs_full=str(nd.meta.get("autocp.needs_full") or ""),
+                    layout=layout_name(rec(nd).layout),
+                    kind=(rec(nd).kind or "other"),
+                    needs_full=str(rec(nd).needs_full or ""),
                     module=path,
                     module_cls=cls,
                     graph=prefix or "top",
@@ -190,7 +191,7 @@ def _n_token_tags(tags) -> int:
 
 
 def _pair_derived(nd) -> bool:
-    return _n_token_tags(nd.meta.get("autocp.layout")) >= 2
+    return _n_token_tags(rec(nd).layout) >= 2
 
 
 def _softmax_fed(nd) -> bool:
@@ -230,29 +231,29 @@ def _between(src, dst):
 def _rule_triangle_mult(view, nd):
     if not _is_contraction(nd):
         return None
-    ct = nd.meta.get("autocp.contracted") or {}
+    ct = rec(nd).contracted or {}
     tags = sorted({t for v in ct.values() for t in v if t in ("r", "c")})
     if len(tags) != 1:
         return None
-    ops = nd.meta.get("autocp.operands") or []
+    ops = rec(nd).operands or []
     if len(ops) != 2 or not all(_pair_derived(o) for o in ops):
         return None
     if any(_softmax_fed(o) for o in ops):
         return None
     kind = "triangle_mult_out" if tags[0] == "c" else "triangle_mult_in"
     # the distributed op returns a canonical Pair2D tile of out[i, j]
-    out = list(nd.meta.get("autocp.layout") or ())
+    out = list(rec(nd).layout or ())
     tok = [i for i, t in enumerate(out) if t in ("r", "c", "?")]
     if len(tok) == 2:
         out[tok[0]], out[tok[1]] = "r", "c"
-        nd.meta["autocp.layout_override"] = tuple(out)
+        put(nd, layout_override=tuple(out))
     return {"kind": kind, "nodes": [nd], "detail": f"{_name(nd.target)} contracts the {'column' if tags[0] == 'c' else 'row'}-token axis"}
 
 
 def _rule_attention(view, nd):
     if not _is_softmax(nd):
         return None
-    tag = nd.meta.get("autocp.softmax_tag")
+    tag = rec(nd).softmax_tag
     if tag not in ("r", "c"):
         return None
     nodes = [nd]
@@ -269,7 +270,7 @@ def _rule_attention(view, nd):
             return None
         qk = qks[0]
         nodes.append(qk)
-        ops = qk.meta.get("autocp.operands") or []
+        ops = rec(qk).operands or []
         q = ops[0] if ops else None
         bias_nodes = [a for a in anc if a is not qk and a.op in ("call_function", "placeholder")
                       and a not in _ancestors_until(qk, lambda x: True, limit=0)
@@ -297,7 +298,7 @@ def _rule_attention(view, nd):
 def _rule_outer_product(view, nd):
     if not _is_contraction(nd):
         return None
-    ct = nd.meta.get("autocp.contracted") or {}
+    ct = rec(nd).contracted or {}
     if not any("s" in v for v in ct.values()):
         return None
     return {"kind": "outer_product_mean", "nodes": [nd], "detail": "contraction over the MSA sequence axis"}
@@ -323,12 +324,12 @@ def match(capture: Capture, analysis=None) -> MatchResult:
     for prefix, gm, _blk in capture.graphs():
         covered = set()
         for nd in gm.graph.nodes:
-            nd.meta.pop("autocp.match", None)
+            put(nd, match=None)
         for nd in gm.graph.nodes:
             if nd.op != "call_function":
                 continue
             if nd.target is OPAQUE_OP:
-                entry = nd.meta.get("autocp.opaque")
+                entry = rec(nd).opaque
                 if entry is None or entry.kind != "module":
                     continue
                 m = Match(
@@ -337,12 +338,12 @@ def match(capture: Capture, analysis=None) -> MatchResult:
                     path=entry.path,
                     graph=prefix,
                     nodes=[nd.name],
-                    in_layouts=[layout_name(t) for t in nd.meta.get("autocp.in_layouts") or []],
-                    out_layouts=[layout_name(t) for t in nd.meta.get("autocp.out_layouts") or []],
+                    in_layouts=[layout_name(t) for t in rec(nd).in_layouts or []],
+                    out_layouts=[layout_name(t) for t in rec(nd).out_layouts or []],
                     module_cls=entry.cls_name,
                     detail=f"op {getattr(entry.rule.op_factory, '__qualname__', None) if entry.rule else None}",
                 )
-                nd.meta["autocp.match"] = m
+                put(nd, match=m)
                 res.matches.append(m)
                 covered.add(nd)
                 continue
@@ -361,19 +362,19 @@ def match(capture: Capture, analysis=None) -> MatchResult:
                     path=path,
                     graph=prefix,
                     nodes=[x.name for x in nodes],
-                    in_layouts=[layout_name(a.meta.get("autocp.layout")) for a in nodes[0].all_input_nodes
+                    in_layouts=[layout_name(rec(a).layout) for a in nodes[0].all_input_nodes
                                 if isinstance(a.meta.get("val"), torch.Tensor)],
-                    out_layouts=[layout_name(nodes[-1].meta.get("autocp.layout"))],
+                    out_layouts=[layout_name(rec(nodes[-1]).layout)],
                     module_cls=cls,
                     detail=r.get("detail", ""),
                 )
                 for x in nodes:
-                    x.meta["autocp.match"] = m
+                    put(x, match=m)
                     covered.add(x)
                 res.matches.append(m)
                 break
         for nd in gm.graph.nodes:
-            reason = nd.meta.get("autocp.needs_full")
+            reason = rec(nd).needs_full
             if reason and nd not in covered:
                 path, cls = module_path_of(nd, prefix)
                 res.uncovered.append((prefix, nd, path, reason))

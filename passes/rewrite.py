@@ -35,6 +35,7 @@ from ..layout import block_size, pad_to
 from ..mesh import COL, ROW
 from .tags import canonical_out_tags, map_tagged
 from .wrapper import ModuleWrapper
+from .record import rec
 
 __all__ = ["UnsupportedPairOpError", "Action", "RewritePlan", "plan_rewrite", "GatherFallback",
            "gather_tags", "shard_tags"]
@@ -147,14 +148,14 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
     # 1. registered modules -> op, else fallback (exact)
     for prefix, gm, blk in capture.graphs():
         for nd in gm.graph.nodes:
-            entry = nd.meta.get("autocp.opaque")
+            entry = rec(nd).opaque
             if entry is None or entry.kind not in ("module", "fallback"):
                 continue
             paths = [entry.path]
             if blk is not None:
                 paths = [p + entry.path[len(blk.rep):] for p in blk.paths]
-            in_tags = nd.meta.get("autocp.in_layouts") or []
-            out_tags = _tags_list(nd.meta.get("autocp.out_layouts"))
+            in_tags = rec(nd).in_layouts or []
+            out_tags = _tags_list(rec(nd).out_layouts)
             if entry.kind == "fallback":
                 out_tags = entry.out_tags or canonical_out_tags(entry.out_meta or [], n_tokens)
             full = sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
@@ -246,7 +247,7 @@ def _boundary(capture, prefix, path):
         if nd.op != "call_function" or not inside(nd):
             continue
         v = nd.meta.get("val")
-        tags = nd.meta.get("autocp.layout")
+        tags = rec(nd).layout
         if not isinstance(v, torch.Tensor) or not isinstance(tags, tuple):
             continue
         if any(not inside(u) or u.op == "output" for u in nd.users):

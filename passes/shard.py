@@ -50,6 +50,7 @@ from ..layout import block_size
 from . import tile_ops as T
 from .structural import (StructuralRewriteError, attention_nodes, einsum_letters, fill_nodes, match_attention,
                          match_sdpa, pack_kv, tile_attention)
+from .record import put, rec
 
 __all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
            "source_line", "tag_str"]
@@ -220,7 +221,7 @@ class _Sharder:
         node = self.g.call_function(fn, tuple(args), dict(kwargs))
         if self.cur is not None:
             node.meta["stack_trace"] = self.cur.meta.get("stack_trace")
-            node.meta["autocp.src"] = self.cur.name
+            put(node, src=self.cur.name)
         return node
 
     def const(self, obj):
@@ -288,7 +289,7 @@ class _Sharder:
 
     def set(self, node, value, tags, alias=True):
         if isinstance(value, fx.Node) and value.graph is self.g:
-            value.meta["autocp.tags"] = tags  # for the passes that run on the tile program (autocp.passes.storage)
+            put(value, tags=tags)  # for the passes that run on the tile program (autocp.passes.storage)
         self.env[node] = value
         self.tags[node] = tags
         self.alias_ok[node] = alias
@@ -317,7 +318,7 @@ class _Sharder:
             new = self.g.placeholder(ph.name)
             const_nodes.append(new)
             self.set(ph, new, None)
-            ph.meta["autocp.param"] = True  # parameters / buffers: never a key mask (match_attention)
+            put(ph, param=True)  # parameters / buffers: never a key mask (match_attention)
         self._scan_attention()
         self.order = {nd: i for i, nd in enumerate(self.src.graph.nodes)}
         self.ops_ph = self.g.placeholder("autocp_ops")
@@ -1744,7 +1745,7 @@ def invoke_opaque(module, call, *tensors):
 def _opaque(s: _Sharder, node):
     from .trace import OPAQUE_OP  # noqa: F401 -- the op this rule is registered for
 
-    entry = node.meta.get("autocp.opaque")
+    entry = rec(node).opaque
     key, tensors = node.args[0], list(node.args[1])
     in_t = [s.tg(a) for a in tensors]
     res = s.resolver(entry, in_t)

@@ -1,7 +1,7 @@
 """Pass 5c -- storage: how the glue of a tile program holds its pair tensors.
 
 Requires: a :class:`autocp.passes.shard.TileProgram` (its emitted nodes carry
-``node.meta["autocp.tags"]``, the tags the sharding pass proved) and the kinds of its
+``rec(node).tags``, the tags the sharding pass proved) and the kinds of its
 opaque calls.
 
 Two rewrites of the emitted graph, both value-preserving where they apply:
@@ -29,6 +29,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from .record import put, rec
 
 __all__ = ["pair_storage_dtype", "reinplace", "apply_storage_passes"]
 
@@ -129,7 +130,7 @@ def pair_storage_dtype(gm: fx.GraphModule, dtype: torch.dtype) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        tags = node.meta.get("autocp.tags")
+        tags = rec(node).tags
         if not _is_pair(tags):
             continue
         tgt = node.target
@@ -149,7 +150,7 @@ def pair_storage_dtype(gm: fx.GraphModule, dtype: torch.dtype) -> int:
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(pointwise_in_storage_dtype, (tgt, dtype, *node.args), dict(node.kwargs))
             new.meta.update(node.meta)
-            new.meta["autocp.fresh"] = True
+            put(new, fresh=True)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             count += 1
@@ -201,7 +202,7 @@ def reinplace(gm: fx.GraphModule, opaque_kinds=None) -> int:
             return True
         if not isinstance(node, fx.Node) or node.op != "call_function":
             return False
-        if node.meta.get("autocp.fresh"):
+        if rec(node).fresh:
             return True
         if node.target is operator.getitem:
             return trusted_opaque(node.args[0])
@@ -221,7 +222,7 @@ def reinplace(gm: fx.GraphModule, opaque_kinds=None) -> int:
             kind, operands, sdt = _BINARY[node.args[0]], tuple(node.args[2:]), node.args[1]
         else:
             continue
-        if not _is_pair(node.meta.get("autocp.tags")):
+        if not _is_pair(rec(node).tags):
             continue
         pick = None
         for i, a in enumerate(operands):
@@ -241,7 +242,7 @@ def reinplace(gm: fx.GraphModule, opaque_kinds=None) -> int:
             else:
                 new = gm.graph.call_function(binary_maybe_inplace, (kind, pick, *operands, sdt))
         new.meta.update(node.meta)
-        new.meta["autocp.fresh"] = True  # writes into a fresh tensor nobody else reads: owned like one
+        put(new, fresh=True)  # writes into a fresh tensor nobody else reads: owned like one
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         order[new] = order[node]

@@ -57,6 +57,7 @@ from .match import INPLACE_FORMS, ancestors_until, is_contraction, n_token_tags,
 from .tags import op_name as _name
 from .trace import BoundCall, example_like, param_sig
 from .wrapper import ModuleWrapper
+from .record import put, rec
 
 __all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract",
            "tile_attention", "pack_kv", "attention_nodes", "match_attention", "match_sdpa", "fill_nodes", "einsum_letters"]
@@ -263,7 +264,7 @@ def _has_param_ancestor(node, limit=64) -> bool:
         if nd in seen:
             continue
         seen.add(nd)
-        if nd.op == "placeholder" and nd.meta.get("autocp.param"):
+        if nd.op == "placeholder" and rec(nd).param:
             return True
         if nd.op == "call_function" and _name(nd.target) in _SHAPE_ONLY:
             continue  # reads only the shape / dtype of its tensor argument
@@ -272,7 +273,7 @@ def _has_param_ancestor(node, limit=64) -> bool:
 
 
 def _layout_meta(node):
-    return node.meta.get("autocp.layout")
+    return rec(node).layout
 
 
 def _walk_scores(sm, where):
@@ -394,7 +395,7 @@ def _attention_spec(sm, layout_of=_layout_meta, whole_ok: bool = False) -> _Attn
     token dims are whole fits (the caller slices it to ``spec.term_tags[node]``)."""
 
     name = _name(sm.target)
-    where = f"node {sm.name!r} (softmax over token axis {sm.meta.get('autocp.softmax_tag')!r})"
+    where = f"node {sm.name!r} (softmax over token axis {rec(sm).softmax_tag!r})"
     if name not in ("softmax", "_softmax", "_safe_softmax"):
         raise StructuralRewriteError(f"{where}: {name} (SDPA / log_softmax) is not rewritten")
     # 1. walk back from the softmax input to q.k: scalar scales, additive terms, masked_fill
@@ -775,7 +776,7 @@ def _contraction_letters(node):
 
 def _contract_spec(node) -> _ContractSpec:
     sa, sb, so, ops = _contraction_letters(node)
-    tags = [ops[0].meta.get("autocp.layout"), ops[1].meta.get("autocp.layout")]
+    tags = [rec(ops[0]).layout, rec(ops[1]).layout]
     if not all(isinstance(t, tuple) for t in tags):
         raise StructuralRewriteError(f"operands of {node.name} have no analysed layout")
     lt = [dict(zip(sa, tags[0])), dict(zip(sb, tags[1]))]
@@ -847,10 +848,10 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
     analyze_graph(gm, tags, n, an)
     phs = [nd for nd in gm.graph.nodes if nd.op == "placeholder"]
     for nd, s_ in zip(phs, ep.graph_signature.input_specs):  # parameters / buffers / constants
-        nd.meta["autocp.param"] = s_.kind.name != "USER_INPUT"
+        put(nd, param=s_.kind.name != "USER_INPUT")
     # triangle attentions: every softmax over a token axis must be one (else: why not)
     attn = [_attention_spec(nd) for nd in gm.graph.nodes
-            if nd.op == "call_function" and nd.meta.get("autocp.softmax_tag") in TOKEN]
+            if nd.op == "call_function" and rec(nd).softmax_tag in TOKEN]
     covered = {x for sp in attn for x in sp.covered}
     matched = []
     for nd in gm.graph.nodes:
@@ -862,10 +863,10 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
             out_tags = analyze_graph(gm, tags, n, an)  # matched contractions now output Pair2D tiles
         bad = [nd for _pre, nd in an.needs_full if nd not in matched and nd not in covered]
         # name the root cause first (an attention's softmax rather than the ops it disturbs)
-        bad.sort(key=lambda nd: 0 if "attention" in str(nd.meta.get("autocp.needs_full")) else 1)
+        bad.sort(key=lambda nd: 0 if "attention" in str(rec(nd).needs_full) else 1)
         if bad and (round_ == 2 or not (matched or attn)):  # round 1: downstream layouts not final yet
             raise StructuralRewriteError(f"node {bad[0].name!r} cannot run on tiles: "
-                                         f"{bad[0].meta.get('autocp.needs_full')}")
+                                         f"{rec(bad[0]).needs_full}")
         if not (matched or attn):
             raise StructuralRewriteError("no triangle multiplication or triangle attention found in the module's "
                                          "graph")
@@ -907,7 +908,7 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
             g.erase_node(nd)
             continue
         if name == "arange":
-            lay = nd.meta.get("autocp.layout") or ()
+            lay = rec(nd).layout or ()
             if any(t is not None for t in lay):
                 raise StructuralRewriteError(f"node {nd.name!r}: arange over the token axis (token positions) "
                                              f"is not tile-local")
@@ -926,7 +927,7 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
         if idx is None or len(nd.args) <= idx or b == n:
             continue
         shape = nd.args[idx]
-        lay = nd.meta.get("autocp.layout")
+        lay = rec(nd).layout
         if not isinstance(shape, (list, tuple)) or not isinstance(lay, tuple) or len(shape) != len(lay):
             continue
         new_shape = [b if (isinstance(s, int) and s == n and t in ("r", "c", "?")) else s

@@ -9,7 +9,7 @@ Guarantees (on every node of :attr:`Capture.top` and of each block graph):
 * registered modules (:mod:`autocp.registry`) appear as ONE node
   ``torch.ops.autocp.opaque(key, [tensors])`` -- capture never enters them (Boltz's
   eval-mode chunked triangle attention cannot be exported) -- and
-  ``node.meta["autocp.opaque"]`` is their :class:`OpaqueEntry` (module path, class, rule);
+  ``rec(node).opaque`` is their :class:`OpaqueEntry` (module path, class, rule);
 * each distinct repeated block (identical-structure children of a ``ModuleList`` /
   ``Sequential``, e.g. the 48 ``PairformerLayer`` s) is captured ONCE
   (:attr:`Capture.blocks`) and appears in the top graph as one opaque node per
@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .export import export
 from .. import registry as _registry
+from .record import put
 
 __all__ = [
     "CaptureError",
@@ -479,7 +480,7 @@ def capture(
         inline_wrappers(g)
         for node in g.graph.nodes:
             if node.op == "call_function" and node.target is OPAQUE_OP:
-                node.meta["autocp.opaque"] = entries[node.args[0]]
+                put(node, opaque=entries[node.args[0]])
     cap.n_nodes = sum(len(g.graph.nodes) for _, g, _ in cap.graphs())
     cap.seconds = time.perf_counter() - t0
     if cache:

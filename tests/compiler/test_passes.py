@@ -12,10 +12,11 @@ from autocp.passes.match import match
 from autocp.passes.rewrite import UnsupportedPairOpError
 from autocp.passes.trace import OPAQUE_OP, CaptureError, capture
 from tests.compiler._workers import build_pairformer, pairformer_inputs, strict_plan
+from autocp.passes.record import rec
 
 
 def _opaque_paths(gm):
-    return [n.meta["autocp.opaque"].path for n in gm.graph.nodes if n.op == "call_function" and n.target is OPAQUE_OP]
+    return [rec(n).opaque.path for n in gm.graph.nodes if n.op == "call_function" and n.target is OPAQUE_OP]
 
 
 def test_trace_blocks_captured_once_and_registered_modules_opaque():
@@ -77,9 +78,9 @@ def test_analyze_layouts_of_boltz_block():
     assert [layout_name(t) for t in an.output_tags] == ["RowToken", "Pair2D"]
     assert an.needs_full == []  # everything outside the registered modules is tile-local
     blk = next(iter(cap.blocks.values()))
-    by_path = {n.meta["autocp.opaque"].path: n for n in blk.gm.graph.nodes if n.target is OPAQUE_OP}
+    by_path = {rec(n).opaque.path: n for n in blk.gm.graph.nodes if n.target is OPAQUE_OP}
     att = by_path["layers.0.attention"]
-    assert [layout_name(t) for t in att.meta["autocp.in_layouts"]] == ["RowToken", "Pair2D", "RowToken", "RowToken"]
+    assert [layout_name(t) for t in rec(att).in_layouts] == ["RowToken", "Pair2D", "RowToken", "RowToken"]
     # the dropout masks rand([1, N, 1, 1]) are token-axis shape constants recomputed on tiles
     assert len(an.shape_rewrites) >= 4
 

@@ -1,0 +1,222 @@
+"""lucidrains ``alphafold3-pytorch`` (PyPI ``alphafold3-pytorch==0.8.3``): the WHOLE ``Alphafold3``.
+
+Model: ``alphafold3_pytorch/alphafold3.py:6294 class Alphafold3`` at tiny widths, called for
+inference (no labels, no ``atom_pos`` -> ``return_loss`` is False -> ``edm.sample`` returns
+the sampled atom positions ``[b, m, 3]``), through its ``forward``
+(``alphafold3.py:6860``) with the keyword batch its own inference path builds:
+``Alphafold3.forward_with_alphafold3_inputs`` (``alphafold3.py:6857``:
+``self.forward(**atom_dict, **kwargs)``, reached from ``cli.py:51`` with ``num_sample_steps``).
+The batch is padded the way its collate (``inputs.py:4676-4685``) pads: ints -1,
+``molecule_atom_lens`` 0 (-> token mask ``molecule_atom_lens > 0``, ``alphafold3.py:7181``),
+bools False, floats 0. The last token is such a padding token.
+
+Everything the model runs on the path: input embedder (atom transformer, windowed atom
+pairs), relative position encoding, token bonds, template embedder (2 templates), MSA module
+(4 sequences), pairformer trunk, diffusion sampling (``ElucidatedAtomDiffusion.sample``,
+2 steps, second-order Karras correction, ``CentreRandomAugmentation`` each step), final atom
+mask. The confidence / distogram heads are built but not called (the call returns positions
+only, as ``cli.py`` uses it).
+
+Determinism: the sampler draws its noise (``torch.randn`` initial positions and churn, and
+``torch.rand``/``torch.randn`` random rotation/translation of the augmenter) from torch's
+global CPU generator, and nothing else is random in eval mode (dropout 0; the MSA is never
+sub-sampled since ``max_num_msa`` is unset). So ``torch.manual_seed(s)`` right before the call
+makes it deterministic on one process.
+
+Import: like ``alphafold3_pytorch.py``, the package ``__init__`` (trainer -> lightning, app ->
+gradio) is not run: the package path is registered and ``alphafold3_pytorch.alphafold3`` is
+imported directly. No file of the package is modified. The package's ``tqdm`` progress bar of
+the sampler (``use_tqdm_pbar=True`` by default, not a ``forward`` argument) prints to stderr.
+"""
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import torch
+
+from autocp.layout import MsaTiles, Pair2D, RowToken
+from tests.corpus._common import missing
+
+NAME = "alphafold3_pytorch_whole"
+PACKAGE = "alphafold3-pytorch==0.8.3"
+
+# tiny config (widths 8-16)
+DIM_ATOM_INPUTS = 8
+DIM_TEMPLATE_FEATS = 8
+ATOMS_PER_WINDOW = 4
+NUM_MSA = 4
+NUM_TEMPLATES = 2
+ATOM_LENS = (2, 3)  # atoms per real token, cycled
+
+
+def unavailable():
+    """Why the harness cannot run here (None when it can)."""
+    m = missing("alphafold3_pytorch", "einx", "einops", "jaxtyping", "beartype", "rdkit", "Bio", "polars",
+                "huggingface_hub", "colt5_attention", "frame_averaging_pytorch", "taylor_series_linear_attention")
+    if m:
+        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
+    try:
+        _af3_module()
+    except Exception as e:  # noqa: BLE001
+        return f"alphafold3_pytorch.alphafold3 does not import: {type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+def _af3_module():
+    """``alphafold3_pytorch.alphafold3`` without running the package ``__init__``."""
+    if "alphafold3_pytorch.alphafold3" in sys.modules:
+        return sys.modules["alphafold3_pytorch.alphafold3"]
+    if "alphafold3_pytorch" not in sys.modules:
+        spec = importlib.util.find_spec("alphafold3_pytorch")
+        pkg = types.ModuleType("alphafold3_pytorch")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__file__ = spec.origin
+        pkg.__spec__ = spec
+        sys.modules["alphafold3_pytorch"] = pkg
+    return importlib.import_module("alphafold3_pytorch.alphafold3")
+
+
+def _pairwise_block_kwargs():
+    return dict(tri_mult_dim_hidden=8, tri_attn_dim_head=4, tri_attn_heads=2,
+                dropout_row_prob=0.0, dropout_col_prob=0.0)
+
+
+def config():
+    """The ``Alphafold3(**config())`` keyword arguments (tiny widths, dropout 0)."""
+    return dict(
+        dim_atom_inputs=DIM_ATOM_INPUTS,
+        dim_template_feats=DIM_TEMPLATE_FEATS,
+        dim_template_model=8,
+        atoms_per_window=ATOMS_PER_WINDOW,
+        dim_atom=8,
+        dim_atompair=8,
+        dim_input_embedder_token=16,
+        dim_single=16,
+        dim_pairwise=8,
+        dim_token=16,
+        # dim_msa_inputs (32), dim_additional_msa_feats (2), dim_additional_token_feats (33),
+        # num_molecule_mods (4): package defaults (the data's feature sizes)
+        input_embedder_kwargs=dict(atom_transformer_blocks=1, atom_transformer_heads=2,
+                                   atom_transformer_kwargs=dict()),
+        confidence_head_kwargs=dict(pairformer_depth=1),
+        template_embedder_kwargs=dict(pairformer_stack_depth=1, pairwise_block_kwargs=_pairwise_block_kwargs(),
+                                      layerscale_output=True),
+        msa_module_kwargs=dict(depth=1, dim_msa=8, outer_product_mean_dim_hidden=4, msa_pwa_dropout_row_prob=0.0,
+                               msa_pwa_heads=2, msa_pwa_dim_head=4, pairwise_block_kwargs=_pairwise_block_kwargs(),
+                               layerscale_output=True),
+        pairformer_stack=dict(depth=2, pair_bias_attn_dim_head=8, pair_bias_attn_heads=2, dropout_row_prob=0.0,
+                              pairwise_block_kwargs=_pairwise_block_kwargs()),
+        diffusion_module_kwargs=dict(
+            dim_fourier=16,
+            single_cond_kwargs=dict(num_transitions=1, transition_expansion_factor=2),
+            pairwise_cond_kwargs=dict(num_transitions=1),
+            atom_encoder_depth=1, atom_encoder_heads=2,
+            token_transformer_depth=1, token_transformer_heads=2,
+            atom_decoder_depth=1, atom_decoder_heads=2,
+        ),
+    )
+
+
+def _model(seed):
+    af3 = _af3_module()
+    torch.manual_seed(seed)  # construction draws (e.g. nn.Parameter(torch.randn)) are overwritten below anyway
+    model = af3.Alphafold3(**config())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # every parameter re-drawn: AF3-style init zeroes output projections / layerscales
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def _inputs(seed, n):
+    """The inference batch of ``n`` tokens (token ``n-1`` is collate padding), batch 1."""
+    from alphafold3_pytorch.inputs import ADDITIONAL_MOLECULE_FEATS, DEFAULT_NUM_MOLECULE_MODS, IS_MOLECULE_TYPES, \
+        NUM_MSA_ONE_HOT
+
+    g = torch.Generator().manual_seed(seed + 1)
+    nr = n - 1  # real tokens: one protein chain of nr residues
+    lens = torch.tensor([ATOM_LENS[i % len(ATOM_LENS)] for i in range(nr)] + [0])
+    total = int(lens.sum())
+    m = -(-total // ATOMS_PER_WINDOW) * ATOMS_PER_WINDOW  # atom length padded to whole windows
+    atom_valid = (torch.arange(m) < total)
+
+    atom_inputs = torch.randn(1, m, DIM_ATOM_INPUTS, generator=g) * atom_valid[None, :, None]
+    atompair_inputs = (torch.randn(1, m, m, 5, generator=g)
+                       * (atom_valid[:, None] & atom_valid[None, :])[None, :, :, None])
+
+    ar = torch.arange(nr)
+    amf = torch.stack([ar, ar, torch.zeros_like(ar), torch.zeros_like(ar), torch.zeros_like(ar)], -1)
+    additional_molecule_feats = torch.cat([amf, torch.full((1, ADDITIONAL_MOLECULE_FEATS), -1)])[None]
+
+    is_molecule_types = torch.zeros(1, n, IS_MOLECULE_TYPES, dtype=torch.bool)
+    is_molecule_types[0, :nr, 0] = True  # protein
+    is_molecule_mod = torch.zeros(1, n, DEFAULT_NUM_MOLECULE_MODS, dtype=torch.bool)
+    is_molecule_mod[0, 1, 0] = True  # one modified residue (mod_protein)
+
+    molecule_ids = torch.cat([torch.randint(0, 20, (nr,), generator=g), torch.tensor([-1])])[None]
+    additional_token_feats = torch.randn(1, n, 33, generator=g)
+    additional_token_feats[0, nr:] = 0.0
+
+    token_bonds = torch.zeros(1, n, n, dtype=torch.bool)
+    token_bonds[0, ar[:-1], ar[1:]] = True  # peptide bonds i -> i+1 (the model symmetrises)
+
+    tv = (torch.arange(n) < nr).float()
+    msa_ids = torch.randint(0, 20, (1, NUM_MSA, n), generator=g)
+    msa = torch.nn.functional.one_hot(msa_ids, NUM_MSA_ONE_HOT).float() * tv[None, None, :, None]
+    additional_msa_feats = torch.rand(1, NUM_MSA, n, 2, generator=g) * tv[None, None, :, None]
+
+    templates = (torch.randn(1, NUM_TEMPLATES, n, n, DIM_TEMPLATE_FEATS, generator=g)
+                 * (tv[:, None] * tv[None, :])[None, None, :, :, None])
+    template_mask = torch.ones(1, NUM_TEMPLATES, dtype=torch.bool)
+
+    return dict(
+        atom_inputs=atom_inputs,
+        atompair_inputs=atompair_inputs,
+        additional_molecule_feats=additional_molecule_feats,
+        is_molecule_types=is_molecule_types,
+        molecule_atom_lens=lens[None],
+        molecule_ids=molecule_ids,
+        additional_msa_feats=additional_msa_feats,
+        additional_token_feats=additional_token_feats,
+        is_molecule_mod=is_molecule_mod,
+        token_bonds=token_bonds,
+        msa=msa,
+        templates=templates,
+        template_mask=template_mask,
+        num_recycling_steps=1,
+        num_sample_steps=2,
+    )
+
+
+LAYOUTS = dict(
+    atom_inputs=None,                    # [b, m, dai]        atom level: replicated
+    atompair_inputs=None,                # [b, m, m, 5]       atom level: replicated
+    additional_molecule_feats=RowToken(),  # [b, n, 5] int
+    is_molecule_types=RowToken(),        # [b, n, 5] bool
+    molecule_atom_lens=RowToken(),       # [b, n] int
+    molecule_ids=RowToken(),             # [b, n] int
+    additional_msa_feats=MsaTiles(),     # [b, s, n, 2]
+    additional_token_feats=RowToken(),   # [b, n, 33]
+    is_molecule_mod=RowToken(),          # [b, n, 4] bool
+    token_bonds=Pair2D(),                # [b, n, n] bool
+    msa=MsaTiles(),                      # [b, s, n, 32]
+    templates=Pair2D((2, 3)),            # [b, t, n, n, 8]
+    template_mask=None,                  # [b, t] bool: no token dim, replicated
+)
+
+
+def build(seed: int = 0, n: int = 7):
+    """``(model, (args, kwargs), layouts, description)``: ``model(*args, **kwargs)`` returns the
+    sampled atom positions ``[1, m, 3]``; deterministic given ``torch.manual_seed(s)`` right
+    before the call (the sampler's noise)."""
+    if n < 3:
+        raise ValueError(f"build: n={n}; required n >= 3 (n-1 real tokens and one padding token)")
+    model = _model(seed)
+    kwargs = _inputs(seed, n)
+    layouts = {k: v for k, v in LAYOUTS.items() if k in kwargs}
+    return model, ((), kwargs), layouts, ("Alphafold3.forward(**batch, num_recycling_steps=1, num_sample_steps=2) "
+                                          "(alphafold3.py:6860), as forward_with_alphafold3_inputs "
+                                          "(alphafold3.py:6857) calls it for cli.py:51")
