@@ -117,6 +117,17 @@ def parallelize(
 
     driver = lookup_model(model)
     if driver is not None:  # a whole model with its own driver (e.g. Boltz1 / Boltz2: autocp.models.boltz_e2e)
+        unused = {k: v for k, v in dict(example_inputs=example_inputs, input_layouts=input_layouts,
+                                        broadcast_from=broadcast_from, pair_dtype=pair_dtype).items() if v is not None}
+        unused.update({k: v for k, v, d in (("emit", emit, "graph"), ("recompute", recompute, "ops"),
+                                            ("check_inputs", check_inputs, "shape"), ("reuse_blocks", reuse_blocks, True))
+                       if v != d})
+        if unused:
+            raise TypeError(
+                f"parallelize: given {', '.join(f'{k}={v!r}' for k, v in unused.items())} for {type(model).__name__}, "
+                f"whose whole-model driver ({getattr(driver, '__qualname__', driver)}) runs the model's own python on "
+                f"the eager engine with its declared feature layouts; those options do not apply to it. Required: "
+                f"mesh, strict, grad_sync, grad_bucket_mb and the driver's options={{...}}. Fix: drop them.")
         mesh, dp_size, dp_world = _split_dp(mesh)
         pm = driver(model, SquareMesh.from_any(mesh), strict=strict, **(options or {}))
         if grad_sync and hasattr(pm, "enable_grad_sync"):
