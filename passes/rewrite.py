@@ -166,11 +166,12 @@ def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens:
             for path in paths:
                 rule = entry.rule
                 if structural is not None:
-                    kinds, detail, s_rule = structural
+                    kinds, detail, s_rule, prog = structural
                     plan.actions[path] = Action(path, "op", s_rule, kinds, entry.cls_name,
                                                 in_tags=in_tags, out_tags=out_tags,
                                                 op_name=f"StructuralOp ({detail})",
-                                                builder=_structural_builder(entry, in_tags, out_tags, n_tokens))
+                                                builder=_structural_builder(entry, in_tags, out_tags, n_tokens,
+                                                                            prog))
                     continue
                 if entry.kind == "fallback" and strict:
                     why = (reasons or {}).get(path) or f"{entry.cls_name} contains pair ops no rule covers"
@@ -274,8 +275,8 @@ def _token_tags_fit(tags, shape, n) -> bool:
 
 
 def _try_structural(entry, in_tags, out_tags, mesh, n_tokens):
-    """((kind, detail), None) if the fallback module's graph can be rewritten to run on tiles
-    (:mod:`autocp.passes.structural`), else (None, why not)."""
+    """((kind, detail, rules, program), None) if the fallback module's graph can be rewritten
+    to run on tiles (:mod:`autocp.passes.structural`), else (None, why not)."""
     from .structural import StructuralRewriteError, get_program
 
     try:
@@ -294,10 +295,12 @@ def _try_structural(entry, in_tags, out_tags, mesh, n_tokens):
         kind = akind if not prog.contractions else f"{kind}+{akind}"
         detail = "; ".join([detail] * bool(detail) + [f"{nm} -> ring attention ({x})" for nm, _k, x in prog.attentions])
         rules.append("structural:triangle_attn")
-    return (kind, detail, "+".join(rules)), None
+    return (kind, detail, "+".join(rules), prog), None
 
 
-def _structural_builder(entry, in_tags, out_tags, n_tokens):
+def _structural_builder(entry, in_tags, out_tags, n_tokens, prog):
+    """The plan's builder of the StructuralOp; it holds the program built while planning
+    (the program cache is weak), so building the op does not capture the module again."""
     from .structural import StructuralOp
 
     def build(module, mesh):

@@ -84,6 +84,7 @@ class TileProgram:
     notes: list = field(default_factory=list)
     n_nodes: int = 0
     src_map: dict = field(default_factory=dict)  # source node name -> emitted node name (autocp.check)
+    specs: list = field(default_factory=list)  # the attention specs its nodes refer to by key (kept alive here)
 
 
 def covered_ops() -> list:
@@ -190,6 +191,7 @@ class _Sharder:
         self.conv_cache: dict = {}
         self.notes: list = []
         self.op_keys: list = []
+        self.specs: list = []
         self.ops_ph = None
         self.const_targets: list = []
         self.owner = torch.nn.Module()
@@ -357,7 +359,7 @@ class _Sharder:
         alive = {nd.name for nd in self.g.nodes}
         src_map = {k.name: v.name for k, v in self.env.items()
                    if isinstance(v, fx.Node) and v.graph is self.g and v.name in alive}
-        return TileProgram(gm, [], self.op_keys, self.out_tags, self.notes, len(self.g.nodes), src_map)
+        return TileProgram(gm, [], self.op_keys, self.out_tags, self.notes, len(self.g.nodes), src_map, self.specs)
 
     # ------------------------------------------------------------------ attention regions
     def _scan_attention(self):
@@ -409,6 +411,7 @@ class _Sharder:
                 v = self.emit(torch.narrow, v, sp.term_narrow[nd], 0, 1)
             return v
 
+        self.specs.append(sp)
         kv_box = self.emit(pack_kv, self.env[sp.k], self.env[sp.v], key)
         out = self.emit(tile_attention, self.env[sp.q], kv_box,
                         [term(b) for b, _a, _m in sp.biases], [term(m) for _k, m, _a, _v in sp.masks], key,

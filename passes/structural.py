@@ -44,6 +44,8 @@ by all instances of the same module type and call signature).
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +62,8 @@ from .wrapper import ModuleWrapper
 from .record import put, rec
 
 __all__ = ["StructuralRewriteError", "TileProgram", "build_tile_program", "StructuralOp", "tile_contract",
-           "tile_attention", "pack_kv", "attention_nodes", "match_attention", "match_sdpa", "fill_nodes", "einsum_letters"]
+           "tile_attention", "pack_kv", "attention_nodes", "match_attention", "match_sdpa", "fill_nodes", "einsum_letters",
+           "live_counts"]
 
 
 class StructuralRewriteError(RuntimeError):
@@ -97,6 +100,7 @@ class TileProgram:
     contractions: list = field(default_factory=list)  # [(node name, direction, detail)]
     shape_rewrites: list = field(default_factory=list)  # [node name]
     attentions: list = field(default_factory=list)  # [(softmax node name, kind, detail)]
+    specs: list = field(default_factory=list)  # the attention specs its nodes refer to by key (kept alive here)
 
 
 # ----------------------------------------------------------------------------- the runtime primitive
@@ -138,7 +142,16 @@ def tile_contract(a: torch.Tensor, b: torch.Tensor, x_operand: int, perm_x, perm
 #: an additive mask term / masked_fill value must be at most this (a "huge negative"): masked
 #: keys then get exactly zero weight in fp32, as in the ring's key mask
 MASK_NEG = -1e4
-_ATTN_SPECS: dict = {}
+#: key -> matched attention spec, for the graph nodes that name it by key; held weakly (the
+#: tile program that embeds a key keeps its spec in ``specs``), so dropped programs free them
+_ATTN_SPECS = weakref.WeakValueDictionary()
+_SPEC_KEYS = itertools.count()
+
+
+def _register_spec(sp) -> int:
+    key = next(_SPEC_KEYS)
+    _ATTN_SPECS[key] = sp
+    return key
 _CASTS = {"to", "_to_copy", "clone", "alias", "contiguous", "type_as", "float"}
 _SHAPE_ONLY = {"new_ones", "new_zeros", "new_full", "new_empty", "ones_like", "zeros_like", "full_like",
                "empty_like", "sym_size", "size"}
@@ -526,9 +539,7 @@ def match_attention(sm, layout_of, whole_ok: bool = True) -> _AttnSpec:
     (see :func:`_attention_spec`), registered for :func:`tile_attention`: ``(spec, key)``.
     Raises :class:`StructuralRewriteError` saying what does not fit."""
     sp = _attention_spec(sm, layout_of, whole_ok)
-    key = len(_ATTN_SPECS)
-    _ATTN_SPECS[key] = sp
-    return sp, key
+    return sp, _register_spec(sp)
 
 
 def match_sdpa(node, layout_of) -> tuple:
@@ -588,9 +599,7 @@ def match_sdpa(node, layout_of) -> tuple:
                    masks, ktag == "r", node.meta["val"].dtype,
                    f"scaled_dot_product_attention over the {'column' if ktag == 'c' else 'row'}-token axis, "
                    f"{len(biases)} triangle bias, {len(masks)} key mask term(s)", term_tags=term_tags)
-    key = len(_ATTN_SPECS)
-    _ATTN_SPECS[key] = sp
-    return sp, key
+    return sp, _register_spec(sp)
 
 
 def _canon(t: torch.Tensor, letters: str, order: list, sizes: dict) -> torch.Tensor:
@@ -882,8 +891,8 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
                        constants=dict(ep.constants), out_spec=ep.call_spec.out_spec, n=n, p=p)
     g = gm.graph
     for sp in attn:
-        key = len(_ATTN_SPECS)
-        _ATTN_SPECS[key] = sp
+        key = _register_spec(sp)
+        prog.specs.append(sp)
         with g.inserting_before(sp.av):
             box = g.call_function(pack_kv, (sp.k, sp.v, key))
             new = g.call_function(tile_attention, (sp.q, box, [x for x, _a, _m in sp.biases],
@@ -943,7 +952,14 @@ def build_tile_program(module: nn.Module, call, in_meta, in_tags, n: int, p: int
 
 
 # ----------------------------------------------------------------------------- the module
-_PROGRAMS: dict = {}
+#: one program per module (or shared block key), call signature, N and p; held weakly: the
+#: StructuralOps that run a program keep it (``_held``), so dropping them frees it
+_PROGRAMS = weakref.WeakValueDictionary()
+
+
+def live_counts() -> tuple:
+    """``(attention specs, tile programs)`` alive in the structural caches (both weak)."""
+    return len(_ATTN_SPECS), len(_PROGRAMS)
 
 
 def _program_key(share_key, module, call, in_meta, in_tags, n, p):
@@ -983,6 +999,7 @@ class StructuralOp(ModuleWrapper):
         self.example_n = example_n
         self.out_tags = out_tags
         self.share_key = share_key
+        object.__setattr__(self, "_held", {})
         self.program(example_n)  # build (or fetch) now: errors surface at parallelize time
 
     def program(self, n: int) -> TileProgram:
@@ -990,8 +1007,10 @@ class StructuralOp(ModuleWrapper):
         if n != self.example_n:
             meta = [(tuple(n if (t is not None and d < len(t) and t[d] in TOKEN) else s for d, s in enumerate(shape)),
                      dt) for (shape, dt), t in zip(self.in_meta, self.in_tags)]
-        return get_program(self.inner, self.call, meta, self.in_tags, n, self.mesh.p, self.out_tags,
+        prog = get_program(self.inner, self.call, meta, self.in_tags, n, self.mesh.p, self.out_tags,
                            self.share_key)
+        self._held[n] = prog
+        return prog
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, structural rewrite of {type(self.inner).__name__}, p={self.mesh.p}"

@@ -37,3 +37,25 @@ def test_dropped_models_are_freed():
     gc.collect()
     assert sum(r() is not None for r in params) == 0
     assert len(live_entries()) == before
+
+
+def test_structural_programs_are_freed():
+    """The structural rewrite's programs and attention specs (looked up by key from the
+    emitted graphs) live as long as the parallel modules that run them."""
+    import tests.compiler.af3like as af
+    from autocp.passes.structural import live_counts as live
+
+    gc.collect()
+    before = live()
+    m = af.Trunk()
+    n = 7
+    z, s = torch.randn(1, n, n, 8), torch.randn(1, n, 8)
+    mask = torch.ones(1, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        par = autocp.parallelize(m, None, example_inputs=(z, s, mask, mask[:, :, None] * mask[:, None, :]))
+    assert live()[0] > before[0]  # the matched triangle attentions' specs are held by the programs
+    params = [weakref.ref(q) for q in m.parameters()]
+    del m, par
+    gc.collect()
+    assert live() == before and sum(r() is not None for r in params) == 0
