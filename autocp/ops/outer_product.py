@@ -93,7 +93,7 @@ class OuterProductMean2D(nn.Module):
         a = comm.ring_shift(a, mesh, ROW, r)          # a[S_{r+c}, T_r]
         bb = comm.ring_shift(bb, mesh, COL, c)        # b[S_{r+c}, T_c]
         if not (torch.is_grad_enabled() and (m.requires_grad or any(q.requires_grad for q in self.parameters()))):
-            return self._forward_rows(a, bb, m)
+            return self.forward_rows(a, bb, m)
         acc = cnt = None
         for step in range(p):
             if step:
@@ -107,7 +107,7 @@ class OuterProductMean2D(nn.Module):
         z = acc.reshape(B, b, b, ch * ch) / cnt.clamp(min=1).unsqueeze(-1)
         return self.proj_o(z.to(m))
 
-    def _forward_rows(self, a, bb, m):
+    def forward_rows(self, a, bb, m):
         """Inference (no autograd): the ring's ``p`` MSA blocks of ``a`` and ``b`` are kept
         (``[B, S, b, c_hidden + 1]`` in all, MSA-sized), then the output is built one chunk
         of rows ``i`` at a time: ``sum_t a_t[:, :, i]^T b_t`` as ``[B, rows, b, c_hidden^2]``

@@ -462,13 +462,13 @@ class TriangleAttention2D(nn.Module):
             if z.requires_grad or params:
                 return _TriAttnRecompute.apply(self, ctx.n, z, mask, *params)
         if not torch.is_grad_enabled() or not (z.requires_grad or any(q.requires_grad for q in self.parameters())):
-            return self._forward_rows(z, mask, ctx.n)
+            return self.forward_rows(z, mask, ctx.n)
         st = self._project(z, mask, ctx.n)
         o = TriAttnRing.apply(st["q"], st["kv"], st["tri"], st["key_mask"], st["view"], ctx.n, st["rc"])
         del st["q"], st["tri"]  # (autograd keeps what backward needs)
         return self._finish(o, st)
 
-    def _forward_rows(self, z, mask, n: int, keep: bool = False):
+    def forward_rows(self, z, mask, n: int, keep: bool = False):
         """Inference (no autograd), one chunk of query rows ``i`` at a time
         (:func:`autocp.ops.common.chunk_spans` of ``b``): rows are independent in triangle
         attention, so each chunk's LayerNorm, q/k/v/gate projections, K/V ring and output
@@ -594,7 +594,7 @@ class _TriAttnRecompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, n, z, mask, *params):
         with torch.no_grad():  # the row-chunked inference path, keeping what backward needs
-            res, out, lse, masked = op._forward_rows(z, mask, n, keep=True)
+            res, out, lse, masked = op.forward_rows(z, mask, n, keep=True)
         ctx.save_for_backward(z, mask, out, lse, masked)
         ctx.op, ctx.n = op, n
         dev = z.device.type

@@ -346,7 +346,7 @@ class TriangleMultiplication2D(nn.Module):
         name = f"TriangleMultiplication2D({self.direction})"
         mask = check_pair_tile(z, mask, ctx, channels=self.dim, op=name)
         if not (torch.is_grad_enabled() and (z.requires_grad or any(q.requires_grad for q in self.parameters()))):
-            return self._forward_grouped(z, mask, ctx)
+            return self.forward_grouped(z, mask, ctx)
         if self.recomputes_itself:
             params = [q for q in self.parameters() if q.requires_grad]
             return _TriMulGrouped.apply(self, ctx, z, mask, *params)
@@ -369,7 +369,7 @@ class TriangleMultiplication2D(nn.Module):
             x = x * ctx.pair_valid(x.device).unsqueeze(-1).to(x.dtype)
         return x
 
-    def _forward_grouped(self, z: torch.Tensor, mask: torch.Tensor, ctx: TileCtx, keep_store: bool = False):
+    def forward_grouped(self, z: torch.Tensor, mask: torch.Tensor, ctx: TileCtx, keep_store: bool = False):
         """Inference (no autograd): Boltz's formula one **channel group** at a time.
 
         Per group of ``G`` hidden channels (:func:`autocp.ops.common.chunk_spans` of ``C``):
@@ -461,8 +461,8 @@ class TriangleMultiplication2D(nn.Module):
             del xr
         return x
 
-    def _backward_grouped(self, z, mask, store, dout, ctx: TileCtx, need_dz: bool):
-        """Backward of :meth:`_forward_grouped` (see :class:`_TriMulGrouped`): returns
+    def backward_grouped(self, z, mask, store, dout, ctx: TileCtx, need_dz: bool):
+        """Backward of :meth:`forward_grouped` (see :class:`_TriMulGrouped`): returns
         ``(dz or None, {parameter name: grad})``."""
         F = torch.nn.functional
         mesh, p = self.mesh, self.mesh.p
@@ -581,7 +581,7 @@ class TriangleMultiplication2D(nn.Module):
 class _TriMulGrouped(torch.autograd.Function):
     """Training path of :class:`TriangleMultiplication2D` (``recompute=True``, default).
 
-    Forward: the channel-group algorithm of ``_forward_grouped`` without autograd. Saved:
+    Forward: the channel-group algorithm of ``forward_grouped`` without autograd. Saved:
     the input tile ``z``, the mask tile and the contraction result (``[B, C, b, b]`` in z's
     dtype; the autocast dtype under autocast) -- not Boltz's ~10 whole-tile intermediates.
     Backward, all in chunks: (A) per row chunk the output stage is recomputed and
@@ -597,7 +597,7 @@ class _TriMulGrouped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, tctx, z, mask, *params):
         with torch.no_grad():
-            out, store = op._forward_grouped(z, mask, tctx, keep_store=True)
+            out, store = op.forward_grouped(z, mask, tctx, keep_store=True)
         ctx.save_for_backward(z, mask, store)
         ctx.op, ctx.tctx = op, tctx
         dev = z.device.type
@@ -610,7 +610,7 @@ class _TriMulGrouped(torch.autograd.Function):
         op = ctx.op
         dev, enabled, dtype = ctx.autocast
         with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            dz, grads = op._backward_grouped(z, mask, store, dout, ctx.tctx, ctx.needs_input_grad[2])
+            dz, grads = op.backward_grouped(z, mask, store, dout, ctx.tctx, ctx.needs_input_grad[2])
         names = [k for k, q in op.named_parameters() if q.requires_grad]
         own = dict(op.named_parameters())
         gp = [grads[k].to(own[k].dtype) if k in grads else torch.zeros_like(own[k]) for k in names]
