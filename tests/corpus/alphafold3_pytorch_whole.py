@@ -37,7 +37,7 @@ import types
 import torch
 
 from autocp.layout import MsaTiles, Pair2D, RowToken
-from tests.corpus._common import missing
+from tests.corpus._common import missing, redraw
 
 NAME = "alphafold3_pytorch_whole"
 PACKAGE = "alphafold3-pytorch==0.8.3"
@@ -116,22 +116,25 @@ def config():
             token_transformer_depth=1, token_transformer_heads=2,
             atom_decoder_depth=1, atom_decoder_heads=2,
         ),
+        # the package's defaults, except step_scale 1.0 (default 1.5): with 1.5 each step keeps
+        # -0.5x the noisy input, so 2 sampling steps leave the positions dominated by the initial
+        # noise and a 10% change of the trunk's pair representation moves them by ~1e-3 on ~1e3
+        # (1.0: ~1e-1); see build()
+        edm_kwargs=dict(sigma_min=0.002, sigma_max=80, rho=7, P_mean=-1.2, P_std=1.2, S_churn=80, S_tmin=0.05,
+                        S_tmax=50, S_noise=1.003, step_scale=1.0),
     )
 
 
 def _model(seed):
     af3 = _af3_module()
-    torch.manual_seed(seed)  # construction draws (e.g. nn.Parameter(torch.randn)) are overwritten below anyway
     model = af3.Alphafold3(**config())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        # every parameter re-drawn: AF3-style init zeroes output projections / layerscales
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+    # every parameter re-drawn (randn * 0.3, seeded; AF3-style init zeroes output projections and
+    # layerscales), eval mode. At randn * 0.1 the templates / MSA / pair trunk change the sampled
+    # positions by exactly 0 in fp32 (their signal is below one ulp of the ~1e3 positions).
+    return redraw(model, seed)
 
 
-def _inputs(seed, n):
+def _inputs(seed, n, confidence=False):
     """The inference batch of ``n`` tokens (token ``n-1`` is collate padding), batch 1."""
     from alphafold3_pytorch.inputs import ADDITIONAL_MOLECULE_FEATS, DEFAULT_NUM_MOLECULE_MODS, IS_MOLECULE_TYPES, \
         NUM_MSA_ONE_HOT
@@ -140,12 +143,11 @@ def _inputs(seed, n):
     nr = n - 1  # real tokens: one protein chain of nr residues
     lens = torch.tensor([ATOM_LENS[i % len(ATOM_LENS)] for i in range(nr)] + [0])
     total = int(lens.sum())
-    m = -(-total // ATOMS_PER_WINDOW) * ATOMS_PER_WINDOW  # atom length padded to whole windows
-    atom_valid = (torch.arange(m) < total)
+    m = total  # batch of one: the collate pads atoms to the longest structure, i.e. not at all
+    # (the model pads to whole windows itself; ConfidenceHead needs m == sum(molecule_atom_lens))
 
-    atom_inputs = torch.randn(1, m, DIM_ATOM_INPUTS, generator=g) * atom_valid[None, :, None]
-    atompair_inputs = (torch.randn(1, m, m, 5, generator=g)
-                       * (atom_valid[:, None] & atom_valid[None, :])[None, :, :, None])
+    atom_inputs = torch.randn(1, m, DIM_ATOM_INPUTS, generator=g)
+    atompair_inputs = torch.randn(1, m, m, 5, generator=g)
 
     ar = torch.arange(nr)
     amf = torch.stack([ar, ar, torch.zeros_like(ar), torch.zeros_like(ar), torch.zeros_like(ar)], -1)
@@ -172,6 +174,14 @@ def _inputs(seed, n):
                  * (tv[:, None] * tv[None, :])[None, None, :, :, None])
     template_mask = torch.ones(1, NUM_TEMPLATES, dtype=torch.bool)
 
+    extra = {}
+    if confidence:
+        # the token centre atom (last atom of each token, as the package's mock data set picks it;
+        # -1 on the padding token, as its collate pads ints); ConfidenceHead gathers it
+        mai = torch.cumsum(lens, 0) - 1
+        mai[nr:] = -1
+        extra = dict(molecule_atom_indices=mai[None], return_confidence_head_logits=True)
+
     return dict(
         atom_inputs=atom_inputs,
         atompair_inputs=atompair_inputs,
@@ -188,6 +198,7 @@ def _inputs(seed, n):
         template_mask=template_mask,
         num_recycling_steps=1,
         num_sample_steps=2,
+        **extra,
     )
 
 
@@ -205,17 +216,26 @@ LAYOUTS = dict(
     msa=MsaTiles(),                      # [b, s, n, 32]
     templates=Pair2D((2, 3)),            # [b, t, n, n, 8]
     template_mask=None,                  # [b, t] bool: no token dim, replicated
+    molecule_atom_indices=RowToken(),    # [b, n] int (confidence=True only)
 )
 
 
-def build(seed: int = 0, n: int = 7):
+def build(seed: int = 0, n: int = 7, confidence: bool = False):
     """``(model, (args, kwargs), layouts, description)``: ``model(*args, **kwargs)`` returns the
-    sampled atom positions ``[1, m, 3]``; deterministic given ``torch.manual_seed(s)`` right
-    before the call (the sampler's noise)."""
+    sampled atom positions ``[1, m, 3]`` (m = 15 for n = 7); deterministic given
+    ``torch.manual_seed(s)`` right before the call (the sampler's noise).
+
+    The positions see the pair trunk only through the diffusion module's pair conditioning
+    (a weak signal: a 10% change of the trunk's pair representation moves them by ~1e-1 on
+    ~1e3). ``confidence=True`` adds ``molecule_atom_indices`` and
+    ``return_confidence_head_logits=True`` (a flag of the same ``forward``): the call then returns
+    ``(positions, ConfidenceHeadLogits(pae [1,64,n,n], pde [1,64,n,n], plddt [1,50,m],
+    resolved [1,2,m]))``, whose pair logits come from the trunk's pair representation through
+    the confidence head's own pairformer (``alphafold3.py:7332``)."""
     if n < 3:
         raise ValueError(f"build: n={n}; required n >= 3 (n-1 real tokens and one padding token)")
     model = _model(seed)
-    kwargs = _inputs(seed, n)
+    kwargs = _inputs(seed, n, confidence)
     layouts = {k: v for k, v in LAYOUTS.items() if k in kwargs}
     return model, ((), kwargs), layouts, ("Alphafold3.forward(**batch, num_recycling_steps=1, num_sample_steps=2) "
                                           "(alphafold3.py:6860), as forward_with_alphafold3_inputs "
