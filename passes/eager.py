@@ -433,7 +433,7 @@ def _build(func, leaves, spec, tpos, ctx):
             gm = make_fx(f, tracing_mode="fake", pre_dispatch=True)(*fakes)
     except Exception as e:  # noqa: BLE001 -- not traceable to a tensor graph: exact gathered fallback
         why = f"{getattr(func, '__name__', func)} could not be traced ({type(e).__name__}: {str(e)[:160]})"
-        pair = any(isinstance(leaves[i], TileTensor) and sum(t is not None for t in leaves[i].tags) >= 2 for i in tpos)
+        pair = any(isinstance(leaves[i], TileTensor) and _token_axes(leaves[i].tags) >= 2 for i in tpos)
         if _strict() and pair:  # a token vector gathered for a python-level op is O(N): allowed
             raise EagerShardingError(f"autocp (strict): {why}; it would run on gathered tensors. Fix: "
                                      f"call it on x.full() explicitly, or register the module.") from e
@@ -456,12 +456,12 @@ def _build(func, leaves, spec, tpos, ctx):
         if _mutates(func) and isinstance(first, TileTensor):
             # an in-place write the rules cannot prove tile-local (a slice assignment across
             # token blocks): gather the target, write, and keep this rank's block (exact)
-            pair = sum(t is not None for t in first.tags) >= 2
+            pair = _token_axes(first.tags) >= 2
             if _strict() and pair:
                 raise EagerShardingError(f"{e}\n  called at {_user_line()}") from e
             if pair:
                 warnings.warn(f"autocp: in-place {getattr(func, '__name__', func)} into a sharded pair tensor runs "
-                              f"gathered (exact, O(N^2/p)). At {_user_line()}", stacklevel=4)
+                              f"gathered (exact, the whole tensor: O(N^2) per rank). At {_user_line()}", stacklevel=4)
             return _InplaceFallback(str(e))
         raise EagerShardingError(f"{e}\n  called at {_user_line()}") from e
     prog.const_targets = []
@@ -469,13 +469,19 @@ def _build(func, leaves, spec, tpos, ctx):
     for nt in prog.notes:
         if nt.pair and nt.what in ("gather", "op-gather"):
             warnings.warn(f"autocp: {getattr(func, '__name__', func)} gathers a pair tensor ({nt.op}: "
-                          f"{getattr(nt, 'detail', '')}); exact, O(N^2/p) per rank. At {_user_line()}", stacklevel=4)
+                          f"{getattr(nt, 'detail', '')}); exact. At {_user_line()}", stacklevel=4)
     out_meta = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in out_vals]
     # the output pytree of the call (a tuple of tensors, a named tuple, one tensor, ...)
     with fmode, torch._C.DisableTorchFunctionSubclass():
         sample = f(*fakes)
     out_spec = tree_flatten(sample)[1]
     return prog, out_spec, out_meta
+
+
+def _token_axes(tags) -> int:
+    """Token axes a tile is sharded on (a merged pair dim ``("rc", ..)`` counts two; atom-window
+    tags none)."""
+    return sum(len(T.factor_tags(t)) for t in tags if t is not None and t not in _FLAT)
 
 
 def _user_line() -> str:

@@ -221,7 +221,8 @@ def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n
     gathers = [nt for nt in runner.notes if nt.what in ("gather", "op-gather") and nt.pair]
     if gathers:
         lines = "; ".join(f"{g.op} ({g.detail}{', ' + g.source if g.source else ''})" for g in gathers[:4])
-        warnings.warn(f"autocp: {len(gathers)} glue op(s) gather a pair tensor (exact, O(N^2/p) memory): {lines}. "
+        warnings.warn(f"autocp: {len(gathers)} glue op(s) gather a pair tensor (exact; per-rank memory and order "
+                      f"in each): {lines}. "
                       f"Fix: register the enclosing module, or strict=True to make this an error.", stacklevel=3)
     return runner
 

@@ -266,13 +266,17 @@ class _Sharder:
         swap = all(T._swap(s) == t for s, t in zip(src, dst)) and any(s is not None for s in src)
         if gathered and not swap:
             shape = self.gshape(a)
-            sharded = sum(1 for s in src if s is not None)
+            # token axes held sharded, before and after (a merged pair dim "rc" counts two)
+            sharded = sum(len(T.factor_tags(s)) for s in src if s is not None)
+            kept = sum(len(T.factor_tags(s)) for s, t in zip(src, dst) if s is not None and s == t)
             local = list(self.local_shape(shape, src))
             for d in gathered:
                 local[d] = shape[d]
             nbytes = _numel(local) * _val(a).element_size()
             pair = sharded >= 2
-            self.note("gather", f"{a.name} {self.tag_str(src)} -> {self.tag_str(dst)}", nbytes, pair)
+            order = "O(N^2): the whole tensor" if pair and kept == 0 else "O(N^2/p)"
+            self.note("gather", f"{a.name} {self.tag_str(src)} -> {self.tag_str(dst)}: {nbytes / 2**20:.2f} MiB per "
+                                f"rank, {order}", nbytes, pair)
             if pair and self.strict:
                 self.refuse(f"it needs {a.name} (a tensor with two sharded axes, {self.tag_str(src)}) gathered "
                             f"along dim(s) {gathered} ({nbytes / 2**20:.2f} MiB per rank)",
@@ -655,7 +659,7 @@ def _rand_like(s, node):
     kw = {k: (s.env[a] if isinstance(a, fx.Node) else a) for k, a in node.kwargs.items()}
     kw.setdefault("dtype", v.dtype)
     kw.setdefault("device", v.device)
-    fn = {aten.rand_like.default: torch.rand, aten.randn_like.default: torch.randn}.get(node.target)
+    fn = {aten.rand_like.default: "rand", aten.randn_like.default: "randn"}.get(node.target)
     if fn is None:
         return _fallback(s, node, "randint_like on a sharded tensor")
     s.set(node, s.emit(T.draw_global, fn, tuple(v.shape), tags, **kw), tags)

@@ -245,6 +245,15 @@ def reduce_amax(x: torch.Tensor, dims, keepdim: bool, tagged, neg: bool = False)
     """``amax`` (or ``amin`` with ``neg``) over ``dims`` with block-sharded ``tagged`` dims.
     Backward: the gradient goes to the (global) arg-extremum positions, split among ties."""
     mesh = current().mesh
+    if not x.dtype.is_floating_point:  # integers / bools (no gradient): the global extremum itself
+        xs = -x.to(torch.int64) if neg else x.to(torch.int64)
+        xm = mask_pad(xs, tagged, torch.iinfo(torch.int64).min) if tagged else xs
+        glob = torch.amax(xm, dims, keepdim=True)
+        if mesh.p > 1:
+            for ax in sorted({axis_of(t) for _, t in tagged}):
+                glob = comm.all_reduce_(glob.clone(), mesh, ax, name="all_reduce_max", op="max")
+        glob = (-glob if neg else glob).to(x.dtype)
+        return glob if keepdim else (glob.squeeze(tuple(dims)) if dims else glob.reshape(()))
     xs = -x if neg else x
     xm = mask_pad(xs, tagged, float("-inf")) if tagged else xs
     loc = torch.amax(xm, dims, keepdim=True)
@@ -469,10 +478,14 @@ def select_global(x: torch.Tensor, dim: int, t, index: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- random numbers
-def draw_global(fn, global_shape, tags, *args, **kwargs) -> torch.Tensor:
-    """Draw a random tensor at its *global* shape (the same numbers as the single-device
-    run, given the same generator state on every rank) and keep this rank's block."""
-    x = fn(list(global_shape), *args, **kwargs)
+_DRAWS = {"rand": torch.rand, "randn": torch.randn}
+
+
+def draw_global(kind: str, global_shape, tags, *args, **kwargs) -> torch.Tensor:
+    """Draw a random tensor (``kind`` ``"rand"`` / ``"randn"``: a name, so the emitted graph's
+    code can spell it) at its *global* shape (the same numbers as the single-device run,
+    given the same generator state on every rank) and keep this rank's block."""
+    x = _DRAWS[kind](list(global_shape), *args, **kwargs)
     for d, t in enumerate(tags):
         if t is not None:
             x = slice_block(x, d, t)

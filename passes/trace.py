@@ -329,7 +329,11 @@ def _module_paths(model: nn.Module) -> dict:
 
 
 def _explain_failure(exc: BaseException, paths: dict, what: str) -> CaptureError:
-    """Find the deepest frame running inside a module of the model: module, source line."""
+    """The deepest frame running inside a module of the model (its path), and the deepest
+    frame of the model's own code (a free helper function it called counts): source line."""
+    import os
+
+    ours = (os.sep + "torch" + os.sep, os.sep + "autocp" + os.sep, os.sep + "passes" + os.sep)
     module_path, construct, where = None, None, None
     seen = set()
     e: Optional[BaseException] = exc
@@ -337,8 +341,10 @@ def _explain_failure(exc: BaseException, paths: dict, what: str) -> CaptureError
         seen.add(id(e))
         for fr, lineno in traceback.walk_tb(e.__traceback__):
             slf = fr.f_locals.get("self")
-            if isinstance(slf, nn.Module) and id(slf) in paths:
+            in_module = isinstance(slf, nn.Module) and id(slf) in paths
+            if in_module:
                 module_path = f"{paths[id(slf)]} ({type(slf).__name__})"
+            if module_path is not None and (in_module or not any(k in fr.f_code.co_filename for k in ours)):
                 construct = linecache.getline(fr.f_code.co_filename, lineno).strip()
                 where = f"{fr.f_code.co_filename}:{lineno}"
         e = e.__cause__ or e.__context__
@@ -585,6 +591,7 @@ def _record_blocks(inner, blocks, args, kwargs, paths):
 
     repl = {p: Recorder(gid, _get(inner, p)) for gid, plist in blocks.items() for p in plist}
     runner = structural_clone(inner, repl)
+    paths = {**paths, **_module_paths(runner)}  # the failing frame's module is one of the runner's
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as fm:
             fa, fk = tree_map_tensors(lambda t: fm.from_tensor(t), (tuple(args), dict(kwargs)))

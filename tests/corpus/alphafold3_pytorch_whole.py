@@ -240,3 +240,40 @@ def build(seed: int = 0, n: int = 7, confidence: bool = False):
     return model, ((), kwargs), layouts, ("Alphafold3.forward(**batch, num_recycling_steps=1, num_sample_steps=2) "
                                           "(alphafold3.py:6860), as forward_with_alphafold3_inputs "
                                           "(alphafold3.py:6857) calls it for cli.py:51")
+
+
+def whole_parity_worker(rank, world, seed=0, n=7, confidence=False):
+    """The whole model through ``autocp.parallelize`` (its capture fails on a value ``assert``
+    and the sampler's ``.item()``, so it runs on the eager engine) against the single-device
+    call, same seed: max error of every output relative to its scale, the pair gathers
+    warned, and whether the eager-engine warning named the module and line."""
+    import warnings
+
+    import autocp
+
+    mesh = autocp.init_mesh()
+    model, (args, kwargs), layouts, _ = build(seed, n, confidence)
+    with warnings.catch_warnings(record=True) as wl:
+        warnings.simplefilter("always")
+        pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), input_layouts=layouts)
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            got = pm(*args, **kwargs)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        ref = model(*args, **kwargs)
+    def flat(x):  # tensors of a (nested) tuple / named tuple / dataclass output
+        import dataclasses
+
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if dataclasses.is_dataclass(x):
+            x = [getattr(x, f.name) for f in dataclasses.fields(x)]
+        elif isinstance(x, dict):
+            x = list(x.values())
+        return [t for v in (x if isinstance(x, (tuple, list)) else []) for t in flat(v)]
+
+    errs = [float((a - b).abs().max()) / max(float(b.abs().max()), 1e-6) for a, b in zip(flat(got), flat(ref))]
+    msgs = [str(w.message) for w in wl]
+    return {"rel_err": errs, "gathers": sum("gather" in m for m in msgs),
+            "engine": [m for m in msgs if "eager engine" in m]}

@@ -1,0 +1,23 @@
+"""Whole public AF3 models through ``autocp.parallelize``, unmodified, called as their own
+inference path calls them (``-m corpus``; needs ``bash scripts/install_corpus.sh``).
+
+lucidrains ``Alphafold3`` (``alphafold3_pytorch_whole.py``): its capture fails on a value
+``assert`` (``sum_pool_with_lens``) and the sampler's ``.item()``, so ``parallelize`` warns,
+naming the module and line, and runs it on the eager engine. On 2x2, same seed, the sampled
+positions and the confidence head's PAE / PDE / pLDDT / resolved logits equal the
+single-device call. Pair gathers remain (warned): the einops / einx spellings of its
+triangle ops are not distributed yet ([any-model])."""
+
+import pytest
+
+from autocp.testing import run_distributed
+from tests.corpus import alphafold3_pytorch_whole as af3w
+
+pytestmark = [pytest.mark.corpus, pytest.mark.distributed]
+
+
+@pytest.mark.skipif(af3w.unavailable() is not None, reason=str(af3w.unavailable()))
+def test_alphafold3_pytorch_whole_model_2x2():
+    for r in run_distributed(af3w.whole_parity_worker, 4, 0, 7, True, timeout=1200):
+        assert len(r["rel_err"]) == 5 and max(r["rel_err"]) < 1e-4, r["rel_err"]
+        assert len(r["engine"]) == 1 and "alphafold3.py:369" in r["engine"][0], r["engine"]
