@@ -183,6 +183,7 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
                  recompute="ops", pair_dtype=None):
     from . import guard
 
+    from .passes.compile import graph_module
     from .passes.trace import CaptureError
 
     args, kwargs = _split_example(example_inputs)
@@ -197,8 +198,8 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
         root = _engine_module(model, work, sq, input_tags, n, n_seq, tensors, strict, "")
     if root is None:
         try:
-            root = _graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, strict, reuse_blocks,
-                                 recompute, pair_dtype)
+            root = graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, strict=strict,
+                                reuse_blocks=reuse_blocks, recompute=recompute, pair_dtype=pair_dtype)
         except CaptureError as e:  # the model's python cannot be captured: run it on the engine (exact)
             if pair_dtype is not None or recompute != "ops":
                 raise CaptureError(
@@ -223,10 +224,14 @@ def _engine_module(model, work, sq, input_tags, n, n_seq, tensors, strict, why):
     own python on TileTensors. Output layouts are those the run produces."""
     from .passes.eager import RegisteredOp, bind_registered
     from .passes.emit import ParallelModule
+    import functools
+
     from .passes.explain import build_engine_report
+    from .passes.island import install_islands, island_report
     from .passes.rewrite import Action, RewritePlan
 
     bind_registered(work, sq)
+    install_islands(work, sq, strict=strict)  # submodules captured where they can be (passes/island.py)
     plan = RewritePlan()
     plan.actions[""] = Action("", "eager", why or "emit='eager'", module_cls=type(model).__name__)
     for path, mod in work.named_modules():
@@ -235,71 +240,9 @@ def _engine_module(model, work, sq, input_tags, n, n_seq, tensors, strict, why):
             plan.actions[path] = Action(path, "op", f"registry:{cls}", mod.rule.kind, cls,
                                         op_name=getattr(mod.rule.op_factory, "__qualname__", ""))
     report = build_engine_report(model, plan, sq, n, tensors, why)
+    report.islands = functools.partial(island_report, work)
     return ParallelModule(model, work, sq, input_tags=input_tags, output_tags=[], n_tokens=n, n_seq=n_seq,
                           report=report, plan=plan, engine=True, strict=strict)
-
-
-def _graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, strict, reuse_blocks, recompute,
-                  pair_dtype):
-    """``model`` captured, planned and sharded (the default, ``emit="graph"``): modules the
-    planner cannot bind run op by op through the shard pass (which enforces ``strict`` per
-    op: no pair gather), the top-level python too."""
-    from .passes.emit import ParallelModule
-    from .passes.explain import build_report
-    from .passes.graph_emit import build_graph_runner
-    from .passes.rewrite import GatherFallback
-    from .passes.shard import canonical_tags
-    from .passes.trace import structural_clone
-    from .registry import lookup_module
-
-    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=False,
-                                       reuse_blocks=reuse_blocks)
-    out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
-    for act in plan.actions.values():  # boundary layouts the ops are built for: always valid
-        act.in_tags = [canonical_tags(t) for t in act.in_tags]
-        act.out_tags = [canonical_tags(t) for t in act.out_tags]
-    replacements = {}
-    for path, act in plan.actions.items():
-        if not path:
-            continue
-        mod = work.get_submodule(path)
-        if act.action == "op":
-            replacements[path] = act.builder(mod, sq) if act.builder is not None else lookup_module(mod).build(mod, sq)
-        else:
-            replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
-    clone = structural_clone(work, replacements)
-
-    def builder(a, kw, n_, n_seq_):
-        runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
-                                    strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
-                                    pair_dtype=pair_dtype)
-        _warn_fallbacks(plan, runner.opaque_fallbacks, n_)
-        return runner
-
-    graphs = {(n, n_seq): builder(args, kwargs, n, n_seq)}
-    for path, act in plan.actions.items():  # unbound modules the shard pass ran op by op
-        if act.action == "fallback" and path not in graphs[(n, n_seq)].opaque_fallbacks:
-            act.action = "glue"
-    report = build_report(model, cap, an, mr, plan, sq, n, tensors)
-    pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
-                        report=report, plan=plan, strict=strict)
-    object.__setattr__(pm, "_graph_builder", builder)
-    object.__setattr__(pm, "_graphs", graphs)
-    pm.output_tags = list(graphs[(n, n_seq)].out_tags)
-    return pm
-
-
-def _warn_fallbacks(plan, paths, n):
-    """One warning per module that runs gathered (gather -> original -> re-shard)."""
-    for path in paths:
-        act = plan.actions[path]
-        warnings.warn(
-            f"autocp: {path} ({act.module_cls}) runs gathered (gather -> original -> re-shard) because "
-            f"{act.why}; this materialises about {act.full_bytes / 2**20:.2f} MiB of full tensors per rank at "
-            f"N={n} (O(N^2), not O(N^2/P)). Fix: autocp.register_module({act.module_cls}, op_factory), or "
-            f"strict=True to make this an error.",
-            stacklevel=3,
-        )
 
 
 def _root_op(model, sq, input_tags, n, tensors):

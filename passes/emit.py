@@ -40,7 +40,27 @@ from .wrapper import ModuleWrapper
 from ..grad_sync import GradSyncMixin
 from ..tile_io import from_partial, to_partial
 
-__all__ = ["ParallelModule", "layout_of_tags"]
+__all__ = ["ParallelModule", "layout_of_tags", "example_call"]
+
+
+def example_call(args, kwargs):
+    """``(args, kwargs)`` with every tensor replaced by a fresh one of its (global) shape and
+    dtype -- ones for masks, zeros for integers, normal noise for floats -- what a capture at
+    that shape needs (only shapes matter to a capture; a value-dependent branch fails it).
+    The noise comes from a private generator: the model's random stream is not advanced."""
+    gen = torch.Generator().manual_seed(0)
+
+    def example(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        shape, dt = tuple(x.shape), x.dtype
+        if dt == torch.bool:
+            return torch.ones(shape, dtype=dt)
+        return torch.zeros(shape, dtype=dt) if not dt.is_floating_point else \
+            torch.randn(shape, generator=gen).to(dt)
+
+    leaves, spec = tree_flatten((args, kwargs))
+    return tree_unflatten([example(x) for x in leaves], spec)
 
 
 def layout_of_tags(tags):
@@ -150,6 +170,13 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
                 f"follow Boltz's semantics.", stacklevel=3)
         object.__setattr__(self, "_dropout_warned", True)
 
+    def graph_runner(self, n: int, n_seq=None):
+        """The sharded tile program (:class:`~autocp.passes.graph_emit.GraphRunner`) built for
+        the token length ``n`` (and MSA depth ``n_seq``); None on the eager engine. It runs on
+        this rank's tiles, inside :func:`~autocp.passes.context.tile_context`:
+        ``runner(local_args, local_kwargs)``; output layouts ``runner.out_tags``."""
+        return (getattr(self, "_graphs", None) or {}).get((n, n_seq))
+
     def _graph_for(self, args, kwargs, n, n_seq):
         """The graph runner for this call's sizes (captured graphs are specialised to N:
         a new N is captured and sharded once, then cached)."""
@@ -158,17 +185,9 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
             return None
         key = (n, n_seq)
         if key not in graphs:
-            def example(x):
-                if not isinstance(x, torch.Tensor):
-                    return x
-                shape, dt = tuple(x.shape), x.dtype
-                if dt == torch.bool:
-                    return torch.ones(shape, dtype=dt)
-                return torch.zeros(shape, dtype=dt) if not dt.is_floating_point else torch.randn(shape, dtype=dt)
-
-            leaves, spec = tree_flatten((args, kwargs))
-            ea, ekw = tree_unflatten([example(x) for x in leaves], spec)
-            graphs[key] = self._graph_builder(ea, ekw, n, n_seq)
+            ea, ekw = example_call(args, kwargs)
+            with torch.random.fork_rng(devices=[]):  # a capture mid-run must not move the model's random stream
+                graphs[key] = self._graph_builder(ea, ekw, n, n_seq)
         runner = graphs[key]
         self.output_tags = list(runner.out_tags)
         return runner

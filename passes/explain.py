@@ -49,6 +49,7 @@ class Report:
     model: object = None
     dtype: torch.dtype = torch.float32
     engine: str = ""  # set when the model runs on the eager engine (why it is not captured)
+    islands: object = None  # engine: () -> [(path, "captured" | "eager", detail)] of its submodules so far
 
     def to_graphml(self, path: str) -> None:
         self.view.to_graphml(path)
@@ -218,6 +219,11 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
 
     out = [head, line(cols), line(["-" * w for w in widths])]
     out += [line(d) for d in data]
+    if rep.islands is not None:
+        isl = rep.islands()
+        out.append(f"submodules run so far: {sum(m == 'captured' for _, m, _ in isl)} captured (their sharded tile "
+                   f"programs), {sum(m == 'eager' for _, m, _ in isl)} eager (op by op)")
+        out += [f"  {p}: {m} ({d})" for p, m, d in isl[:40]]
     n_op = sum(1 for r in rep.rows if r.action == "op")
     n_fb = sum(1 for r in rep.rows if r.action == "fallback")
     n_glue = sum(1 for r in rep.rows if r.action == "glue")

@@ -275,5 +275,6 @@ def whole_parity_worker(rank, world, seed=0, n=7, confidence=False):
 
     errs = [float((a - b).abs().max()) / max(float(b.abs().max()), 1e-6) for a, b in zip(flat(got), flat(ref))]
     msgs = [str(w.message) for w in wl]
-    return {"rel_err": errs, "gathers": sum("gather" in m for m in msgs),
+    return {"rel_err": errs, "gathers": sum("gather" in m for m in msgs), "explain": pm.explain(),
+            "gather_msgs": [m[:400] for m in msgs if "gather" in m],
             "engine": [m for m in msgs if "eager engine" in m]}

@@ -1,0 +1,74 @@
+"""Compile a module on the graph path: capture -> plan -> shard -> a :class:`ParallelModule`
+running the sharded tile program (what :func:`autocp.parallelize` returns by default, and
+what a captured island of the eager engine runs, :mod:`autocp.passes.island`)."""
+
+from __future__ import annotations
+
+import warnings
+
+from ..registry import lookup_module
+from .emit import ParallelModule
+from .explain import build_report
+from .graph_emit import build_graph_runner
+from .pipeline import compile_stages
+from .rewrite import GatherFallback
+from .shard import canonical_tags
+from .trace import structural_clone
+
+__all__ = ["graph_module", "warn_fallbacks"]
+
+
+def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *, strict=False, reuse_blocks=True,
+                 recompute="ops", pair_dtype=None):
+    """``model`` captured, planned and sharded (the default, ``emit="graph"``): modules the
+    planner cannot bind run op by op through the shard pass (which enforces ``strict`` per
+    op: no pair gather), the top-level python too."""
+
+    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=False,
+                                       reuse_blocks=reuse_blocks)
+    out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
+    for act in plan.actions.values():  # boundary layouts the ops are built for: always valid
+        act.in_tags = [canonical_tags(t) for t in act.in_tags]
+        act.out_tags = [canonical_tags(t) for t in act.out_tags]
+    replacements = {}
+    for path, act in plan.actions.items():
+        if not path:
+            continue
+        mod = work.get_submodule(path)
+        if act.action == "op":
+            replacements[path] = act.builder(mod, sq) if act.builder is not None else lookup_module(mod).build(mod, sq)
+        else:
+            replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
+    clone = structural_clone(work, replacements)
+
+    def builder(a, kw, n_, n_seq_):
+        runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
+                                    strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
+                                    pair_dtype=pair_dtype)
+        warn_fallbacks(plan, runner.opaque_fallbacks, n_)
+        return runner
+
+    graphs = {(n, n_seq): builder(args, kwargs, n, n_seq)}
+    for path, act in plan.actions.items():  # unbound modules the shard pass ran op by op
+        if act.action == "fallback" and path not in graphs[(n, n_seq)].opaque_fallbacks:
+            act.action = "glue"
+    report = build_report(model, cap, an, mr, plan, sq, n, tensors)
+    pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
+                        report=report, plan=plan, strict=strict)
+    object.__setattr__(pm, "_graph_builder", builder)
+    object.__setattr__(pm, "_graphs", graphs)
+    pm.output_tags = list(graphs[(n, n_seq)].out_tags)
+    return pm
+
+
+def warn_fallbacks(plan, paths, n):
+    """One warning per module that runs gathered (gather -> original -> re-shard)."""
+    for path in paths:
+        act = plan.actions[path]
+        warnings.warn(
+            f"autocp: {path} ({act.module_cls}) runs gathered (gather -> original -> re-shard) because "
+            f"{act.why}; this materialises about {act.full_bytes / 2**20:.2f} MiB of full tensors per rank at "
+            f"N={n} (O(N^2), not O(N^2/P)). Fix: autocp.register_module({act.module_cls}, op_factory), or "
+            f"strict=True to make this an error.",
+            stacklevel=3,
+        )
