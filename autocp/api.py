@@ -189,7 +189,7 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
     args, kwargs = _split_example(example_inputs)
     args, kwargs = guard.prepare_parallelize(model, sq, args, kwargs, broadcast_from=broadcast_from)  # autocp.guard
     work = guard.private_tree(model)  # ops are built on a private tree: the caller's modules are never mutated
-    input_tags, n = resolve_input_tags(model, args, kwargs, input_layouts)
+    input_tags, n = resolve_input_tags(model, args, kwargs, input_layouts, mesh=sq)
     sq.check_tokens(n, "N (token length of example_inputs)")
     tensors = [l for l in tree_flatten((args, kwargs))[0] if isinstance(l, torch.Tensor)]
     n_seq = n_seq_of(tensors, input_tags)

@@ -249,8 +249,10 @@ def analyze_graph(gm, in_tags: list, n: int, analysis: Analysis, prefix: str = "
     """Propagate layouts through one graph; ``in_tags`` for its user-input placeholders in
     order (parameters/buffers get ``None`` tags). Returns the output tags."""
     graph = gm.graph
-    user_phs = [nd for nd in graph.nodes if nd.op == "placeholder"]
-    # user inputs are the last placeholders (export lifts params/buffers first)
+    # user tensor inputs are the last tensor placeholders (export lifts params/buffers first;
+    # a non-tensor user input -- use_kernels=False, chunk_size=None -- is a placeholder too,
+    # holding its python value, and takes no tags)
+    user_phs = [nd for nd in graph.nodes if nd.op == "placeholder" and isinstance(nd.meta.get("val"), torch.Tensor)]
     k = len(in_tags)
     user_set = {}
     if k:

@@ -115,13 +115,17 @@ def _signature(leaves, spec, module) -> tuple:
 
 
 def _clean_copy(module: nn.Module) -> nn.Module:
-    """A private copy of ``module``'s tree (shared parameters) without island forwards."""
+    """A private copy of ``module``'s tree (shared parameters) as the user wrote it: without
+    island forwards, registered modules unwrapped (the capture claims them itself)."""
     from ..guard import private_tree
 
     copy = private_tree(module)
-    for m in copy.modules():
+    for m in list(copy.modules()):
         m.__dict__.pop("forward", None)
         m.__dict__.pop("_autocp_island", None)
+        for name, child in list(m.named_children()):
+            if isinstance(child, RegisteredOp):
+                m._modules[name] = child.inner
     return copy
 
 
@@ -152,10 +156,24 @@ def _cuda_devices(leaves) -> list:
     return sorted({a.device.index or 0 for a in leaves if isinstance(a, torch.Tensor) and a.device.type == "cuda"})
 
 
+def _canonical(state, args, kwargs):
+    """The call's arguments in the order of the module's signature (as a capture orders
+    them): positional ones as given, keyword ones in signature order."""
+    import inspect
+
+    try:
+        bound = inspect.signature(state.forward).bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    return tuple(bound.args), dict(bound.kwargs)
+
+
 def _island_forward(module, state, *args, **kwargs):
     leaves, spec = tree_flatten((args, kwargs))
     if state.mode == "eager" or not any(isinstance(a, TileTensor) for a in leaves):
         return state.forward(*args, **kwargs)
+    args, kwargs = _canonical(state, args, kwargs)
+    leaves, spec = tree_flatten((args, kwargs))
     ctx = current()
     key = _signature(leaves, spec, module)
     entry = state.runners.get(key)

@@ -17,13 +17,15 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["resolve_input_tags", "compile_stages", "n_seq_of", "planning_n"]
 
 
-def resolve_input_tags(model, args, kwargs, input_layouts):
+def resolve_input_tags(model, args, kwargs, input_layouts, mesh=None):
     from .analyze import infer_input_layouts, tags_of_layout
 
     leaves, _ = tree_flatten((args, kwargs))
     tensors = [l for l in leaves if isinstance(l, torch.Tensor)]
     tags, n = infer_input_layouts(tensors) if input_layouts is None else (None, None)
     if input_layouts is None:
+        if mesh is not None:  # a mesh larger than N is the first thing to say
+            mesh.check_tokens(n, "N (token length of example_inputs)")
         _refuse_ambiguous(model, args, kwargs, tensors, tags, n)
         return tags, n
     # explicit: {arg name: Layout} (names of model.forward's parameters) or a list per tensor
