@@ -39,13 +39,15 @@ def unavailable():
     if m:
         return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
     try:
-        _module()
+        af3_module()
     except Exception as e:  # noqa: BLE001
         return f"alphafold3_pytorch.alphafold3 does not import: {type(e).__name__}: {str(e)[:200]}"
     return None
 
 
-def _module():
+def af3_module():
+    """``alphafold3_pytorch.alphafold3`` without running the package ``__init__`` (it imports
+    lightning and gradio); no file of the package changes."""
     if "alphafold3_pytorch.alphafold3" in sys.modules:
         return sys.modules["alphafold3_pytorch.alphafold3"]
     if "alphafold3_pytorch" not in sys.modules:
@@ -59,7 +61,7 @@ def _module():
 
 
 def _stack(seed):
-    af3 = _module()
+    af3 = af3_module()
     stack = af3.PairformerStack(
         dim_single=CS, dim_pairwise=CZ, depth=2, pair_bias_attn_dim_head=8, pair_bias_attn_heads=2,
         dropout_row_prob=0.0,

@@ -29,15 +29,11 @@ imported directly. No file of the package is modified. The package's ``tqdm`` pr
 the sampler (``use_tqdm_pbar=True`` by default, not a ``forward`` argument) prints to stderr.
 """
 
-import importlib
-import importlib.util
-import sys
-import types
-
 import torch
 
 from autocp.layout import MsaTiles, Pair2D, RowToken
-from tests.corpus._common import missing, redraw
+from tests.corpus._common import redraw
+from tests.corpus.alphafold3_pytorch import af3_module, unavailable  # noqa: F401 (unavailable: the skip reason)
 
 NAME = "alphafold3_pytorch_whole"
 PACKAGE = "alphafold3-pytorch==0.8.3"
@@ -49,33 +45,6 @@ ATOMS_PER_WINDOW = 4
 NUM_MSA = 4
 NUM_TEMPLATES = 2
 ATOM_LENS = (2, 3)  # atoms per real token, cycled
-
-
-def unavailable():
-    """Why the harness cannot run here (None when it can)."""
-    m = missing("alphafold3_pytorch", "einx", "einops", "jaxtyping", "beartype", "rdkit", "Bio", "polars",
-                "huggingface_hub", "colt5_attention", "frame_averaging_pytorch", "taylor_series_linear_attention")
-    if m:
-        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
-    try:
-        _af3_module()
-    except Exception as e:  # noqa: BLE001
-        return f"alphafold3_pytorch.alphafold3 does not import: {type(e).__name__}: {str(e)[:200]}"
-    return None
-
-
-def _af3_module():
-    """``alphafold3_pytorch.alphafold3`` without running the package ``__init__``."""
-    if "alphafold3_pytorch.alphafold3" in sys.modules:
-        return sys.modules["alphafold3_pytorch.alphafold3"]
-    if "alphafold3_pytorch" not in sys.modules:
-        spec = importlib.util.find_spec("alphafold3_pytorch")
-        pkg = types.ModuleType("alphafold3_pytorch")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__file__ = spec.origin
-        pkg.__spec__ = spec
-        sys.modules["alphafold3_pytorch"] = pkg
-    return importlib.import_module("alphafold3_pytorch.alphafold3")
 
 
 def _pairwise_block_kwargs():
@@ -126,7 +95,7 @@ def config():
 
 
 def _model(seed):
-    af3 = _af3_module()
+    af3 = af3_module()
     model = af3.Alphafold3(**config())
     # every parameter re-drawn (randn * 0.3, seeded; AF3-style init zeroes output projections and
     # layerscales), eval mode. At randn * 0.1 the templates / MSA / pair trunk change the sampled
