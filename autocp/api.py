@@ -184,6 +184,7 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
     from . import guard
 
     from .passes.compile import graph_module
+    from .passes.shard import ShardingError
     from .passes.trace import CaptureError
 
     args, kwargs = _split_example(example_inputs)
@@ -200,7 +201,9 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
         try:
             root = graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, strict=strict,
                                 reuse_blocks=reuse_blocks, recompute=recompute, pair_dtype=pair_dtype)
-        except CaptureError as e:  # the model's python cannot be captured: run it on the engine (exact)
+        except (CaptureError, ShardingError) as e:  # not capturable / shardable as a graph: the engine (exact)
+            if isinstance(e, ShardingError) and strict:
+                raise
             if pair_dtype is not None or recompute != "ops":
                 raise CaptureError(
                     f"{e}\n  parallelize: recompute={recompute!r} / pair_dtype={pair_dtype!r} need a captured "
@@ -208,9 +211,11 @@ def _parallelize(model, sq, example_inputs, input_layouts, strict, reuse_blocks,
                     f"capturable, or drop those options.") from e
             warnings.warn(f"autocp: {type(model).__name__} runs on the eager engine (its python on TileTensors, "
                           f"every torch call through the rule table: exact, slower dispatch) because it could not "
-                          f"be captured: {_first_line(e)}", stacklevel=3)
+                          f"be {'captured' if isinstance(e, CaptureError) else 'sharded as one graph'}: "
+                          f"{_first_line(e)}", stacklevel=3)
             root = _engine_module(model, guard.private_tree(model), sq, input_tags, n, n_seq, tensors, strict,
-                                  f"capture failed: {_first_line(e)}")
+                                  f"{'capture' if isinstance(e, CaptureError) else 'sharding'} failed: "
+                                  f"{_first_line(e)}")
     return guard.attach(root, model, sq, args, kwargs, check_inputs=check_inputs)
 
 

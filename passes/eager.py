@@ -214,6 +214,11 @@ def _hashable(x):
         return ("repr", repr(x))
 
 
+def _scalar_index(a) -> bool:
+    return (not isinstance(a, TileTensor) and a.numel() == 1 and not a.dtype.is_floating_point
+            and not a.dtype.is_complex and not a.requires_grad and a.device.type != "meta")
+
+
 def _plain_call(func, args, kwargs):
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
@@ -246,11 +251,15 @@ def _dispatch(func, args, kwargs):
         return _plain_call(func, a, kw)
     ctx = _ctx(getattr(func, "__name__", str(func)))
     _STATS["calls"] += 1
-    tpos = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor)]
+    # a replicated one-element integer tensor (an index or bound: x[..., :idx]) is a value of
+    # the call: traced as a constant, its value in the cache key
+    tpos = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor) and not _scalar_index(a)]
     sig = []
     for i, a in enumerate(leaves):
         if isinstance(a, TileTensor):
             sig.append(("T", tuple(a.shape), a.dtype, a.tags))
+        elif isinstance(a, torch.Tensor) and _scalar_index(a):
+            sig.append(("i", tuple(a.shape), a.dtype, int(a.item()), a.device.type))
         elif isinstance(a, torch.Tensor):
             sig.append(("t", tuple(a.shape), a.dtype))
         else:
@@ -472,8 +481,17 @@ def _build(func, leaves, spec, tpos, ctx):
                           f"{getattr(nt, 'detail', '')}); exact. At {_user_line()}", stacklevel=4)
     out_meta = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in out_vals]
     # the output pytree of the call (a tuple of tensors, a named tuple, one tensor, ...)
-    with fmode, torch._C.DisableTorchFunctionSubclass():
-        sample = f(*fakes)
+    try:
+        with fmode, torch._C.DisableTorchFunctionSubclass():
+            sample = f(*fakes)
+    except Exception as e:  # noqa: BLE001 -- its output structure needs values: gathered, exact
+        why = f"{getattr(func, '__name__', func)} needs values to build its output ({type(e).__name__})"
+        pair = any(isinstance(leaves[i], TileTensor) and _token_axes(leaves[i].tags) >= 2 for i in tpos)
+        if _strict() and pair:
+            raise EagerShardingError(f"autocp (strict): {why}; it would run on gathered tensors. At "
+                                     f"{_user_line()}") from e
+        warnings.warn(f"autocp: {why}; runs on gathered tensors (exact). At {_user_line()}", stacklevel=4)
+        return _PlainFallback(why)
     out_spec = tree_flatten(sample)[1]
     return prog, out_spec, out_meta
 

@@ -40,7 +40,27 @@ from .wrapper import ModuleWrapper
 from ..grad_sync import GradSyncMixin
 from ..tile_io import from_partial, to_partial
 
-__all__ = ["ParallelModule", "layout_of_tags", "example_call"]
+__all__ = ["ParallelModule", "layout_of_tags", "example_call", "leaf_tags"]
+
+
+def leaf_tags(leaves, tags) -> list:
+    """One layout per output leaf (None for a non-tensor leaf): ``tags`` is given either per
+    leaf (a tile program's ``out_tags``: a ``None`` output is a leaf too) or per tensor leaf.
+    Anything else is an internal error -- never a silently misassigned layout (a tile taken
+    for a whole tensor)."""
+    tags = list(tags or [])
+    if len(tags) == len(leaves):
+        return tags
+    tpos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    if len(tags) == len(tpos):
+        per = [None] * len(leaves)
+        for i, t in zip(tpos, tags):
+            per[i] = t
+        return per
+    from .eager import EagerShardingError
+
+    raise EagerShardingError(f"autocp (internal): {len(tags)} output layouts for {len(leaves)} output leaves "
+                             f"({len(tpos)} tensors); refusing to guess which output is a tile.")
 
 
 def example_call(args, kwargs):
@@ -211,14 +231,13 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
         with strict_mode(self.strict):
             out = self.inner(*a2, **kw2)
         oleaves, ospec = tree_flatten(out)
-        res, tags_out = [], []
+        res, tags_out = [], []  # one layout per output leaf
         for o in oleaves:
             if isinstance(o, TileTensor):
                 res.append(o.local)
                 tags_out.append(o.tags)
             else:
-                if isinstance(o, torch.Tensor):
-                    tags_out.append((None,) * o.dim())
+                tags_out.append((None,) * o.dim() if isinstance(o, torch.Tensor) else None)
                 res.append(o)
         self.output_tags = tags_out
         return tree_unflatten(res, ospec)
@@ -266,11 +285,10 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
         # caller holds -- a tile's, or a replicated value's, the same on every replica
         oleaves, ospec = tree_flatten(out)
         res = []
-        k = 0
+        per_leaf = leaf_tags(oleaves, self.output_tags)
         for i, leaf in enumerate(oleaves):
             if isinstance(leaf, torch.Tensor):
-                tags = self.output_tags[k] if k < len(self.output_tags) else None
-                k += 1
+                tags = per_leaf[i]
                 what = f"{i} of {self._original_type.__name__}"
                 if output == "local":
                     res.append(to_partial(leaf, tags, mesh, n, n_seq, what=what))

@@ -9,7 +9,8 @@ of the model an *island*: the first call with TileTensor arguments captures the 
 alone at the call's global shapes (:func:`autocp.passes.compile.graph_module`: the same
 capture, plan, structural matches and rule table as ``parallelize``'s graph path) and runs
 its sharded tile program on the tiles; later calls with the same signature reuse it. If the
-submodule cannot be captured (a branch on a value, ``.item()``) or is called with too many
+submodule cannot be compiled (a branch on a value, ``.item()``, a data-dependent shape, an in-place
+write the rules cannot prove) or is called with too many
 distinct signatures (a python float that changes per call), it runs its own python on the
 engine, and its own parameterised children become islands in turn.
 
@@ -31,8 +32,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .context import current
-from .eager import RegisteredOp, TileTensor, global_shape
-from .emit import example_call
+from .eager import EagerShardingError, RegisteredOp, TileTensor, global_shape
+from .emit import example_call, leaf_tags
 from .trace import CaptureError
 
 __all__ = ["install_islands", "island_report", "IslandState"]
@@ -184,20 +185,22 @@ def _island_forward(module, state, *args, **kwargs):
         try:
             with torch.random.fork_rng(devices=_cuda_devices(leaves)):  # the model's random stream is not moved
                 entry = _compile(module, state, leaves, spec, ctx)
-        except CaptureError as e:
-            _go_eager(module, state, f"capture failed: {(str(e).splitlines() or [''])[0][:300]}")
+        except Exception as e:  # noqa: BLE001 -- not compilable (capture, a data-dependent shape, a write the
+            # rules cannot prove): its python runs on the engine instead, exact; said in explain()
+            what = "capture failed" if isinstance(e, CaptureError) else f"not compiled ({type(e).__name__})"
+            _go_eager(module, state, f"{what}: {(str(e).splitlines() or [''])[0][:300]}")
             return state.forward(*args, **kwargs)
         state.runners[key] = entry
     _pm, runner = entry
     a, kw = tree_unflatten([x.local if isinstance(x, TileTensor) else x for x in leaves], spec)
     out = runner(a, kw)
     oleaves, ospec = tree_flatten(out)
-    res, k = [], 0
-    for o in oleaves:
-        if isinstance(o, torch.Tensor):
-            tags = runner.out_tags[k] if k < len(runner.out_tags) else None
-            k += 1
-            if tags is not None and len(tags) == o.dim() and any(t is not None for t in tags):
-                o = TileTensor(o, tags, global_shape(o.shape, tags, ctx.n, ctx.n_seq))
+    res = []
+    for o, tags in zip(oleaves, leaf_tags(oleaves, runner.out_tags)):
+        if isinstance(o, torch.Tensor) and tags is not None and any(t is not None for t in tags):
+            if len(tags) != o.dim():
+                raise EagerShardingError(f"autocp (internal): island {state.path} output layout {tags} for a "
+                                         f"{o.dim()}-dim tile")
+            o = TileTensor(o, tags, global_shape(o.shape, tags, ctx.n, ctx.n_seq))
         res.append(o)
     return tree_unflatten(res, ospec)

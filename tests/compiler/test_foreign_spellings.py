@@ -39,6 +39,18 @@ class IntLengths(nn.Module):
         return self.lin(z) * (hi - lo)[:, None, None, None].float()
 
 
+class NoneFirst(nn.Module):
+    """Outputs with a ``None`` leaf before the pair tensor (as protenix's stacks return
+    ``(None, z)``): a tile program's output layouts are per leaf, ``None`` included."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, z):
+        return None, self.lin(z), z.sum(-1)
+
+
 class WholeScan(nn.Module):
     """A cumulative sum over the flattened pair: needs the whole tensor on every rank."""
 
@@ -58,7 +70,8 @@ def spellings_worker(rank, world):
     lens = torch.randint(1, 30, (1, n), generator=g)
     out = {}
     for name, model, args, kwargs in (("drop", RandDrop().train(), (z,), {"bias": None, "use_kernels": False}),
-                                      ("lens", IntLengths(), (z, lens), {}), ("scan", WholeScan(), (z,), {})):
+                                      ("lens", IntLengths(), (z, lens), {}), ("scan", WholeScan(), (z,), {}),
+                                      ("none", NoneFirst(), (z,), {})):
         torch.manual_seed(0)
         for p in model.parameters():
             p.data.copy_(torch.randn(p.shape))
@@ -71,6 +84,9 @@ def spellings_worker(rank, world):
         zr = args[0].clone().requires_grad_(True)
         torch.manual_seed(3)
         ref = model(zr, *args[1:], **kwargs)
+        if name == "none":  # (None, pair, pair): compare the tensors
+            assert got[0] is None and ref[0] is None
+            got, ref = torch.cat([got[1].flatten(), got[2].flatten()]), torch.cat([ref[1].flatten(), ref[2].flatten()])
         got.sum().backward()
         ref.sum().backward()
         got, ref = got.detach(), ref.detach()

@@ -10,12 +10,15 @@ pairformer), its python op by op when not. On 2x2, same seed, the sampled positi
 confidence head's PAE / PDE / pLDDT / resolved logits equal the single-device call. Five
 gathering ops remain (warned): the template stack's attention over merged template x token
 rows, the outer product mean over the sharded MSA axis, a token gather of the conditioned
-pair and the windowed atom-pair masks."""
+pair and the windowed atom-pair masks.
+
+ByteDance ``Protenix`` (``protenix_whole.py``): the same path, see its test."""
 
 import pytest
 
 from autocp.testing import run_distributed
 from tests.corpus import alphafold3_pytorch_whole as af3w
+from tests.corpus import protenix_whole as pxw
 
 pytestmark = [pytest.mark.corpus, pytest.mark.distributed]
 
@@ -30,3 +33,16 @@ def test_alphafold3_pytorch_whole_model_2x2():
                        "diffusion_module.token_transformer: captured"):
             assert island in r["explain"], r["explain"]
         assert r["gathers"] <= 5, r["gather_msgs"]  # was 38 with the whole model op by op
+
+
+@pytest.mark.skipif(pxw.unavailable() is not None, reason=str(pxw.unavailable()))
+def test_protenix_whole_model_2x2():
+    """Protenix (its own inference call, unbatched features with per-key layouts): capture
+    fails on a data-dependent scatter size, so it runs on the engine with islands; the
+    in-place inference triangle updates (``z += x`` into a redistributed value) make their
+    islands run op by op. Coordinates, contact probabilities and the confidence logits equal
+    the single-device call on 2x2."""
+    for r in run_distributed(pxw.whole_parity_worker, 4, 0, 7, True, timeout=1200):
+        assert len(r["rel_err"]) == 6 and max(r["rel_err"]) < 1e-4, r["rel_err"]
+        assert len(r["engine"]) == 1 and "scatter_utils.py" in r["engine"][0], r["engine"]
+        assert "pairformer_stack.blocks.0.tri_att_start: captured" in r["explain"], r["explain"]
