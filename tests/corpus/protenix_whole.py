@@ -320,13 +320,11 @@ def whole_parity_worker(rank, world, seed=0, n=7, confidence=False):
     output relative to its scale, the pair gathers warned, and the eager-engine warning if the
     capture failed.
 
-    When written (autocp d7a75dd): the capture fails on ``int(index.max()) + 1``
-    (``protenix/utils/scatter_utils.py:49``, the atom attention encoder's scatter), so the model
-    runs on the eager engine; the ``template_embedder`` island then raises ``ShardingError``: its
-    inference-only triangle multiplication (``inplace_safe=True`` under ``no_grad``,
-    ``triangular.py:521`` ``_inference_forward``: ``z += x``) writes in place into a
-    redistributed value. With templates off, the ``msa_module`` island fails instead on the
-    MSA sub-sample size (``model/utils.py:306`` ``.item()``, a data-dependent size)."""
+    Path (see tests/corpus/test_whole_models.py): the capture fails on ``int(index.max()) + 1``
+    (``protenix/utils/scatter_utils.py:49``), so the model runs on the eager engine with
+    islands; the inference-only in-place triangle multiplications (``triangular.py:521``,
+    ``z += x`` into a redistributed value) cannot be sharded as graphs and run op by op; the
+    MSA sub-sample size (``model/utils.py:306`` ``.item()``) keeps the MSA module eager."""
     import warnings
 
     import autocp
