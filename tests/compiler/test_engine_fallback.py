@@ -86,6 +86,24 @@ def _inputs(n=7, c=8):
     return z, tok[:, :, None] * tok[:, None, :]
 
 
+def _parity(model, pm, z, other, w):
+    """``model`` and ``pm`` on ``(z, other)``, loss ``sum(out * w)``: relative errors of the
+    output, of z's gradient and (max) of every parameter gradient."""
+    def rel(a, b):
+        return float((a - b).abs().max()) / max(float(b.abs().max()), 1e-6)
+
+    zr = z.clone().requires_grad_(True)
+    ref = model(zr, other)
+    (ref * w).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    zp = z.clone().requires_grad_(True)
+    out = pm(zp, other)
+    (out * w).sum().backward()
+    return {"out_err": rel(out.detach(), ref.detach()), "in_grad_err": rel(zp.grad, zr.grad),
+            "grad_err": max(rel(p.grad, grads[k]) for k, p in pm.named_parameters())}
+
+
 def engine_worker(rank, world):
     import warnings
 
@@ -102,16 +120,8 @@ def engine_worker(rank, world):
     with warnings.catch_warnings(record=True) as wl:
         warnings.simplefilter("always")
         pm = parallelize(model, mesh, example_inputs=(z, mask), strict=True)
-    zr = z.clone().requires_grad_(True)
-    ref = model(zr, mask)
-    w = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
-    (ref * w).sum().backward()
-    ref_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
-    model.zero_grad()
-    zp = z.clone().requires_grad_(True)
-    out = pm(zp, mask)
-    (out * w).sum().backward()
-    scale = float(ref.abs().max())
+    w = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+    first = _parity(model, pm, z, mask, w)
     # a feature dict with per-key layouts (input_layouts mirrors the argument)
     from autocp.layout import Pair2D, RowToken
 
@@ -141,19 +151,9 @@ def engine_worker(rank, world):
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         pw = parallelize(wi, mesh, example_inputs=(z, tok), strict=True)
-    z3r = z.clone().requires_grad_(True)
-    ref3 = wi(z3r, tok)
-    (ref3 * w).sum().backward()
-    iref = {k: p.grad.clone() for k, p in wi.named_parameters()}
-    wi.zero_grad()
-    zq = z.clone().requires_grad_(True)
-    out3 = pw(zq, tok)
-    (out3 * w).sum().backward()
     return {
-        "isl_out_err": float((out3 - ref3).abs().max()) / float(ref3.abs().max()),
-        "isl_in_grad_err": float((zq.grad - z3r.grad).abs().max()) / float(z3r.grad.abs().max()),
-        "isl_grad_err": max(float((p.grad - iref[k]).abs().max()) / max(float(iref[k].abs().max()), 1e-6)
-                            for k, p in pw.named_parameters()),
+        **first,
+        **{f"isl_{k}": v for k, v in _parity(wi, pw, z, tok, w).items()},
         "isl_explain": pw.explain(),
         "dict_out_err": float((out2 - ref2).abs().max()) / float(ref2.abs().max()),
         "dict_in_grad_err": float((fp["single"].grad - fr["single"].grad).abs().max()),
@@ -161,10 +161,6 @@ def engine_worker(rank, world):
                              for k, p in pf.named_parameters()),
         "dict_warnings": [str(x.message) for x in wl2],
         "dict_input_tags": pf.input_tags,
-        "out_err": float((out - ref).abs().max()) / scale,
-        "in_grad_err": float((zp.grad - zr.grad).abs().max()) / float(zr.grad.abs().max()),
-        "grad_err": max(float((p.grad - ref_grads[k]).abs().max()) / float(ref_grads[k].abs().max())
-                        for k, p in pm.named_parameters()),
         "warnings": [str(x.message) for x in wl],
         "explain": pm.explain(),
         "actions": sorted(a.action for a in pm.plan.actions.values()),
