@@ -1310,6 +1310,8 @@ def _letters_contract(s: _Sharder, node, operands, letters, out_letters, emit_fn
     letter is sharded). Returns the output tags. A triangle contraction (two pair tensors
     sharing one summed token letter) runs on the Cannon ring instead (:func:`_pair_contract`)."""
     pc = _pair_contract(s, node, operands, letters, out_letters)
+    if pc is None:
+        pc = _msa_contract(s, node, operands, letters, out_letters)
     if pc is not None:
         return pc
     sizes = {}
@@ -1404,6 +1406,39 @@ def _pair_contract(s: _Sharder, node, operands, letters, out_letters):
     s.note("ring", f"triangle contraction over token letter {k!r} ({direction}, Cannon ring)")
     out = s.emit(T.pair_contract, vals[0], vals[1], la, lb, out_letters, "".join(batch), x, y, k, direction,
                  _val(node).dtype)
+    return out, tuple("r" if l == x else ("c" if l == y else None) for l in out_letters)
+
+
+def _msa_contract(s: _Sharder, node, operands, letters, out_letters):
+    """``sum_q A[.., q, x] B[.., q, y]`` where both operands are MSA tiles sharing the summed
+    MSA letter ``q`` (tag ``s``) and ``x`` / ``y`` are their token letters, both in the
+    output -- the outer product mean (``einsum("bsid,bsje->bijde", a, b)``): every rank's
+    output tile needs a whole MSA column of both, so a local partial cannot do it and
+    gathering costs O(S N / p) per operand. It runs on the sequence-block ring
+    (:func:`tile_ops.msa_contract`). Returns ``(out, out_tags)`` or None when it does not fit."""
+    if len(operands) != 2 or len(set(out_letters)) != len(out_letters):
+        return None
+    qs, toks = [], []
+    for a, ls in zip(operands, letters):
+        t = s.tg(a)
+        if t is None or len(t) != len(ls) or len(set(ls)) != len(ls) or any(isinstance(v, tuple) for v in t):
+            return None
+        sq = [l for l, v in zip(ls, t) if v == "s"]
+        tk = [l for l, v in zip(ls, t) if v in ("r", "c")]
+        if len(sq) != 1 or len(tk) != 1:
+            return None
+        qs.append(sq[0])
+        toks.append(tk[0])
+    q, (x, y) = qs[0], toks
+    if qs[1] != q or q in out_letters or x == y or x not in out_letters or y not in out_letters:
+        return None
+    la, lb = letters
+    if s.gshape(operands[0])[la.index(x)] != s.n or s.gshape(operands[1])[lb.index(y)] != s.n:
+        return None
+    vals = [s.to_tags(a, tuple({q: "s", tok: "c"}.get(l) for l in ls))
+            for a, ls, tok in zip(operands, letters, (x, y))]
+    s.note("ring", f"contraction over the MSA letter {q!r} (outer product mean, sequence-block ring)")
+    out = s.emit(T.msa_contract, vals[0], vals[1], la, lb, out_letters, x, y, q, _val(node).dtype)
     return out, tuple("r" if l == x else ("c" if l == y else None) for l in out_letters)
 
 

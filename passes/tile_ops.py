@@ -29,7 +29,7 @@ __all__ = [
     "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad", "masked_copy", "contract_n", "safe_root", "arg_extreme", "max_dim",
     "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract", "pair_contract",
     "reduce_var",
-    "sdpa_keys_sharded", "narrow_global", "select_global", "index_select_global", "draw_global", "dropout_global",
+    "sdpa_keys_sharded", "msa_contract", "narrow_global", "select_global", "index_select_global", "draw_global", "dropout_global",
     "zero_pad_index",
 ]
 
@@ -403,6 +403,35 @@ def pair_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, b
     with torch.autocast(a.device.type, enabled=False):
         out = trimul_contract(a2, b2, mesh, direction)
     return torch.einsum(f"{batch}{x}{y}->{lo}", out).to(out_dtype)
+
+
+def msa_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, x: str, y: str, q: str,
+                 out_dtype) -> torch.Tensor:
+    """``einsum(f"{la},{lb}->{lo}", a, b)`` where both operands are MSA tiles -- the MSA letter
+    ``q`` on the mesh rows (``S_r``), token letter ``x`` (of ``a``) / ``y`` (of ``b``) on the
+    columns (``T_c``) -- and ``q`` is summed: the outer product mean's contraction, by the
+    sequence-block ring of :class:`autocp.ops.outer_product.OuterProductMean2D` (``a``
+    transposed across the grid once, then ``a`` rings along the mesh row and ``b`` along the
+    column, skewed so both hold the same sequence block; ``p`` steps). MSA padding rows are
+    zeroed. Result: ``lo`` with ``x`` on ``T_r`` and ``y`` on ``T_c`` (other letters as the
+    einsum puts them), cast to ``out_dtype``; differentiable (the ring's explicit backward)."""
+    mesh = current().mesh
+    ra = "".join(ch for ch in la if ch not in (q, x))
+    rb = "".join(ch for ch in lb if ch not in (q, y))
+    a2 = masked_copy(torch.einsum(f"{la}->{ra}{q}{x}", a), [(len(ra), "s")], torch.float32)
+    b2 = masked_copy(torch.einsum(f"{lb}->{rb}{q}{y}", b), [(len(rb), "s")], torch.float32)
+    a2 = comm.transpose_exchange(a2, mesh)            # a[S_c, T_r]
+    a2 = comm.ring_shift(a2, mesh, ROW, mesh.r)       # a[S_{r+c}, T_r]
+    b2 = comm.ring_shift(b2, mesh, COL, mesh.c)       # b[S_{r+c}, T_c]
+    out = None
+    with torch.autocast(a.device.type, enabled=False):
+        for step in range(mesh.p):
+            if step:
+                a2 = comm.ring_shift(a2, mesh, ROW, 1)
+                b2 = comm.ring_shift(b2, mesh, COL, 1)
+            prod = torch.einsum(f"{ra}{q}{x},{rb}{q}{y}->{lo}", a2, b2)
+            out = prod if out is None else out + prod
+    return out.to(out_dtype)
 
 
 def sdpa_keys_sharded(q, k, v, mask, scale, key_tag, dropout_p=0.0, is_causal=False):
