@@ -183,12 +183,21 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
             for e in cap.opaque.values():
                 if e.kind == "fallback":
                     e.out_tags = fallback_out_tags(e.out_meta or [], boundary.get(e.path), n)
-        an = analyze(cap, input_tags, n)
-        mr = match(cap, an)
-        # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
-        # triangle multiplication), so downstream ops see them
-        an = analyze(cap, input_tags, n)
-        mr = match(cap, an)
+        try:
+            an = analyze(cap, input_tags, n)
+            mr = match(cap, an)
+            # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
+            # triangle multiplication), so downstream ops see them
+            an = analyze(cap, input_tags, n)
+            mr = match(cap, an)
+        except Exception as e:  # noqa: BLE001 -- a graph the planning analysis cannot follow (a
+            # data-dependent size, an op it mis-sizes): not compiled; parallelize / an island run it
+            # on the eager engine instead (exact), saying why
+            from .trace import CaptureError
+
+            raise CaptureError(f"autocp could not plan {type(model).__name__} from its captured graph: the layout "
+                               f"analysis failed with {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                               ) from e
         return cap, an, mr
 
     cap, an, mr = run(frozenset())
