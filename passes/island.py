@@ -112,7 +112,10 @@ def _signature(leaves, spec, module) -> tuple:
                 sig.append(("v", a))
             except TypeError:
                 sig.append(("r", repr(a)))
-    return (str(spec), tuple(sig), module.training, torch.is_grad_enabled())
+    # grad mode, train / eval and autocast change the captured graph: part of the signature
+    amp = tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")
+                if torch.is_autocast_enabled(d))
+    return (str(spec), tuple(sig), module.training, torch.is_grad_enabled(), amp)
 
 
 def _clean_copy(module: nn.Module) -> nn.Module:
