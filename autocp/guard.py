@@ -508,8 +508,29 @@ def check_call(mesh, tensors: list, names: list, input_tags: list, example_meta:
     return n, n_seq
 
 
+def rng_digest() -> str:
+    """A digest of the random number generators a model's python can draw from: torch's
+    default CPU generator (and the current CUDA device's), python ``random``, numpy's global
+    one (if numpy is loaded). On a mesh every rank holds the same sample, so these must agree
+    for random draws (diffusion noise, augmentation, dropout masks drawn at the global shape)
+    to be the single-device ones."""
+    import hashlib
+    import random
+    import sys
+
+    h = hashlib.sha1(torch.get_rng_state().numpy().tobytes())
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        h.update(torch.cuda.get_rng_state().numpy().tobytes())
+    h.update(repr(random.getstate()).encode())
+    np = sys.modules.get("numpy")
+    if np is not None:
+        st = np.random.get_state()
+        h.update(st[1].tobytes() + repr(st[2:]).encode())
+    return h.hexdigest()
+
+
 def _call_info(state: _State, tensors, names, n, n_seq) -> dict:
-    info = {"n": n, "n_seq": n_seq,
+    info = {"n": n, "n_seq": n_seq, "rng": rng_digest(),
             "inputs": [(nm, tuple(t.shape), str(t.dtype)) for nm, t in zip(names, tensors)]}
     if state.check_inputs == "hash":
         info["values"] = {nm: _checksum(t) for nm, t in zip(names, tensors)}
@@ -578,8 +599,13 @@ def guarded_call(pm: nn.Module, call, args, kwargs):
                      f"call #{state.calls}", mesh)
     elif local_err is not None:
         raise local_err
+    rng_split = None
+    if mesh.control_group() is not None and state.check_inputs != "off":
+        digests = [x["info"].get("rng") for x in infos]
+        if len(set(digests)) > 1:
+            rng_split = [sorted(mesh.ranks_flat)[i] for i, d in enumerate(digests) if d != digests[0]]
     try:
-        return call(*a, **kw, **extra)
+        out = call(*a, **kw, **extra)
     except BaseException as e:
         state.failed = _first_line(e)
         if mesh.p > 1 and isinstance(e, RuntimeError) and not isinstance(e, MeshFaultError) and is_peer_loss(str(e)):
@@ -593,6 +619,16 @@ def guarded_call(pm: nn.Module, call, args, kwargs):
                 f"other ranks' errors; raise autocp.init_mesh(timeout=...) if a rank is legitimately slow."
             ) from e
         raise
+    # after a completed call (the mesh is in step: not a failure of the call's collectives)
+    if rng_split and rng_digest() != info.get("rng"):
+        raise AgreementError(
+            f"autocp: the model drew random numbers in call #{state.calls} while the random generators of "
+            f"rank(s) {rng_split} differed from rank {sorted(mesh.ranks_flat)[0]}'s (torch / python random / "
+            f"numpy): every rank of the mesh holds the same sample, so its noise and augmentations differ per "
+            f"rank and the result is not the single-device one. Fix: seed identically on every rank of the "
+            f"mesh before the call (torch.manual_seed(s); random.seed(s); numpy.random.seed(s)), e.g. with the "
+            f"sample's seed, not the rank.")
+    return out
 
 
 def original_flags(model: nn.Module) -> dict:
