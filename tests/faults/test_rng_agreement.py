@@ -1,8 +1,8 @@
 """Random draws must agree across the mesh (every rank holds the same sample): a model that
 draws random numbers while the ranks' generators differ (seeded per rank, as data loaders
-often are) raises ``AgreementError`` after the call, naming the ranks and the fix, instead
-of returning a result that is not the single-device one; a model that draws nothing runs
-whatever the seeds; equal seeds give the single-device numbers."""
+often are) is warned after the call (once), naming the ranks and the fix -- a warning, not
+an error, since a draw whose value cannot matter (a dropout mask at rate 0) is common; a
+model that draws nothing is not warned; equal seeds give the single-device numbers."""
 
 import pytest
 import torch
@@ -27,8 +27,9 @@ class Noisy(nn.Module):
 def rng_worker(rank, world):
     import random
 
+    import warnings
+
     import autocp
-    from autocp.guard import AgreementError
 
     mesh = autocp.init_mesh()
     z = torch.randn(1, 7, 7, 4, generator=torch.Generator().manual_seed(0))
@@ -38,11 +39,10 @@ def rng_worker(rank, world):
         pm = autocp.parallelize(model, mesh, example_inputs=(z,))
         torch.manual_seed(100 + rank)  # per-rank seeds
         random.seed(rank)
-        try:
+        with warnings.catch_warnings(record=True) as wl:
+            warnings.simplefilter("always")
             pm(z)
-            out[name + "_per_rank"] = "ran"
-        except AgreementError as e:
-            out[name + "_per_rank"] = str(e)
+        out[name + "_per_rank"] = " ".join(str(w.message) for w in wl if "random" in str(w.message)) or "ran"
         torch.manual_seed(7)
         random.seed(7)
         got = pm(z)
