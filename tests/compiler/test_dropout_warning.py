@@ -12,7 +12,10 @@ def _worker(rank, world, dropout, train):
     import autocp
     from tests.compiler._workers import build_pairformer, pairformer_inputs
 
+    import torch
+
     mesh = autocp.init_mesh()
+    torch.manual_seed(0)  # the same generator state on every rank (else autocp.guard warns: masks differ)
     model = build_pairformer(2)
     for layer in model.layers:
         layer.dropout = dropout
@@ -24,7 +27,7 @@ def _worker(rank, world, dropout, train):
         warnings.simplefilter("always")
         pm(*inputs)
         pm(*inputs)
-    return [str(w.message) for w in wl if "dropout" in str(w.message)]
+    return [str(w.message) for w in wl if "dropout" in str(w.message) and "random generators" not in str(w.message)]
 
 
 @pytest.mark.parametrize("dropout,train,expect", [(0.25, True, True), (0.0, True, False), (0.25, False, False)])
