@@ -73,11 +73,13 @@ def parallelize(
 
     ``emit="graph"`` (default) runs the captured, sharded ATen graph (:mod:`autocp.passes.shard`:
     every glue op proven tile-local, redistributed, or gathered exactly). A model whose python
-    cannot be captured (a branch on a value, ``.item()``, a type check that rejects fake
-    tensors) runs instead -- with a warning naming the module and line -- on the eager engine
+    cannot be captured (a branch on a value, ``.item()``, an ``assert`` on a reduction) runs
+    instead -- with a warning naming the module and line -- on the eager engine
     (:mod:`autocp.passes.eager`, ``emit="eager"`` asks for it): its own python on
     :class:`~autocp.passes.eager.TileTensor` inputs, every torch call through the same rule
-    table, registered modules as their 2D ops; exact, with python dispatch per call.
+    table, registered modules as their 2D ops, each other parameterised submodule captured
+    alone where it can be (:mod:`autocp.passes.island`); exact. (Python that rejects tensor
+    subclasses -- ``type(t) is torch.Tensor`` -- fails there too.)
 
     Training (docs/training.md): with ``grad_sync=True`` (default) parameter gradients are
     complete after ``backward()`` (bucketed all-reduce of ``grad_bucket_mb`` MiB buckets,
