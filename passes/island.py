@@ -139,12 +139,15 @@ def _compile(module, state, leaves, spec, ctx):
 
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     in_tags = [a.tags if isinstance(a, TileTensor) else (None,) * a.dim() for a in tensors]
-    plain = [torch.empty(tuple(a.shape), dtype=a.dtype) if isinstance(a, TileTensor) else a for a in leaves]
+    # shapes only (meta); example_call makes the global-shape example tensors the capture needs
+    # (O(N^2) per pair input, transient: the capture is at the global shape, as parallelize's is)
+    plain = [torch.empty(tuple(a.shape), dtype=a.dtype, device="meta") if isinstance(a, TileTensor) else a
+             for a in leaves]
     args, kwargs = example_call(*tree_unflatten(plain, spec))
     clean = _clean_copy(module)
     ex_tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch.export's own chatter; gathers are re-warned at run
+        warnings.simplefilter("ignore", UserWarning)  # torch.export's own chatter; gathers are warned below
         pm = graph_module(clean, private_tree(clean), ctx.mesh, args, kwargs, in_tags, ctx.n, ctx.n_seq,
                           ex_tensors, strict=state.strict)
     runner = pm.graph_runner(ctx.n, ctx.n_seq)
