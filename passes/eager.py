@@ -418,6 +418,18 @@ class _InplaceFallback:
         return target if out is full else out
 
 
+def _gathered_call(why: str, leaves, tpos, exc) -> "_PlainFallback":
+    """A call that cannot run as a tile program runs on gathered tensors (exact, warned);
+    refused under strict when it would gather a pair tensor (a token vector gathered for a
+    python-level op is O(N): allowed)."""
+    pair = any(isinstance(leaves[i], TileTensor) and _token_axes(leaves[i].tags) >= 2 for i in tpos)
+    if _strict() and pair:
+        raise EagerShardingError(f"autocp (strict): {why}; it would run on gathered tensors. At {_user_line()}. "
+                                 f"Fix: call it on x.full() explicitly, or register the module.") from exc
+    warnings.warn(f"autocp: {why}; runs on gathered tensors (exact). At {_user_line()}", stacklevel=5)
+    return _PlainFallback(why)
+
+
 def _build(func, leaves, spec, tpos, ctx):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -442,12 +454,7 @@ def _build(func, leaves, spec, tpos, ctx):
             gm = make_fx(f, tracing_mode="fake", pre_dispatch=True)(*fakes)
     except Exception as e:  # noqa: BLE001 -- not traceable to a tensor graph: exact gathered fallback
         why = f"{getattr(func, '__name__', func)} could not be traced ({type(e).__name__}: {str(e)[:160]})"
-        pair = any(isinstance(leaves[i], TileTensor) and _token_axes(leaves[i].tags) >= 2 for i in tpos)
-        if _strict() and pair:  # a token vector gathered for a python-level op is O(N): allowed
-            raise EagerShardingError(f"autocp (strict): {why}; it would run on gathered tensors. Fix: "
-                                     f"call it on x.full() explicitly, or register the module.") from e
-        warnings.warn(f"autocp: {why}; runs on gathered tensors (exact). At {_user_line()}", stacklevel=4)
-        return _PlainFallback(why)
+        return _gathered_call(why, leaves, tpos, e)
     out_vals = []
     for nd in gm.graph.nodes:
         if nd.op == "output":
@@ -486,12 +493,7 @@ def _build(func, leaves, spec, tpos, ctx):
             sample = f(*fakes)
     except Exception as e:  # noqa: BLE001 -- its output structure needs values: gathered, exact
         why = f"{getattr(func, '__name__', func)} needs values to build its output ({type(e).__name__})"
-        pair = any(isinstance(leaves[i], TileTensor) and _token_axes(leaves[i].tags) >= 2 for i in tpos)
-        if _strict() and pair:
-            raise EagerShardingError(f"autocp (strict): {why}; it would run on gathered tensors. At "
-                                     f"{_user_line()}") from e
-        warnings.warn(f"autocp: {why}; runs on gathered tensors (exact). At {_user_line()}", stacklevel=4)
-        return _PlainFallback(why)
+        return _gathered_call(why, leaves, tpos, e)
     out_spec = tree_flatten(sample)[1]
     return prog, out_spec, out_meta
 

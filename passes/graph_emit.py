@@ -31,7 +31,7 @@ from .shard import ShardingError, shard_graph
 from .storage import apply_storage_passes
 from .trace import capture
 
-__all__ = ["GraphRunner", "build_graph_runner", "RECOMPUTE_POLICIES"]
+__all__ = ["GraphRunner", "build_graph_runner", "pair_gathers", "RECOMPUTE_POLICIES"]
 
 RECOMPUTE_POLICIES = ("ops", "blocks", "none")
 
@@ -218,13 +218,21 @@ def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n
         runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,
                              pair_dtype=pair_dtype)
         runner.opaque_fallbacks = sorted(planned - bound)
-    gathers = [nt for nt in runner.notes if nt.what in ("gather", "op-gather") and nt.pair]
+    gathers = pair_gathers(runner.notes)
     if gathers:
-        lines = "; ".join(f"{g.op} ({g.detail}{', ' + g.source if g.source else ''})" for g in gathers[:4])
-        warnings.warn(f"autocp: {len(gathers)} glue op(s) gather a pair tensor (exact; per-rank memory and order "
-                      f"in each): {lines}. "
+        warnings.warn(f"autocp: {gathers[0]} glue op(s) gather a pair tensor (exact; per-rank memory and order "
+                      f"in each): {gathers[1]}. "
                       f"Fix: register the enclosing module, or strict=True to make this an error.", stacklevel=3)
     return runner
+
+
+def pair_gathers(notes):
+    """``(count, "op (detail, source); ...")`` of the sharding notes that gather a pair tensor
+    (the first four described), or None."""
+    gathers = [nt for nt in notes if nt.what in ("gather", "op-gather") and nt.pair]
+    if not gathers:
+        return None
+    return len(gathers), "; ".join(f"{g.op} ({g.detail}{', ' + g.source if g.source else ''})" for g in gathers[:4])
 
 
 # public names for autocp.passes.check (it replays the runner's programs)

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .context import current
 from .eager import EagerShardingError, RegisteredOp, TileTensor, global_shape
 from .emit import example_call, leaf_tags
+from .graph_emit import pair_gathers
 from .trace import CaptureError
 
 __all__ = ["install_islands", "island_report", "IslandState"]
@@ -151,11 +152,10 @@ def _compile(module, state, leaves, spec, ctx):
         pm = graph_module(clean, private_tree(clean), ctx.mesh, args, kwargs, in_tags, ctx.n, ctx.n_seq,
                           ex_tensors, strict=state.strict)
     runner = pm.graph_runner(ctx.n, ctx.n_seq)
-    gathers = [nt for nt in runner.notes if nt.what in ("gather", "op-gather") and nt.pair]
+    gathers = pair_gathers(runner.notes)
     if gathers:
-        lines = "; ".join(f"{g.op} ({g.detail}{', ' + g.source if g.source else ''})" for g in gathers[:4])
-        warnings.warn(f"autocp: island {state.path} ({type(module).__name__}): {len(gathers)} op(s) gather a pair "
-                      f"tensor (exact): {lines}", stacklevel=4)
+        warnings.warn(f"autocp: island {state.path} ({type(module).__name__}): {gathers[0]} op(s) gather a pair "
+                      f"tensor (exact): {gathers[1]}", stacklevel=4)
     return pm, runner
 
 
