@@ -233,6 +233,7 @@ def _engine_module(model, work, sq, input_tags, n, n_seq, tensors, strict, why):
     from .passes.emit import ParallelModule
     import functools
 
+    from .passes.context import GlueLog
     from .passes.explain import build_engine_report
     from .passes.island import install_islands, island_report
     from .passes.rewrite import Action, RewritePlan
@@ -247,6 +248,7 @@ def _engine_module(model, work, sq, input_tags, n, n_seq, tensors, strict, why):
             plan.actions[path] = Action(path, "op", f"registry:{cls}", mod.rule.kind, cls,
                                         op_name=getattr(mod.rule.op_factory, "__qualname__", ""))
     report = build_engine_report(model, plan, sq, n, tensors, why)
+    report.glue = GlueLog()  # filled as the engine runs (explain() lists what ran so far)
     report.islands = functools.partial(island_report, work)
     return ParallelModule(model, work, sq, input_tags=input_tags, output_tags=[], n_tokens=n, n_seq=n_seq,
                           report=report, plan=plan, engine=True, strict=strict)

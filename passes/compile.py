@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 from ..registry import lookup_module
+from .context import GlueLog
 from .emit import ParallelModule
 from .explain import build_report
 from .graph_emit import build_graph_runner
@@ -41,11 +42,14 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
             replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
     clone = structural_clone(work, replacements)
 
+    glue = GlueLog()
+
     def builder(a, kw, n_, n_seq_):
         runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
                                     strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
                                     pair_dtype=pair_dtype)
         warn_fallbacks(plan, runner.opaque_fallbacks, n_)
+        glue.add("graph", runner.notes)  # what the glue does, for explain() (the first N's programs)
         return runner
 
     graphs = {(n, n_seq): builder(args, kwargs, n, n_seq)}
@@ -53,6 +57,7 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
         if act.action == "fallback" and path not in graphs[(n, n_seq)].opaque_fallbacks:
             act.action = "glue"
     report = build_report(model, cap, an, mr, plan, sq, n, tensors)
+    report.glue = glue
     pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
                         report=report, plan=plan, strict=strict)
     object.__setattr__(pm, "_graph_builder", builder)

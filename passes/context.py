@@ -8,11 +8,12 @@ sets it around every forward with :func:`tile_context`; ops read :func:`current_
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 
 import torch
 
-__all__ = ["tile_context", "current_n", "current_mesh", "current"]
+__all__ = ["tile_context", "current_n", "current_mesh", "current", "GlueLog", "glue_log", "log_notes"]
 
 _LOCAL = threading.local()
 # the context of the latest forward run under tile_context with grad enabled: activation
@@ -67,3 +68,48 @@ def current_n() -> int:
 
 def current_mesh():
     return current()[0]
+
+
+class GlueLog:
+    """What the glue of a run did, for ``explain()``: the sharding notes
+    (:class:`autocp.passes.shard.Note`: gathers, exchanges, all-reduces, rings) of every tile
+    program that ran, each program once (the first call's source line)."""
+
+    def __init__(self):
+        self.notes: list = []
+        self._seen: set = set()
+
+    def add(self, key, notes, source=None, where: str = "") -> None:
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        line = None
+        for nt in notes:
+            if not nt.source and source is not None:
+                line = source() if line is None else line
+                nt = dataclasses.replace(nt, source=line)
+            if where:
+                nt = dataclasses.replace(nt, node=f"{where}:{nt.node}")
+            self.notes.append(nt)
+
+
+@contextlib.contextmanager
+def glue_log(log: "GlueLog"):
+    """Collect the notes of the tile programs run inside the block into ``log``."""
+    stack = getattr(_LOCAL, "logs", None)
+    if stack is None:
+        stack = _LOCAL.logs = []
+    stack.append(log)
+    try:
+        yield log
+    finally:
+        stack.pop()
+
+
+def log_notes(key, notes, source=None, where: str = "") -> None:
+    """Record ``notes`` of the program ``key`` in the current :class:`GlueLog` (if any; once per
+    key). ``source``: a callable giving the model's line, for notes without one; ``where``: the
+    submodule path the program runs for."""
+    stack = getattr(_LOCAL, "logs", None)
+    if stack and notes:
+        stack[-1].add(key, notes, source, where)

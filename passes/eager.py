@@ -41,7 +41,7 @@ import warnings
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .context import current
+from .context import current, log_notes
 from . import tile_ops as T
 from .rewrite import gather_tags, shard_tags
 from .shard import ShardingError, shard_graph
@@ -275,6 +275,8 @@ def _dispatch(func, args, kwargs):
     if isinstance(entry, (_PlainFallback, _InplaceFallback)):
         return entry(func, leaves, spec)
     prog, out_spec, out_meta = entry
+    if prog.notes:
+        log_notes(key, prog.notes, _user_line)
     # the graph was traced on contiguous fakes (view vs reshape decided on them): give a
     # non-mutating call contiguous tiles; a mutating one keeps its tiles (aliasing)
     mutates = _mutates(func)
@@ -509,9 +511,12 @@ def _user_line() -> str:
     import os
     import traceback
 
-    skip = (os.sep + "torch" + os.sep, os.sep + "passes" + os.sep + "eager.py", os.sep + "autocp" + os.sep)
+    import autocp
+
+    ours = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, autocp.__file__))
+    skip = (os.sep + "torch" + os.sep, os.sep + "autocp" + os.sep)
     for fr in reversed(traceback.extract_stack()[:-1]):
-        if not any(k in fr.filename for k in skip):
+        if not (fr.filename.startswith(ours) or any(k in fr.filename for k in skip)):
             return f'File "{fr.filename}", line {fr.lineno}: {(fr.line or "").strip()}'
     return "?"
 

@@ -26,6 +26,7 @@ Guarantees: :class:`ParallelModule` --
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional
 
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import ColToken, MsaTiles, Pair2D, Replicated, RowToken
-from .context import tile_context
+from .context import glue_log, tile_context
 from .rewrite import gather_tags, shard_tags
 from .wrapper import ModuleWrapper
 from ..grad_sync import GradSyncMixin
@@ -228,7 +229,8 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
                     x = TileTensor(x, tags, global_shape(x.shape, tags, n, n_seq))
             wrapped.append(x)
         a2, kw2 = tree_unflatten(wrapped, spec)
-        with strict_mode(self.strict):
+        log = getattr(self.report, "glue", None)
+        with strict_mode(self.strict), (glue_log(log) if log is not None else contextlib.nullcontext()):
             out = self.inner(*a2, **kw2)
         oleaves, ospec = tree_flatten(out)
         res, tags_out = [], []  # one layout per output leaf

@@ -13,10 +13,9 @@ from typing import Optional
 import torch
 
 from .analyze import layout_name
-from .record import rec
 
 __all__ = ["Row", "Report", "build_report", "build_root_report", "build_engine_report", "render", "comm_per_rank",
-           "layer_comm"]
+           "layer_comm", "glue_lines"]
 
 
 @dataclass
@@ -43,13 +42,13 @@ class Report:
     blocks: dict = field(default_factory=dict)
     uncovered: list = field(default_factory=list)
     shape_rewrites: int = 0
-    comm_nodes: list = field(default_factory=list)
     view: object = None
     peak_bytes: Optional[int] = None
     model: object = None
     dtype: torch.dtype = torch.float32
     engine: str = ""  # set when the model runs on the eager engine (why it is not captured)
     islands: object = None  # engine: () -> [(path, "captured" | "eager", detail)] of its submodules so far
+    glue: object = None  # GlueLog (autocp.passes.context): the sharding notes of the tile programs that ran
 
     def to_graphml(self, path: str) -> None:
         self.view.to_graphml(path)
@@ -141,7 +140,6 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
                 comm_bytes=None, note=f"{m.detail}; nodes {','.join(m.nodes[:3])}",
             ))
     rep.uncovered = [(pre, nd.name, path, reason) for pre, nd, path, reason in mr.uncovered]
-    rep.comm_nodes = [(pre, nd.name, rec(nd).comm) for pre, nd in an.comm]
     return rep
 
 
@@ -236,10 +234,8 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
         out.append(f"comm per layer (exact, bytes sent by the busiest rank, one forward): {first}: "
                    f"{_fmt_bytes(per_layer[first])}"
                    + (f" (x{len(per_layer)} layers, total {_fmt_bytes(sum(per_layer.values()))})" if len(per_layer) > 1 else ""))
-    if rep.comm_nodes:
-        out.append("layout conversions in the glue: " + "; ".join(f"{n}: {c}" for _, n, c in rep.comm_nodes[:6]))
-    if rep.uncovered:
-        out.append("uncovered pair ops: " + "; ".join(f"{p}:{n} ({r})" for _, n, p, r in rep.uncovered[:6]))
+    if rep.glue is not None:
+        out += glue_lines(rep.glue.notes, engine=bool(rep.engine))
     if memory and rep.model is not None:
         from .estimate import estimate
 
@@ -261,4 +257,44 @@ def layer_comm(rep: Report, depth: int = 2) -> dict:
         acc = out.setdefault(key, {})
         for rk, v in r.comm_per_rank.items():
             acc[rk] = acc.get(rk, 0) + v
+    return out
+
+
+#: the sharding notes explain() lists, in this order (what each costs a rank)
+_GLUE_KINDS = (("gather", "gather"), ("op-gather", "op gathered"), ("exchange", "exchange"),
+               ("all-reduce", "all-reduce"), ("narrow", "owner narrow"), ("ring", "ring"),
+               ("replicated", "replicated"), ("attention-unmatched", "attention unmatched"))
+
+
+def _short_source(src: str) -> str:
+    """``file.py:13: code`` of a note's ``File "/x/file.py", line 13, in f: code``."""
+    import re
+
+    m = re.match(r'File "([^"]+)", line (\d+)(?:, in \w+)?:?\s*(.*)', src or "")
+    if not m:
+        return src or ""
+    return f"{m.group(1).rsplit('/', 1)[-1]}:{m.group(2)}: {m.group(3)}".strip()
+
+
+def glue_lines(notes, engine: bool = False, limit: int = 8) -> list:
+    """Report lines of what the glue did (the notes of the tile programs that ran: each program
+    once, a repeated block's once): a count per kind, then each gather, exchange, all-reduce
+    and ring with its bytes per rank and the model's source line."""
+    if not notes:
+        return [f"glue{' run so far' if engine else ''}: every op tile-local (no gather, exchange or all-reduce)"]
+    by = {}
+    for nt in notes:
+        by.setdefault(nt.what, []).append(nt)
+    counts = ", ".join(f"{len(by[k])} {label}{'s' if len(by[k]) != 1 and not label.endswith('ed') else ''}"
+                       for k, label in _GLUE_KINDS if k in by)
+    pair = sum(1 for nt in notes if nt.pair and nt.what in ("gather", "op-gather"))
+    out = [f"glue{' run so far' if engine else ''} (the tile programs, each once): {counts}"
+           + (f"; {pair} gather(s) of a pair tensor" if pair else "")]
+    for k, label in _GLUE_KINDS:
+        for nt in by.get(k, [])[:limit]:
+            size = f" [{_fmt_bytes(nt.nbytes)}/rank]" if nt.nbytes else ""
+            src = _short_source(nt.source)
+            out.append(f"  {label:<12} {nt.node} ({nt.op}){size}: {nt.detail}" + (f"  <- {src}" if src else ""))
+        if len(by.get(k, [])) > limit:
+            out.append(f"  ... {len(by[k]) - limit} more {label}")
     return out

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .context import current
+from .context import current, log_notes
 from .eager import EagerShardingError, RegisteredOp, TileTensor, global_shape
 from .emit import example_call, leaf_tags
 from .graph_emit import pair_gathers
@@ -198,6 +198,7 @@ def _island_forward(module, state, *args, **kwargs):
             return state.forward(*args, **kwargs)
         state.runners[key] = entry
     _pm, runner = entry
+    log_notes(id(runner), runner.notes, where=state.path)
     a, kw = tree_unflatten([x.local if isinstance(x, TileTensor) else x for x in leaves], spec)
     out = runner(a, kw)
     oleaves, ospec = tree_flatten(out)

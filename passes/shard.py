@@ -283,7 +283,8 @@ class _Sharder:
                             "Fix: strict=False accepts the gather (exact, O(N^2/p) memory); or register the "
                             "enclosing module with a distributed op.")
         elif swap:
-            self.note("exchange", f"{a.name} {self.tag_str(src)} -> {self.tag_str(dst)}")
+            nbytes = _numel(self.local_shape(self.gshape(a), src)) * _val(a).element_size()
+            self.note("exchange", f"{a.name} {self.tag_str(src)} -> {self.tag_str(dst)}", nbytes)
         out = self.emit(T.convert, v, src, dst)
         self.conv_cache[key] = out
         return out
@@ -294,6 +295,14 @@ class _Sharder:
     tag_str = staticmethod(tag_str)  # the module-level helper (autocp.passes.check uses it too)
 
     def set(self, node, value, tags, alias=True):
+        last = self.notes[-1] if self.notes else None
+        if (last is not None and last.node == node.name and not last.nbytes and last.what in ("all-reduce", "narrow")
+                and isinstance(tags, tuple) and _is_tensor_node(node)):
+            # the bytes all-reduced: this rank's result tile (softmax / attention: its row statistics)
+            shape = self.local_shape(self.gshape(node), tags)
+            if last.detail.startswith(("softmax", "attention")):
+                shape = list(shape[:-1]) + [2]  # running max and sum per row
+            last.nbytes = _numel(shape) * _val(node).element_size()
         if isinstance(value, fx.Node) and value.graph is self.g:
             put(value, tags=tags)  # for the passes that run on the tile program (autocp.passes.storage)
         self.env[node] = value
