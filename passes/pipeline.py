@@ -168,6 +168,15 @@ def n_seq_of(tensors, tags):
     return None
 
 
+def _overrides(cap) -> bool:
+    """Whether a match fixed an output layout the analysis did not find (then the analysis runs again)."""
+    from .record import rec
+
+    graphs = [cap.top] + [b.gm for b in cap.blocks.values()]
+    return any(rec(nd).layout_override is not None and rec(nd).layout_override != rec(nd).layout
+               for g in graphs for nd in g.graph.nodes)
+
+
 def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, reuse_blocks=True):
     """trace -> analyze -> match -> rewrite-plan; returns ``(capture, analysis, matches, plan)``."""
     from .analyze import analyze
@@ -186,10 +195,11 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
         try:
             an = analyze(cap, input_tags, n)
             mr = match(cap, an)
-            # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
-            # triangle multiplication), so downstream ops see them
-            an = analyze(cap, input_tags, n)
-            mr = match(cap, an)
+            if _overrides(cap):
+                # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
+                # triangle multiplication), so downstream ops see them
+                an = analyze(cap, input_tags, n)
+                mr = match(cap, an)
         except Exception as e:  # noqa: BLE001 -- a graph the planning analysis cannot follow (a
             # data-dependent size, an op it mis-sizes): not compiled; parallelize / an island run it
             # on the eager engine instead (exact), saying why

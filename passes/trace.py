@@ -412,8 +412,10 @@ def capture(
     module paths to keep opaque (modules the rewrite will run gathered; their outputs are
     recorded by a fake run)."""
     kwargs = dict(kwargs or {})
-    fallback = frozenset(fallback)
     _registry.ensure_defaults()
+    registered = find_registered(model)
+    # registered modules are opaque anyway: naming them again is the same capture (one per model)
+    fallback = frozenset(p for p in fallback if p and p not in registered)
     key = (_sig_of(args, kwargs), model.training, _registry.registry_version(), reuse_blocks, fallback)
     if cache:
         hit = _CACHE.get(model, {}).get(key)
@@ -421,8 +423,6 @@ def capture(
             return hit
     t0 = time.perf_counter()
     sid = next(_KEYS)
-    registered = find_registered(model)
-    fallback = frozenset(p for p in fallback if p and p not in registered)
     entries: dict = {}
 
     def new_entry(path, module, kind, rule=None, group=None):
