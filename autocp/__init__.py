@@ -11,6 +11,7 @@ from .memory import MemoryTracker
 from .mesh import MeshError, SquareMesh, init_mesh
 from .api import check, estimate, explain, parallelize
 from .registry import register_module, register_pattern
+from .passes.functions import register_function
 from .ops.common import chunking
 from .tile_io import CotangentError, tile_sum
 
@@ -34,6 +35,7 @@ __all__ = [
     "check",
     "register_module",
     "register_pattern",
+    "register_function",
     "chunking",
     "tile_sum",
     "CotangentError",

@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import ColToken, MsaTiles, Pair2D, Replicated, RowToken
 from .context import glue_log, tile_context
+from .functions import claimed_functions
 from .rewrite import gather_tags, shard_tags
 from .wrapper import ModuleWrapper
 from ..grad_sync import GradSyncMixin
@@ -230,7 +231,8 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
             wrapped.append(x)
         a2, kw2 = tree_unflatten(wrapped, spec)
         log = getattr(self.report, "glue", None)
-        with strict_mode(self.strict), (glue_log(log) if log is not None else contextlib.nullcontext()):
+        with strict_mode(self.strict), claimed_functions(), \
+                (glue_log(log) if log is not None else contextlib.nullcontext()):
             out = self.inner(*a2, **kw2)
         oleaves, ospec = tree_flatten(out)
         res, tags_out = [], []  # one layout per output leaf

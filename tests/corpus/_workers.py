@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-HARNESSES = ("alphafold3_pytorch", "protenix", "openfold3")
+HARNESSES = ("alphafold3_pytorch", "protenix", "openfold3", "tfold", "msa_pairformer")
 CASES = tuple(f"{h}{v}" for h in HARNESSES for v in ("", ":wrapped"))
 TOL = 1e-4
 
