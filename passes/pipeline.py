@@ -168,24 +168,17 @@ def n_seq_of(tensors, tags):
     return None
 
 
-def _overrides(cap) -> bool:
-    """Whether a match fixed an output layout the analysis did not find (then the analysis runs again)."""
-    from .record import rec
-
-    graphs = [cap.top] + [b.gm for b in cap.blocks.values()]
-    return any(rec(nd).layout_override is not None and rec(nd).layout_override != rec(nd).layout
-               for g in graphs for nd in g.graph.nodes)
-
-
 def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, reuse_blocks=True):
-    """trace -> analyze -> match -> rewrite-plan; returns ``(capture, analysis, matches, plan)``."""
-    from .analyze import analyze
-    from .match import match
-    from .rewrite import plan_rewrite
-    from .trace import capture
+    """trace -> analyze -> match -> rewrite-plan (:mod:`autocp.passes.infra` passes, their
+    contracts checked under ``AUTOCP_CHECK_PASSES=1``); returns ``(capture, analysis, matches,
+    plan)``."""
+    from .infra import ANALYZE, CAPTURE, MATCH, PLAN, CompileState, PassManager
 
     def run(fallback, boundary=None):
-        cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=fallback)
+        st = CompileState(model, args, kwargs, input_tags, n, mesh, strict=strict, reuse_blocks=reuse_blocks,
+                          fallback=frozenset(fallback))
+        PassManager([CAPTURE])(st)
+        cap = st.capture
         if boundary:
             from .rewrite import fallback_out_tags
 
@@ -193,13 +186,7 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
                 if e.kind == "fallback":
                     e.out_tags = fallback_out_tags(e.out_meta or [], boundary.get(e.path), n)
         try:
-            an = analyze(cap, input_tags, n)
-            mr = match(cap, an)
-            if _overrides(cap):
-                # second round: matched ops fix their output layouts (e.g. the canonical Pair2D of a
-                # triangle multiplication), so downstream ops see them
-                an = analyze(cap, input_tags, n)
-                mr = match(cap, an)
+            PassManager([ANALYZE, MATCH])(st)
         except Exception as e:  # noqa: BLE001 -- a graph the planning analysis cannot follow (a
             # data-dependent size, an op it mis-sizes): not compiled; parallelize / an island run it
             # on the eager engine instead (exact), saying why
@@ -208,15 +195,22 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
             raise CaptureError(f"autocp could not plan {type(model).__name__} from its captured graph: the layout "
                                f"analysis failed with {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
                                ) from e
-        return cap, an, mr
+        return st
 
-    cap, an, mr = run(frozenset())
+    def plan(st, reasons=None):
+        st.reasons = reasons
+        PassManager([PLAN])(st)
+        return st.plan
+
+    st = run(frozenset())
+    cap, an, mr = st.capture, st.analysis, st.matches
     first_capture = [cap]
-    plan = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n)
-    if plan.fallback_paths and "" not in plan.fallback_paths:
+    plan_ = plan(st)
+    if plan_.fallback_paths and "" not in plan_.fallback_paths:
         first = mr
-        cap, an, mr = run(frozenset(plan.fallback_paths), plan.boundary)
-        plan2 = plan_rewrite(cap, mr, mesh, strict=strict, n_tokens=n, reasons=plan.reasons)
+        st = run(frozenset(plan_.fallback_paths), plan_.boundary)
+        cap, an, mr = st.capture, st.analysis, st.matches
+        plan2 = plan(st, reasons=plan_.reasons)
         # the structural matches inside the (now opaque) fallback modules, for the report
         import dataclasses
 
@@ -230,5 +224,5 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
                     mr.matches.append(dataclasses.replace(m, path=inst + m.path[len(blk.rep):], graph=""))
             else:
                 mr.matches.append(dataclasses.replace(m, graph=""))
-        plan = plan2
-    return cap, an, mr, plan
+        plan_ = plan2
+    return cap, an, mr, plan_
