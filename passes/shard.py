@@ -1321,6 +1321,8 @@ def _letters_contract(s: _Sharder, node, operands, letters, out_letters, emit_fn
     pc = _pair_contract(s, node, operands, letters, out_letters)
     if pc is None:
         pc = _msa_contract(s, node, operands, letters, out_letters)
+    if pc is None:
+        pc = _pair_msa_contract(s, node, operands, letters, out_letters)
     if pc is not None:
         return pc
     sizes = {}
@@ -1434,14 +1436,21 @@ def _msa_contract(s: _Sharder, node, operands, letters, out_letters):
             return None
         sq = [l for l, v in zip(ls, t) if v == "s"]
         tk = [l for l, v in zip(ls, t) if v in ("r", "c")]
-        if len(sq) != 1 or len(tk) != 1:
+        if len(sq) > 1 or len(tk) != 1:
             return None
-        qs.append(sq[0])
+        qs.append(sq[0] if sq else None)
         toks.append(tk[0])
-    q, (x, y) = qs[0], toks
-    if qs[1] != q or q in out_letters or x == y or x not in out_letters or y not in out_letters:
+    # the summed MSA letter: split on the rows in one operand at least; the other may hold it
+    # whole (a token mask expanded over the MSA rows), then it is sliced to S_r (free)
+    q = qs[0] or qs[1]
+    if q is None or any(qq not in (None, q) for qq in qs) or any(q not in ls for ls in letters):
+        return None
+    (x, y) = toks
+    if q in out_letters or x == y or x not in out_letters or y not in out_letters:
         return None
     la, lb = letters
+    if s.gshape(operands[0])[la.index(q)] != s.gshape(operands[1])[lb.index(q)]:
+        return None
     if s.gshape(operands[0])[la.index(x)] != s.n or s.gshape(operands[1])[lb.index(y)] != s.n:
         return None
     vals = [s.to_tags(a, tuple({q: "s", tok: "c"}.get(l) for l in ls))
@@ -1449,6 +1458,46 @@ def _msa_contract(s: _Sharder, node, operands, letters, out_letters):
     s.note("ring", f"contraction over the MSA letter {q!r} (outer product mean, sequence-block ring)")
     out = s.emit(T.msa_contract, vals[0], vals[1], la, lb, out_letters, x, y, q, _val(node).dtype)
     return out, tuple("r" if l == x else ("c" if l == y else None) for l in out_letters)
+
+
+def _pair_msa_contract(s: _Sharder, node, operands, letters, out_letters):
+    """``sum_j W[.., i, j] M[.., q, j, ..]`` where ``W`` is a pair tensor (token letters ``i``,
+    ``j``), ``M`` an MSA tensor (MSA letter ``q`` on the rows, token letter ``j``), ``j`` summed
+    and ``i``, ``q`` kept -- pair-weighted averaging (``einsum("bhij,bhsjd->bhsid", w, v)``):
+    each output tile needs a whole block row of ``W`` and a whole MSA row block of ``M``, so a
+    partial sum cannot do it and a gather costs O(N^2/p). It runs on a ring
+    (:func:`tile_ops.pair_msa_contract`); the result is an MSA tile (``q`` on ``S_r``, ``i`` on
+    ``T_c``). Returns ``(out, out_tags)`` or None when it does not fit."""
+    if len(operands) != 2 or len(set(out_letters)) != len(out_letters):
+        return None
+    info = []
+    for a, ls in zip(operands, letters):
+        t = s.tg(a)
+        if t is None or len(t) != len(ls) or len(set(ls)) != len(ls) or any(isinstance(v, tuple) for v in t):
+            return None
+        info.append(([l for l, v in zip(ls, t) if v == "s"], [l for l, v in zip(ls, t) if v in ("r", "c")]))
+    kinds = ["msa" if len(sq) == 1 and len(tk) == 1 else ("pair" if not sq and len(tk) == 2 else None)
+             for sq, tk in info]
+    if sorted(kinds, key=str) != ["msa", "pair"]:
+        return None
+    mi = kinds.index("msa")
+    wi = 1 - mi
+    (q,), (j,) = info[mi]
+    if j not in info[wi][1] or j in out_letters or q not in out_letters:
+        return None
+    i = next(l for l in info[wi][1] if l != j)
+    lm, lw = letters[mi], letters[wi]
+    if i not in out_letters or i in lm or q in lw:
+        return None
+    if any(s.gshape(a)[ls.index(l)] != s.n for a, ls, l in ((operands[mi], lm, j), (operands[wi], lw, i),
+                                                             (operands[wi], lw, j))):
+        return None
+    vm = s.to_tags(operands[mi], tuple({q: "s", j: "c"}.get(l) for l in lm))
+    vw = s.to_tags(operands[wi], tuple({i: "r", j: "c"}.get(l) for l in lw))
+    s.note("ring", f"contraction of a pair and an MSA tensor over token letter {j!r} (pair-weighted averaging, ring)")
+    eq = f"{letters[0]},{letters[1]}->{out_letters}"
+    out = s.emit(T.pair_msa_contract, vm, vw, eq, mi == 0, q, i, j, lm.index(j), lw.index(j), _val(node).dtype)
+    return out, tuple("s" if l == q else ("c" if l == i else None) for l in out_letters)
 
 
 class _EmitFn:
@@ -1728,15 +1777,16 @@ def _index(s, node):
     s.set(node, s.emit(node.target, xv, new_idx), tuple(ot))
 
 
-@rule(aten.flatten.using_ints)
+@rule(aten.flatten.using_ints, aten.unflatten.int)
 def _flatten(s, node):
-    """flatten(start, end) as the view it is (merged token axes keep a merged tag)."""
+    """flatten(start, end) / unflatten(dim, sizes) as the view it is (merged token axes keep a
+    merged tag; a channel dim split in place)."""
     x = node.args[0]
     out_shape = tuple(int(v) for v in _val(node).shape)
     in_shape, tags = s.gshape(x), s.tg(x)
     ot = _view_tags(s, in_shape, tags, out_shape) if any(t is not None for t in tags) else (None,) * len(out_shape)
     if ot is None:
-        return _fallback(s, node, "flatten splits a sharded axis")
+        return _fallback(s, node, f"{node.target.overloadpacket.__name__} splits a sharded axis")
     xv = s.env[x]
     s.set(node, s.emit(aten.reshape.default, xv, s.local_shape(out_shape, ot)), ot)
 

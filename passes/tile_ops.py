@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .. import comm
-from ..layout import block_size, pad_to
+from ..layout import block_size
 from ..mesh import COL, ROW
 from .context import current
 
@@ -139,7 +139,12 @@ def _per_factor(x: torch.Tensor, dim: int, t, fn, length) -> torch.Tensor:
 
 
 def slice_block(x: torch.Tensor, dim: int, t) -> torch.Tensor:
-    """Whole dim -> this rank's (zero-padded) block of tag ``t`` (no communication)."""
+    """Whole dim -> this rank's block of tag ``t`` (no communication). Its padding slots hold
+    a constant copy of the dim's last element (detached: no gradient), not zeros: a value
+    computed before the slice (``mask.sum(-1) + eps``) stays a value the model itself
+    produces, so ``x / it`` on padding is finite, and its backward cannot turn the zero
+    gradient of a padding slot into ``0 / 0 = NaN``. What reads padding (sums, softmax,
+    contractions over a sharded dim) masks it explicitly."""
     mesh, n, n_seq = _ctx()
     if isinstance(t, tuple):
         return _per_factor(x, dim, t, slice_block, lambda tg: global_len(tg, n, n_seq))
@@ -147,7 +152,13 @@ def slice_block(x: torch.Tensor, dim: int, t) -> torch.Tensor:
     b = block_size(L, mesh.p)
     idx = index_of(t, mesh)
     lo, hi = min(idx * b, L), min((idx + 1) * b, L)
-    return pad_to(x.narrow(dim, lo, hi - lo), dim, b)
+    part = x.narrow(dim, lo, hi - lo)
+    if hi - lo == b or L == 0:
+        return part
+    shape = list(x.shape)
+    shape[dim] = b - (hi - lo)
+    fill = x.narrow(dim, L - 1, 1).detach().expand(shape)
+    return torch.cat([part, fill], dim)
 
 
 def gather_dim(x: torch.Tensor, dim: int, t) -> torch.Tensor:
@@ -402,7 +413,7 @@ def pair_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, b
     b2 = masked_copy(b2, [(kdim, ktag)], torch.float32)
     with torch.autocast(a.device.type, enabled=False):
         out = trimul_contract(a2, b2, mesh, direction)
-    return torch.einsum(f"{batch}{x}{y}->{lo}", out).to(out_dtype)
+    return zero_out_pad(torch.einsum(f"{batch}{x}{y}->{lo}", out), lo, {x: "r", y: "c"}).to(out_dtype)
 
 
 def msa_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, x: str, y: str, q: str,
@@ -431,7 +442,43 @@ def msa_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, x:
                 b2 = comm.ring_shift(b2, mesh, COL, 1)
             prod = torch.einsum(f"{ra}{q}{x},{rb}{q}{y}->{lo}", a2, b2)
             out = prod if out is None else out + prod
-    return out.to(out_dtype)
+    return zero_out_pad(out, lo, {x: "r", y: "c"}).to(out_dtype)
+
+
+def pair_msa_contract(m: torch.Tensor, w: torch.Tensor, eq: str, msa_first: bool, q: str, i: str, j: str, jm: int,
+                      jw: int, out_dtype) -> torch.Tensor:
+    """``einsum(eq, ...)`` of an MSA tile ``m`` (its MSA letter on the mesh rows ``S_r``, token
+    letter ``j`` on the columns ``T_c``) and a Pair2D tile ``w`` (token letters ``i`` on ``T_r``,
+    ``j`` on ``T_c``), ``j`` summed over all N tokens, ``i`` kept: pair-weighted averaging
+    (``einsum("bhij,bhsjd->bhsid", weights, values)``). The result is an MSA tile: its MSA
+    letter on ``S_r``, ``i`` on ``T_c``. Rank ``(r, c)`` needs ``m[S_r, T_k]`` and
+    ``w[T_c, T_k]`` for every ``k``: ``w`` is exchanged across the grid once (``w[T_c, T_r]``),
+    then ``m`` rings along the mesh row and ``w`` along the column, skewed so both hold the
+    same block ``k = r + c + step`` (``p`` steps, O(tile) memory). ``jm`` / ``jw``: the dim of
+    ``j`` in each (its padding zeroed). ``msa_first``: ``m`` is the equation's first operand.
+    Differentiable (the ring's communication has explicit backwards)."""
+    mesh = current().mesh
+    m2 = masked_copy(m, [(jm, "c")], torch.float32)
+    w2 = masked_copy(w, [(jw, "c")], torch.float32)
+    w2 = comm.transpose_exchange(w2, mesh)           # w[T_c, T_r]
+    m2 = comm.ring_shift(m2, mesh, ROW, mesh.r)      # m[S_r, T_{c+r}]
+    w2 = comm.ring_shift(w2, mesh, COL, mesh.c)      # w[T_c, T_{r+c}]
+    out = None
+    with torch.autocast(m.device.type, enabled=False):
+        for step in range(mesh.p):
+            if step:
+                m2 = comm.ring_shift(m2, mesh, ROW, 1)
+                w2 = comm.ring_shift(w2, mesh, COL, 1)
+            prod = torch.einsum(eq, m2, w2) if msa_first else torch.einsum(eq, w2, m2)
+            out = prod if out is None else out + prod
+    return zero_out_pad(out, eq.split("->")[1], {q: "s", i: "c"}).to(out_dtype)
+
+
+def zero_out_pad(out: torch.Tensor, letters: str, tags: dict) -> torch.Tensor:
+    """A ring contraction's output with its padding slots zeroed (``torch.where``): what the
+    model computes downstream on padding (a count of 0, then ``x / count``) may be inf / NaN,
+    and its gradient must not reach the ring's operands (``NaN * 0`` is NaN)."""
+    return mask_pad(out, [(letters.index(ch), t) for ch, t in tags.items() if ch in letters])
 
 
 def sdpa_keys_sharded(q, k, v, mask, scale, key_tag, dropout_p=0.0, is_causal=False):

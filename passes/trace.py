@@ -225,9 +225,24 @@ def _config_sig(m: nn.Module) -> tuple:
                 continue
             if isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)):
                 out.append((name, k, v))
+            elif isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter):
+                # a tensor attribute that is no parameter / buffer (``self.lambda_init =
+                # torch.tensor(0.8 - 0.6 * exp(-0.3 * layer_idx))``): export bakes the captured
+                # instance's value into the graph as a constant, so it is part of the config
+                out.append((name, k, _tensor_sig(v)))
             elif not isinstance(v, (torch.Tensor, nn.Module)):
                 out.append((name, k, type(v).__name__))
     return tuple(out)
+
+
+def _tensor_sig(v: torch.Tensor) -> tuple:
+    """Shape, dtype and a digest of the values of a constant tensor (no values on meta)."""
+    import hashlib
+
+    if v.device.type == "meta" or torch._subclasses.fake_tensor.is_fake(v):
+        return (tuple(v.shape), v.dtype, id(v))  # unknown values: never equal to another instance's
+    raw = v.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return (tuple(v.shape), v.dtype, hashlib.sha1(raw.numpy().tobytes()).hexdigest())
 
 
 def param_sig(m: nn.Module):

@@ -9,7 +9,10 @@
 * non-tensor keyword flags after the tensors (``use_kernels=False``) keep the layouts;
 * a gather along both token axes says it is O(N^2) per rank (not O(N^2/p));
 * an outer product mean spelled as einsums over the MSA letter runs on the sequence-block
-  ring (``strict=True``: no gather), outputs and input gradients exact."""
+  ring (``strict=True``: no gather), outputs and input gradients exact;
+* pair-weighted averaging spelled as one einsum of a pair tensor and an MSA tensor over a
+  token letter (MSA-Pairformer's ``einsum(weights, values, 'b h i j, b h s j d -> b h s i d')``),
+  and an MSA-axis count of a mask expanded over the MSA rows, run on rings (strict)."""
 
 import pytest
 import torch
@@ -73,6 +76,27 @@ class EinsumOPM(nn.Module):
         return self.o(o.flatten(-2)) / (count[..., None] + 1e-3)
 
 
+class EinsumPWA(nn.Module):
+    """Pair-weighted averaging as MSA-Pairformer writes it (pairwise_operations.py:398): weights
+    = softmax over j of a pair bias, contracted with the MSA values over j in one einsum; and
+    its normaliser (outer_product.py:295): a contraction over the MSA rows with a token mask
+    expanded over them (whole along the MSA axis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Linear(4, 2)
+        self.val = nn.Linear(4, 6)
+
+    def forward(self, m, z, mask):
+        w = self.bias(z).permute(0, 3, 1, 2)  # [b, h, i, j]
+        w = w.masked_fill(mask[:, None, None, :] < 0.5, -1e9).softmax(-1)
+        v = self.val(m).unflatten(-1, (2, 3)).permute(0, 3, 1, 2, 4)  # [b, h, s, j, d]
+        o = torch.einsum("bhij,bhsjd->bhsid", w, v)
+        full = mask[:, None, :].expand(-1, m.shape[1], -1)  # [b, s, j], whole along s
+        cnt = torch.einsum("bsi,bsj->bij", m[..., 0] * mask[:, None, :], full.float())
+        return o.permute(0, 2, 3, 1, 4).flatten(-2) + cnt.sum(-1)[:, None, :, None]
+
+
 class WholeScan(nn.Module):
     """A cumulative sum over the flattened pair: needs the whole tensor on every rank."""
 
@@ -84,7 +108,7 @@ def spellings_worker(rank, world):
     import warnings
 
     import autocp
-    from autocp.layout import MsaTiles
+    from autocp.layout import MsaTiles, Pair2D, RowToken
 
     mesh = autocp.init_mesh()
     n = 7
@@ -94,7 +118,10 @@ def spellings_worker(rank, world):
     msa = torch.randn(1, 5, n, 4, generator=g)
     msa_mask = (torch.rand(1, 5, n, generator=g) > 0.2).float()
     out = {}
-    for name, model, args, kwargs in (("opm", EinsumOPM(), (msa, msa_mask), {}),("drop", RandDrop().train(), (z,), {"bias": None, "use_kernels": False}),
+    tok_mask = torch.ones(1, n)
+    tok_mask[0, 5] = 0
+    for name, model, args, kwargs in (("pwa", EinsumPWA(), (msa, z, tok_mask), {}),
+                                      ("opm", EinsumOPM(), (msa, msa_mask), {}),("drop", RandDrop().train(), (z,), {"bias": None, "use_kernels": False}),
                                       ("lens", IntLengths(), (z, lens), {}), ("scan", WholeScan(), (z,), {}),
                                       ("none", NoneFirst(), (z,), {})):
         torch.manual_seed(0)
@@ -102,8 +129,9 @@ def spellings_worker(rank, world):
             p.data.copy_(torch.randn(p.shape))
         with warnings.catch_warnings(record=True) as wl:
             warnings.simplefilter("always")
-            lays = {"m": MsaTiles(), "mask": MsaTiles()} if name == "opm" else None
-            pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=name == "opm",
+            lays = {"opm": {"m": MsaTiles(), "mask": MsaTiles()},
+                    "pwa": {"m": MsaTiles(), "z": Pair2D(), "mask": RowToken()}}.get(name)
+            pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=name in ("opm", "pwa"),
                                     input_layouts=lays)
             zp = args[0].clone().requires_grad_(True)
             torch.manual_seed(3)
@@ -131,6 +159,7 @@ def test_foreign_spellings(world):
             assert c["err"] < 1e-5 and c["gerr"] < 1e-5, (name, c)
         assert r["drop"]["tags"] == [(None, "r", "c", None)]
         assert not r["opm"]["warnings"], r["opm"]["warnings"]
+        assert not [w for w in r["pwa"]["warnings"] if "autocp" in w], r["pwa"]["warnings"]
         assert r["lens"]["tags"] == [(None, "r", "c", None), (None, "r")]
         gathers = [w for w in r["scan"]["warnings"] if "gather a pair tensor" in w]
         assert gathers and "O(N^2): the whole tensor" in gathers[0], r["scan"]["warnings"]
