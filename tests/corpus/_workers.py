@@ -14,7 +14,13 @@ import warnings
 import torch
 
 HARNESSES = ("alphafold3_pytorch", "protenix", "openfold3", "tfold", "msa_pairformer")
-CASES = tuple(f"{h}{v}" for h in HARNESSES for v in ("", ":wrapped"))
+def _variants(name: str) -> tuple:
+    """A harness's extra call variants (``VARIANTS``, each built by ``build_<variant>``)."""
+    return tuple(getattr(importlib.import_module(f"tests.corpus.{name}"), "VARIANTS", ()))
+
+
+CASES = tuple(f"{h}{v}" for h in HARNESSES for v in ("", ":wrapped")) + tuple(
+    f"{h}:{v}" for h in HARNESSES for v in _variants(h))
 TOL = 1e-4
 
 
@@ -29,7 +35,7 @@ def harness(name: str):
 def build_case(case: str, seed: int = 0, n: int = 7):
     name, _, variant = case.partition(":")
     h = harness(name)
-    return (h.build_wrapped if variant == "wrapped" else h.build)(seed, n)
+    return (getattr(h, f"build_{variant}") if variant else h.build)(seed, n)
 
 
 def _flat(out):

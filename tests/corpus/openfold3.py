@@ -17,6 +17,12 @@ with ``pair_mask = token_mask[..., None] * token_mask[..., None, :]`` (model.py:
 None, every kernel flag False; ``inplace_safe = not (training or grad enabled)`` = False).
 Stack constructor arguments as in model_config.py:289 (``swiglu`` transition, ``inf=1e9``),
 shrunk.
+
+Variant ``chunked``: the same call with ``chunk_size=4``, the memory setting a user turns on
+for a large complex: every triangle attention, transition and outer product then goes through
+openfold3's ``chunk_layer`` (core/utils/chunk_utils.py:209), which walks its inputs with
+``type(t) is torch.Tensor`` -- it failed the capture and the eager engine until autocp
+claimed it (autocp.passes.functions).
 """
 
 from torch import nn
@@ -24,6 +30,7 @@ from torch import nn
 from tests.corpus._common import CS, CZ, inputs, missing, redraw
 
 NAME = "openfold3"
+VARIANTS = ("chunked",)
 PACKAGE = "openfold3==0.5.0"
 CALL_FLAGS = dict(chunk_size=None, use_deepspeed_evo_attention=False, use_cueq_triangle_kernels=False,
                   use_triton_triangle_kernels=False, use_lma=False, inplace_safe=False, _mask_trans=True)
@@ -76,3 +83,9 @@ class Wrapped(nn.Module):
 def build_wrapped(seed: int = 0, n: int = 7):
     s, z, mask, _ = inputs(n, seed)
     return Wrapped(_stack(seed)).eval(), ((s, z, mask), {}), "Wrapped(PairFormerStack).forward(s, z, mask)"
+
+
+def build_chunked(seed: int = 0, n: int = 7):
+    model, (args, kwargs), _ = build(seed, n)
+    return model, (args, dict(kwargs, chunk_size=4)), (
+        "PairFormerStack(..., chunk_size=4, ...): openfold3's chunk_layer in every triangle attention / transition")
