@@ -29,7 +29,7 @@ __all__ = [
     "slice_block", "gather_dim", "convert", "valid_1d", "mask_pad", "masked_copy", "contract_n", "safe_root", "arg_extreme", "max_dim",
     "reduce_sum", "reduce_amax", "softmax", "log_softmax", "logsumexp", "contract", "pair_contract",
     "reduce_var",
-    "sdpa_keys_sharded", "msa_contract", "narrow_global", "select_global", "index_select_global", "draw_global", "dropout_global",
+    "sdpa_keys_sharded", "msa_contract", "pair_msa_contract", "skewed_ring", "zero_out_pad", "narrow_global", "select_global", "index_select_global", "draw_global", "dropout_global",
     "zero_pad_index",
 ]
 
@@ -432,17 +432,29 @@ def msa_contract(a: torch.Tensor, b: torch.Tensor, la: str, lb: str, lo: str, x:
     a2 = masked_copy(torch.einsum(f"{la}->{ra}{q}{x}", a), [(len(ra), "s")], torch.float32)
     b2 = masked_copy(torch.einsum(f"{lb}->{rb}{q}{y}", b), [(len(rb), "s")], torch.float32)
     a2 = comm.transpose_exchange(a2, mesh)            # a[S_c, T_r]
-    a2 = comm.ring_shift(a2, mesh, ROW, mesh.r)       # a[S_{r+c}, T_r]
-    b2 = comm.ring_shift(b2, mesh, COL, mesh.c)       # b[S_{r+c}, T_c]
+    # a[S_{r+c+step}, T_r] along the row, b[S_{r+c+step}, T_c] along the column
+    out = skewed_ring(a2, b2, lambda u, v: torch.einsum(f"{ra}{q}{x},{rb}{q}{y}->{lo}", u, v))
+    return zero_out_pad(out, lo, {x: "r", y: "c"}).to(out_dtype)
+
+
+def skewed_ring(row_x: torch.Tensor, col_x: torch.Tensor, product) -> torch.Tensor:
+    """``sum_k product(row_x_k, col_x_k)`` over the ``p`` blocks ``k`` of a summed axis:
+    ``row_x`` (whose block varies along the mesh row) is skewed by ``r`` and ``col_x`` (varying
+    along the column) by ``c``, so rank ``(r, c)`` holds the same block ``k = r + c + step`` of
+    both; then ``p`` steps, each one ring shift of both (fp32, autocast off; O(tile) memory;
+    differentiable: the shifts have explicit backwards)."""
+    mesh = current().mesh
+    row_x = comm.ring_shift(row_x, mesh, ROW, mesh.r)
+    col_x = comm.ring_shift(col_x, mesh, COL, mesh.c)
     out = None
-    with torch.autocast(a.device.type, enabled=False):
+    with torch.autocast(row_x.device.type, enabled=False):
         for step in range(mesh.p):
             if step:
-                a2 = comm.ring_shift(a2, mesh, ROW, 1)
-                b2 = comm.ring_shift(b2, mesh, COL, 1)
-            prod = torch.einsum(f"{ra}{q}{x},{rb}{q}{y}->{lo}", a2, b2)
+                row_x = comm.ring_shift(row_x, mesh, ROW, 1)
+                col_x = comm.ring_shift(col_x, mesh, COL, 1)
+            prod = product(row_x, col_x)
             out = prod if out is None else out + prod
-    return zero_out_pad(out, lo, {x: "r", y: "c"}).to(out_dtype)
+    return out
 
 
 def pair_msa_contract(m: torch.Tensor, w: torch.Tensor, eq: str, msa_first: bool, q: str, i: str, j: str, jm: int,
@@ -461,16 +473,8 @@ def pair_msa_contract(m: torch.Tensor, w: torch.Tensor, eq: str, msa_first: bool
     m2 = masked_copy(m, [(jm, "c")], torch.float32)
     w2 = masked_copy(w, [(jw, "c")], torch.float32)
     w2 = comm.transpose_exchange(w2, mesh)           # w[T_c, T_r]
-    m2 = comm.ring_shift(m2, mesh, ROW, mesh.r)      # m[S_r, T_{c+r}]
-    w2 = comm.ring_shift(w2, mesh, COL, mesh.c)      # w[T_c, T_{r+c}]
-    out = None
-    with torch.autocast(m.device.type, enabled=False):
-        for step in range(mesh.p):
-            if step:
-                m2 = comm.ring_shift(m2, mesh, ROW, 1)
-                w2 = comm.ring_shift(w2, mesh, COL, 1)
-            prod = torch.einsum(eq, m2, w2) if msa_first else torch.einsum(eq, w2, m2)
-            out = prod if out is None else out + prod
+    # m[S_r, T_{r+c+step}] along the row, w[T_c, T_{r+c+step}] along the column
+    out = skewed_ring(m2, w2, lambda u, v: torch.einsum(eq, u, v) if msa_first else torch.einsum(eq, v, u))
     return zero_out_pad(out, eq.split("->")[1], {q: "s", i: "c"}).to(out_dtype)
 
 

@@ -1,5 +1,6 @@
 """One semantics, two drivers: every program of the op sweep (tests/shard/op_sweep.py, each
-case in every layout of ``LAYOUTS``) and of the glue programs (tests/shard/programs.py) run
+case in the Pair2D layout and one other of ``LAYOUTS``, rotating; all of them with
+``AUTOCP_FULL=1``) and of the glue programs (tests/shard/programs.py) run
 as one captured tile program and on the eager engine (op by op, ``TileTensor``) must give
 the same output layout (the same tag per dim) and the single-device values, on 2x2 and
 3x3 (N = 7). A disagreement would mean the captured path and the engine follow different
@@ -43,8 +44,13 @@ def sweep_agreement_worker(rank, world):
     mesh = autocp.init_mesh()
     z0 = torch.randn(1, N, N, C, generator=torch.Generator().manual_seed(0))
     out = {}
-    for fn in CASES:
-        for lname, tags in LAYOUTS.items():
+    others = [k for k in LAYOUTS if k != "pair2d"]
+    full = bool(os.environ.get("AUTOCP_FULL"))
+    for ci, fn in enumerate(CASES):
+        # Pair2D and one other layout per case, rotating (every layout with AUTOCP_FULL=1)
+        names = list(LAYOUTS) if full else ["pair2d", others[ci % len(others)]]
+        for lname in names:
+            tags = LAYOUTS[lname]
             ref = fn(z0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
