@@ -21,6 +21,19 @@ def missing(*modules: str):
     return None
 
 
+def unavailable_unless(modules, importer, what: str):
+    """Why a harness cannot run here (None when it can): a module of ``modules`` that is not
+    importable, or ``importer()`` (the import of the stack, named ``what``) failing."""
+    m = missing(*modules)
+    if m:
+        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
+    try:
+        importer()
+    except Exception as e:  # noqa: BLE001
+        return f"{what} does not import: {type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
 def redraw(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Every parameter re-drawn from a seeded generator (AF3-style init zeroes output
     projections, which would make every block an identity); eval mode."""

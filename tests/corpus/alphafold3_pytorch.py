@@ -26,7 +26,7 @@ import types
 import torch
 from torch import nn
 
-from tests.corpus._common import CS, CZ, inputs, missing, redraw
+from tests.corpus._common import CS, CZ, inputs, redraw, unavailable_unless
 
 NAME = "alphafold3_pytorch"
 PACKAGE = "alphafold3-pytorch==0.8.3"
@@ -34,15 +34,10 @@ PACKAGE = "alphafold3-pytorch==0.8.3"
 
 def unavailable():
     """Why the harness cannot run here (None when it can)."""
-    m = missing("alphafold3_pytorch", "einx", "einops", "jaxtyping", "beartype", "rdkit", "Bio", "polars",
-                "huggingface_hub", "colt5_attention", "frame_averaging_pytorch", "taylor_series_linear_attention")
-    if m:
-        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
-    try:
-        af3_module()
-    except Exception as e:  # noqa: BLE001
-        return f"alphafold3_pytorch.alphafold3 does not import: {type(e).__name__}: {str(e)[:200]}"
-    return None
+    return unavailable_unless(
+        ("alphafold3_pytorch", "einx", "einops", "jaxtyping", "beartype", "rdkit", "Bio", "polars", "huggingface_hub",
+         "colt5_attention", "frame_averaging_pytorch", "taylor_series_linear_attention"), af3_module,
+        "alphafold3_pytorch.alphafold3")
 
 
 def af3_module():

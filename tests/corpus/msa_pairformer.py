@@ -50,7 +50,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from tests.corpus._common import CS, CZ, missing, redraw
+from tests.corpus._common import CS, CZ, missing, redraw, unavailable_unless
 
 NAME = "msa_pairformer"
 PACKAGE = "msa-pairformer==1.0.2"
@@ -58,16 +58,10 @@ S = 5  # MSA rows (the last one padded)
 
 
 def unavailable():
-    m = missing("MSA_Pairformer", "einx", "einops", "jaxtyping", "environs", "huggingface_hub", "numpy")
-    if m:
-        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
     if missing("cuequivariance_torch") is None:
         return "cuequivariance_torch is importable: MSA_Pairformer would pick its GPU triangle kernel"
-    try:
-        _module()
-    except Exception as e:  # noqa: BLE001
-        return f"MSA_Pairformer.model does not import: {type(e).__name__}: {str(e)[:200]}"
-    return None
+    return unavailable_unless(("MSA_Pairformer", "einx", "einops", "jaxtyping", "environs", "huggingface_hub", "numpy"),
+                              _module, "MSA_Pairformer.model")
 
 
 def _module():

@@ -27,7 +27,7 @@ claimed it (autocp.passes.functions).
 
 from torch import nn
 
-from tests.corpus._common import CS, CZ, inputs, missing, redraw
+from tests.corpus._common import CS, CZ, inputs, redraw, unavailable_unless
 
 NAME = "openfold3"
 VARIANTS = ("chunked",)
@@ -37,14 +37,8 @@ CALL_FLAGS = dict(chunk_size=None, use_deepspeed_evo_attention=False, use_cueq_t
 
 
 def unavailable():
-    m = missing("openfold3", "gemmi", "ml_collections", "absl", "biotite", "numpy")
-    if m:
-        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
-    try:
-        _module()
-    except Exception as e:  # noqa: BLE001
-        return f"openfold3.core.model.latent.pairformer does not import: {type(e).__name__}: {str(e)[:200]}"
-    return None
+    return unavailable_unless(("openfold3", "gemmi", "ml_collections", "absl", "biotite", "numpy"), _module,
+                              "openfold3.core.model.latent.pairformer")
 
 
 def _module():

@@ -26,7 +26,7 @@ import os
 
 from torch import nn
 
-from tests.corpus._common import CS, CZ, inputs, missing, redraw
+from tests.corpus._common import CS, CZ, inputs, redraw, unavailable_unless
 
 NAME = "protenix"
 PACKAGE = "protenix==2.0.0"
@@ -34,14 +34,8 @@ CALL_FLAGS = dict(triangle_multiplicative="torch", triangle_attention="torch", i
 
 
 def unavailable():
-    m = missing("protenix", "rdkit", "optree", "scipy", "numpy")
-    if m:
-        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
-    try:
-        _module()
-    except Exception as e:  # noqa: BLE001
-        return f"protenix.model.modules.pairformer does not import: {type(e).__name__}: {str(e)[:200]}"
-    return None
+    return unavailable_unless(("protenix", "rdkit", "optree", "scipy", "numpy"), _module,
+                              "protenix.model.modules.pairformer")
 
 
 def _module():

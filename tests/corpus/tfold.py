@@ -34,7 +34,7 @@ import types
 
 from torch import nn
 
-from tests.corpus._common import CS, CZ, inputs, missing, redraw
+from tests.corpus._common import CS, CZ, inputs, redraw, unavailable_unless
 
 NAME = "tfold"
 PACKAGE = "tfold==1.0.2"
@@ -42,14 +42,7 @@ MODULE = "tfold.model.module.evoformer.evoformer_ss"
 
 
 def unavailable():
-    m = missing("tfold", "ml_collections", "yaml", "termcolor", "numpy", "scipy")
-    if m:
-        return f"{m} is not importable (install the corpus: bash scripts/install_corpus.sh)"
-    try:
-        _module()
-    except Exception as e:  # noqa: BLE001
-        return f"{MODULE} does not import: {type(e).__name__}: {str(e)[:200]}"
-    return None
+    return unavailable_unless(("tfold", "ml_collections", "yaml", "termcolor", "numpy", "scipy"), _module, MODULE)
 
 
 def _module():
