@@ -15,9 +15,13 @@ __all__ = ["export"]
 
 def export(module, args, kwargs=None):
     """``torch.export.export(module, args, kwargs, strict=False)``, then the tracer's global
-    node map is cleared (the exported program keeps what it needs)."""
+    node map is cleared and the program's example inputs dropped (it keeps what it needs)."""
     try:
-        return torch.export.export(module, tuple(args), dict(kwargs or {}), strict=False)
+        ep = torch.export.export(module, tuple(args), dict(kwargs or {}), strict=False)
+        # the program keeps its example inputs; autocp captures at the global shapes, so those are
+        # whole (O(N^2)) tensors -- an island's would stay alive on every rank for the model's life
+        ep._example_inputs = None
+        return ep
     finally:
         from torch.fx.experimental import proxy_tensor
 
