@@ -51,6 +51,19 @@ def register_function(target: str, replacement: Callable) -> None:
     FUNCTION_CLAIMS[target] = replacement
 
 
+_SITES: dict = {}  # target -> (len(sys.modules) when scanned, original, [(module dict, name)])
+
+
+def _sites_for(target: str, original) -> list:
+    """The binding sites of ``original``: scanned once, again only when modules were loaded
+    since (a scan of every loaded module costs ~0.1 s; this runs around every engine call)."""
+    n = len(sys.modules)
+    hit = _SITES.get(target)
+    if hit is None or hit[0] != n or hit[1] is not original:
+        hit = _SITES[target] = (n, original, _binding_sites(original))
+    return [(d, k) for d, k in hit[2] if d.get(k) is original]
+
+
 def _binding_sites(original) -> list:
     """``[(module dict, name)]`` of every loaded module global bound to ``original``."""
     sites = []
@@ -76,7 +89,7 @@ def claimed_functions():
                 original = getattr(sys.modules.get(mod), name, None)
                 if original is None or original is repl:
                     continue
-                for d, k in _binding_sites(original):
+                for d, k in _sites_for(target, original):
                     saved.append((d, k, original))
                     d[k] = repl
             _DEPTH["saved"] = saved
