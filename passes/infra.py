@@ -50,7 +50,6 @@ class CompileState:
     strict: bool = False
     reuse_blocks: bool = True
     fallback: frozenset = frozenset()
-    boundary: Optional[dict] = None
     capture: Any = None  # autocp.passes.trace.Capture
     analysis: Any = None  # autocp.passes.analyze.Analysis
     matches: Any = None  # autocp.passes.match.MatchResult
@@ -104,13 +103,6 @@ class PassManager:
 # ----------------------------------------------------------------------------- the compile passes
 def _graphs(cap):
     return [(prefix, gm) for prefix, gm, _b in cap.graphs()]
-
-
-def _tensor_args(node) -> list:
-    out = []
-    torch.fx.node.map_arg((node.args, node.kwargs),
-                          lambda a: out.append(a) if isinstance(a.meta.get("val"), torch.Tensor) else None)
-    return out
 
 
 class CapturePass(PassBase):

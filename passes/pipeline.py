@@ -197,7 +197,7 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
                                ) from e
         return st
 
-    def plan(st, reasons=None):
+    def plan_of(st, reasons=None):
         st.reasons = reasons
         PassManager([PLAN])(st)
         return st.plan
@@ -205,12 +205,12 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
     st = run(frozenset())
     cap, an, mr = st.capture, st.analysis, st.matches
     first_capture = [cap]
-    plan_ = plan(st)
-    if plan_.fallback_paths and "" not in plan_.fallback_paths:
+    plan = plan_of(st)
+    if plan.fallback_paths and "" not in plan.fallback_paths:
         first = mr
-        st = run(frozenset(plan_.fallback_paths), plan_.boundary)
+        st = run(frozenset(plan.fallback_paths), plan.boundary)
         cap, an, mr = st.capture, st.analysis, st.matches
-        plan2 = plan(st, reasons=plan_.reasons)
+        plan2 = plan_of(st, reasons=plan.reasons)
         # the structural matches inside the (now opaque) fallback modules, for the report
         import dataclasses
 
@@ -224,5 +224,5 @@ def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, re
                     mr.matches.append(dataclasses.replace(m, path=inst + m.path[len(blk.rep):], graph=""))
             else:
                 mr.matches.append(dataclasses.replace(m, graph=""))
-        plan_ = plan2
-    return cap, an, mr, plan_
+        plan = plan2
+    return cap, an, mr, plan
