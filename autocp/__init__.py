@@ -10,7 +10,7 @@ from .layout import ColToken, Layout, LayoutError, MsaTiles, Pair2D, Replicated,
 from .memory import MemoryTracker
 from .mesh import MeshError, SquareMesh, init_mesh
 from .api import check, estimate, explain, parallelize
-from .registry import register_module, register_pattern
+from .registry import register_module
 from .passes.functions import register_function
 from .ops.common import chunking
 from .tile_io import CotangentError, tile_sum
@@ -34,7 +34,6 @@ __all__ = [
     "estimate",
     "check",
     "register_module",
-    "register_pattern",
     "register_function",
     "chunking",
     "tile_sum",

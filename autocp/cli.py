@@ -278,8 +278,8 @@ def _check(args) -> None:
         for n in (args.tokens if isinstance(args.tokens, list) else [args.tokens]) if args.tokens else ():
             if n in widths:
                 print(f"autocp {args.cmd}: note: N={n} equals a channel width of the model ({sorted(widths)}); "
-                      f"autocp's layout analysis may take that channel axis for a token axis and run a module "
-                      f"gathered (its warning says so). Use another N to avoid it.", file=sys.stderr)
+                      f"input layouts guessed by shape cannot tell that channel axis from a token axis (autocp "
+                      f"refuses to guess and asks for input_layouts). Use another N to avoid it.", file=sys.stderr)
     if args.cmd == "demo":
         if args.mesh > 4:
             raise UsageError(f"--mesh: given {args.mesh} ({args.mesh ** 2} local processes); the demo runs at most a "
@@ -583,7 +583,7 @@ def _demo_rank(rank: int, world: int, spec: str, n: int, blocks: int, channels: 
         res["peak_single"] = mt.peak_bytes
         ref = ref if isinstance(ref, tuple) else (ref,)
         res["seconds_single"] = time.time() - t0
-    _say(rank, f"[3/5] autocp.parallelize on the {mesh.p}x{mesh.p} mesh (trace, analyze, match, rewrite) ...")
+    _say(rank, f"[3/5] autocp.parallelize on the {mesh.p}x{mesh.p} mesh (capture, claim, shard) ...")
     t1 = time.time()
     with warnings.catch_warnings(record=True) as wl:
         warnings.simplefilter("always")

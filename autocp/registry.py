@@ -1,4 +1,4 @@
-"""What the compiler knows how to parallelize: module rules and structural patterns.
+"""What the compiler knows how to parallelize: module rules (claims) and whole-model drivers.
 
 Mirrors the kernel registry (:mod:`autocp.kernels.registry`): every entry has a
 ``checker`` and a ``priority``; the highest-priority entry whose checker accepts wins.
@@ -10,8 +10,9 @@ Mirrors the kernel registry (:mod:`autocp.kernels.registry`): every entry has a
   local tiles; the global token count comes from :func:`autocp.passes.context.current_n`.
   A factory that returns an op with the autocp op contract
   ``op(z_tile, mask_tile, n_tokens=N)`` is adapted automatically (``call="pair"``).
-* **Patterns** (:func:`register_pattern`) match ATen subgraphs *structurally* (by what
-  they compute, not by class or spelling), see :mod:`autocp.passes.match`.
+* Everything no module rule claims is decided op by op by the sharding pass's one rule
+  table (:mod:`autocp.passes.shard`), which recognises triangle multiplications and
+  triangle attentions by structure in any spelling (no registration needed).
 
 Each architecture's registrations live in a file of their own: the Boltz-1 / Boltz-2
 classes in :mod:`autocp.models.boltz` (``register_boltz_defaults``, called lazily on first
@@ -29,12 +30,9 @@ from torch import nn
 
 __all__ = [
     "ModuleRule",
-    "PatternRule",
     "register_module",
-    "register_pattern",
     "lookup_module",
     "module_rules",
-    "pattern_rules",
     "registry_version",
     "PairOpAdapter",
     "call_comm_formula",
@@ -92,21 +90,7 @@ class ModuleRule:
         return op
 
 
-@dataclass
-class PatternRule:
-    """A structural rule: ``matcher(view, node) -> dict | None`` on the analysed ATen
-    graph (``view`` is a :class:`autocp.passes.match.GraphView`). A dict return is a
-    match: ``{"kind": ..., "nodes": [...], ...}``."""
-
-    name: str
-    matcher: Callable
-    kind: str
-    priority: int = 0
-    op_factory: Optional[Callable] = None
-
-
 _MODULES: list[ModuleRule] = []
-_PATTERNS: list[PatternRule] = []
 _VERSION = [0]
 _DEFAULTS_DONE = [False]
 
@@ -159,26 +143,9 @@ def register_module(
     return rule
 
 
-def register_pattern(
-    name: str, matcher: Callable, *, kind: str, priority: int = 0, op_factory: Optional[Callable] = None
-) -> PatternRule:
-    """Add a structural rule (see :class:`PatternRule`); replaces one of the same name."""
-    rule = PatternRule(name=name, matcher=matcher, kind=kind, priority=priority, op_factory=op_factory)
-    _PATTERNS[:] = [r for r in _PATTERNS if r.name != name]
-    _PATTERNS.append(rule)
-    _PATTERNS.sort(key=lambda r: -r.priority)
-    _VERSION[0] += 1
-    return rule
-
-
 def module_rules() -> list[ModuleRule]:
     ensure_defaults()
     return list(_MODULES)
-
-
-def pattern_rules() -> list[PatternRule]:
-    ensure_defaults()
-    return list(_PATTERNS)
 
 
 def lookup_module(module: nn.Module) -> Optional[ModuleRule]:
@@ -288,7 +255,6 @@ def lookup_model(model: nn.Module) -> Optional[Callable]:
 #: compiler pass, so neither imports back into it in a circle).
 DEFAULT_PROVIDERS = [
     "autocp.models.boltz:register_boltz_defaults",
-    "autocp.passes.match:register_default_patterns",
 ]
 
 

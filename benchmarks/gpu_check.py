@@ -450,7 +450,6 @@ def _build_tile_program(ctx, model, make_inputs, n, p):
     from autocp.passes.graph_emit import build_graph_runner
     from autocp.passes.pipeline import compile_stages, n_seq_of, planning_n, resolve_input_tags
     from autocp.passes.rewrite import GatherFallback
-    from autocp.passes.shard import canonical_tags
     from autocp.registry import lookup_module
 
     dev, dt = ctx.device, ctx.dtype
@@ -466,13 +465,10 @@ def _build_tile_program(ctx, model, make_inputs, n, p):
     n_small = planning_n(model, p)
     small = make_inputs(n_small, real_cpu)
     tags, _ = resolve_input_tags(model, small, {}, None)
-    _, _, _, plan = compile_stages(model, small, {}, tags, n_small, SquareMesh.single(), strict=False)
+    _, plan = compile_stages(model, small, {}, tags, n_small, SquareMesh.single())
     del small
     model.to(dev)
     sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
-    for act in plan.actions.values():
-        act.in_tags = [canonical_tags(t) for t in act.in_tags]
-        act.out_tags = [canonical_tags(t) for t in act.out_tags]
     repl, actions = {}, {}
     for path, act in plan.actions.items():
         if not path:
@@ -483,7 +479,7 @@ def _build_tile_program(ctx, model, make_inputs, n, p):
             repl[path] = (act.builder(mod, sim) if getattr(act, "builder", None) is not None
                           else lookup_module(mod).build(mod, sim))
         else:
-            repl[path] = GatherFallback(mod, sim, act.in_tags, act.out_tags, path=path)
+            repl[path] = GatherFallback(mod, sim, [], [], path=path, action=act)
     fm = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(shape, kind):

@@ -2,16 +2,14 @@
 
 Two ways, both shown here on a small trunk whose classes autocp has never seen:
 
-1. **Structural matching, no registration**: ``autocp.parallelize`` finds the triangle
-   multiplications / attentions by what they compute on the ATen graph (a contraction over
-   a token axis between pair tensors, a softmax over a token axis of q.k + pair bias),
-   whatever the spelling; ``explain()`` lists them. Triangle multiplications are then
-   *rewritten* on tiles (the module's own graph, its contraction replaced by the Cannon
-   ring: ``passes/structural.py``), triangle attentions become ring attention. Everything
-   else runs as the sharded captured graph (``docs/shard.md``): glue ops tile-local or
-   redistributed, triangle contractions and attention regions the shard pass recognises
-   on the rings; an op that still needs a whole pair tensor gathers it (exact, warned) --
-   ``strict=True`` makes that an error.
+1. **No registration**: ``autocp.parallelize`` runs the model's captured ATen graph through
+   one rule table (``docs/shard.md``): every op is proven tile-local, redistributed, run as
+   a ring, or gathered exactly. Triangle multiplications (a contraction over a token axis
+   between two pair tensors) and triangle attentions (a softmax over a token axis of q.k +
+   pair bias) are recognised by what they compute, whatever the spelling, and run on the
+   Cannon ring / the ring attention; ``explain()`` lists each ring with its source line. An
+   op that still needs a whole pair tensor gathers it (exact, warned) -- ``strict=True``
+   makes that an error.
 2. **register_module**: bind your class to a 2D op. Here ``MyTriMul`` has Boltz's
    submodules (norm_in, p_in, g_in, norm_out, p_out, g_out), so autocp's
    ``TriangleMultiplication2D(module, mesh, direction=...)`` runs it distributed.
@@ -21,7 +19,6 @@ Two ways, both shown here on a small trunk whose classes autocp has never seen:
 """
 
 import argparse
-import warnings
 
 import torch
 from torch import nn
@@ -107,11 +104,9 @@ def run(rank, world):
     mesh = autocp.init_mesh()
     model, inputs = make()
     ref = model(*inputs)
-    # 1. structural: found without registration and rewritten on tiles (no gather)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = parallelize(model, mesh, example_inputs=inputs)
-    structural = [r for r in pm.report.rows if r.rule.startswith("structural:")]
+    # 1. no registration: the triangle contractions run on the rings (no gather, strict passes)
+    pm = parallelize(model, mesh, example_inputs=inputs, strict=True)
+    rings = [f"{nt.detail}  <- {nt.source}" for nt in pm.report.glue.notes if nt.what == "ring"]
     # the porting check: the first node whose tiles diverge from the single-device values
     # (none here), with its source line -- run it whenever a port's outputs differ
     report = str(autocp.check(pm, *inputs))
@@ -122,7 +117,7 @@ def run(rank, world):
     out.sum().backward()
     sync_grads(pm, mesh)
     return {
-        "structural": sorted({(r.path, r.kind) for r in structural}),
+        "rings": rings,
         "check": report,
         "explain": pm.explain(),
         "max_err": float((out - ref).abs().max()),
@@ -139,9 +134,9 @@ def main():
         from autocp.testing import run_distributed
 
         res = run_distributed(run, args.world)[0]
-    print("structural matches without registration:")
-    for path, kind in res["structural"]:
-        print(f"  {path:12s} {kind}")
+    print("rings without registration (each repeated block's program once):")
+    for line in res["rings"]:
+        print(f"  {line}")
     print("\n" + res["check"])
     print("\nafter register_module:\n" + res["explain"])
     print(f"\nmax |parallel - original| = {res['max_err']:.2e}")

@@ -1,6 +1,7 @@
-"""autocp.passes -- the compiler pipeline (trace -> analyze -> match -> rewrite -> emit).
+"""autocp.passes -- the compiler: capture -> claim -> shard (one rule table) -> emit.
 
-Each pass documents what it requires and guarantees in ``node.meta["autocp.*"]``.
+Each pass documents what it requires and guarantees in the one typed record per node,
+``node.meta["autocp"]`` (:mod:`autocp.passes.record`).
 """
 
-__all__ = ["trace", "analyze", "match", "rewrite", "emit", "explain", "estimate", "context"]
+__all__ = ["trace", "rewrite", "shard", "emit", "explain", "estimate", "context"]

@@ -1,4 +1,4 @@
-"""Compile a module on the graph path: capture -> plan -> shard -> a :class:`ParallelModule`
+"""Compile a module on the graph path: capture -> claim -> shard -> a :class:`ParallelModule`
 running the sharded tile program (what :func:`autocp.parallelize` returns by default, and
 what a captured island of the eager engine runs, :mod:`autocp.passes.island`)."""
 
@@ -13,7 +13,6 @@ from .explain import build_report
 from .graph_emit import build_graph_runner
 from .pipeline import compile_stages
 from .rewrite import GatherFallback
-from .shard import canonical_tags
 from .trace import structural_clone
 
 __all__ = ["graph_module", "warn_fallbacks"]
@@ -21,16 +20,12 @@ __all__ = ["graph_module", "warn_fallbacks"]
 
 def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *, strict=False, reuse_blocks=True,
                  recompute="ops", pair_dtype=None):
-    """``model`` captured, planned and sharded (the default, ``emit="graph"``): modules the
-    planner cannot bind run op by op through the shard pass (which enforces ``strict`` per
-    op: no pair gather), the top-level python too."""
+    """``model`` captured, claimed and sharded (the default, ``emit="graph"``): registered
+    modules run their 2D ops; every other op -- the model's glue and every unregistered
+    module -- goes through the sharding pass's rule table (which enforces ``strict`` per
+    op: no pair gather)."""
 
-    cap, an, mr, plan = compile_stages(model, args, kwargs, input_tags, n, sq, strict=False,
-                                       reuse_blocks=reuse_blocks)
-    out_tags = [t if isinstance(t, tuple) else None for t in (an.output_tags or [])]
-    for act in plan.actions.values():  # boundary layouts the ops are built for: always valid
-        act.in_tags = [canonical_tags(t) for t in act.in_tags]
-        act.out_tags = [canonical_tags(t) for t in act.out_tags]
+    cap, plan = compile_stages(model, args, kwargs, input_tags, n, sq, reuse_blocks=reuse_blocks)
     replacements = {}
     for path, act in plan.actions.items():
         if not path:
@@ -39,7 +34,7 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
         if act.action == "op":
             replacements[path] = act.builder(mod, sq) if act.builder is not None else lookup_module(mod).build(mod, sq)
         else:
-            replacements[path] = GatherFallback(mod, sq, act.in_tags, act.out_tags, path=path)
+            replacements[path] = GatherFallback(mod, sq, [], [], path=path, action=act)
     clone = structural_clone(work, replacements)
 
     glue = GlueLog()
@@ -53,12 +48,9 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
         return runner
 
     graphs = {(n, n_seq): builder(args, kwargs, n, n_seq)}
-    for path, act in plan.actions.items():  # unbound modules the shard pass ran op by op
-        if act.action == "fallback" and path not in graphs[(n, n_seq)].opaque_fallbacks:
-            act.action = "glue"
-    report = build_report(model, cap, an, mr, plan, sq, n, tensors)
+    report = build_report(model, cap, plan, sq, n, tensors, runner=graphs[(n, n_seq)])
     report.glue = glue
-    pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=out_tags, n_tokens=n, n_seq=n_seq,
+    pm = ParallelModule(model, clone, sq, input_tags=input_tags, output_tags=[], n_tokens=n, n_seq=n_seq,
                         report=report, plan=plan, strict=strict)
     object.__setattr__(pm, "_graph_builder", builder)
     object.__setattr__(pm, "_graphs", graphs)

@@ -1,7 +1,7 @@
 """Pass 5 -- emit: the parallel module.
 
-Requires: a :class:`autocp.passes.rewrite.RewritePlan`, the input/output tags from the
-analysis, the mesh.
+Requires: a :class:`autocp.passes.rewrite.RewritePlan` (the claims), the input tags, the
+mesh (output tags: those the sharded program or the engine run produces).
 
 Guarantees: :class:`ParallelModule` --
 

@@ -254,14 +254,10 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
     from .context import tile_context
     from .graph_emit import build_graph_runner
     from .rewrite import GatherFallback
-    from .shard import canonical_tags
 
     tracker = _Tracker()
     sim = SquareMesh.simulated(p, (0, 1) if p > 1 else (0, 0))
     n_seq = n_seq_of([t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor)], input_tags)
-    for act in plan.actions.values():
-        act.in_tags = [canonical_tags(t) for t in act.in_tags]
-        act.out_tags = [canonical_tags(t) for t in act.out_tags]
     repl = {}
     for path, act in plan.actions.items():
         mod = model.get_submodule(path)
@@ -269,8 +265,7 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
             op = act.builder(mod, sim) if getattr(act, "builder", None) is not None else lookup_module(mod).build(mod, sim)
             repl[path] = _WatchOp(op, tracker, path, act.kind)
         else:
-            repl[path] = _WatchOp(GatherFallback(mod, sim, act.in_tags, act.out_tags, path=path), tracker, path,
-                                  "gathered")
+            repl[path] = _WatchOp(GatherFallback(mod, sim, [], [], path=path, action=act), tracker, path, "gathered")
     model.train(training)
     for m in repl.values():
         m.inner.train(training)
@@ -394,7 +389,7 @@ def estimate(
     small = tuple(torch.randn(t.shape) if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and t.dim() >= 3 else
                   (torch.ones(t.shape, dtype=t.dtype) if isinstance(t, torch.Tensor) else t) for t in small)
     tags, n_chk = resolve_input_tags(model, small, {}, None)
-    cap, an, mr, plan = compile_stages(model, small, {}, tags, n_chk, SquareMesh.single(), strict=False)
+    _cap, plan = compile_stages(model, small, {}, tags, n_chk, SquareMesh.single())
     low = dtype in (torch.bfloat16, torch.float16)
     autocast = low if autocast is None else (bool(autocast) and low)
     run = model

@@ -1,8 +1,10 @@
-"""The explain report: every rewritten module / matched node, its rule, layouts, comm, memory.
+"""The explain report: every claimed module (its rule, layouts, comm), then what the glue's
+tile programs do (the sharding notes: gathers, exchanges, all-reduces, rings, with bytes and
+source lines), memory on request.
 
-Requires: capture, analysis, matches and plan. Produces a :class:`Report` (rows +
-networkx view); :func:`render` formats it as a table; ``report.to_graphml(path)`` /
-``report.to_dot()`` export the annotated graph.
+Requires: capture, plan and the graph runner. Produces a :class:`Report` (rows + a networkx
+view of the tile programs, :mod:`autocp.passes.graphview`); :func:`render` formats it as a
+table; ``report.to_graphml(path)`` / ``report.to_dot()`` export the programs.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .analyze import layout_name
+from .tags import layout_name
 
 __all__ = ["Row", "Report", "build_report", "build_root_report", "build_engine_report", "render", "comm_per_rank",
            "layer_comm", "glue_lines"]
@@ -24,7 +26,7 @@ class Row:
     module_cls: str
     kind: str
     rule: str
-    action: str  # op | fallback | glue (unbound, sharded op by op) | structural (report only) | local
+    action: str  # op (a registered module's 2D op) | fallback (gathered) | eager (the engine runs the model)
     in_layouts: str
     out_layouts: str
     comm_bytes: Optional[int]  # op: max over ranks of the bytes sent in one forward call
@@ -40,15 +42,25 @@ class Report:
     capture_seconds: float = 0.0
     n_nodes: int = 0
     blocks: dict = field(default_factory=dict)
-    uncovered: list = field(default_factory=list)
-    shape_rewrites: int = 0
-    view: object = None
     peak_bytes: Optional[int] = None
     model: object = None
     dtype: torch.dtype = torch.float32
     engine: str = ""  # set when the model runs on the eager engine (why it is not captured)
     islands: object = None  # engine: () -> [(path, "captured" | "eager", detail)] of its submodules so far
     glue: object = None  # GlueLog (autocp.passes.context): the sharding notes of the tile programs that ran
+
+    programs: list = field(default_factory=list)  # [(name, fx.GraphModule)] of the tile programs
+    _view: object = None
+
+    @property
+    def view(self):
+        """The networkx view of the tile programs (:mod:`autocp.passes.graphview`), built on
+        first use."""
+        if self._view is None:
+            from .graphview import GraphView
+
+            self._view = GraphView(self.programs)
+        return self._view
 
     def to_graphml(self, path: str) -> None:
         self.view.to_graphml(path)
@@ -85,10 +97,16 @@ def comm_per_rank(rule, module, p, n, batch, itemsize) -> dict:
         return {}
 
 
-def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
+def build_report(model, cap, plan, mesh, n, tensors=(), runner=None) -> Report:
+    """Rows of the claimed modules (their 2D ops, layouts as the sharding pass met them, the
+    op's comm formula); the glue's own sharding notes are added as the programs run
+    (``report.glue``); ``runner``'s tile programs are the graph view."""
+    progs = []
+    if runner is not None:
+        progs.append(("top", runner.prog.gm))
+        progs += [(f"{g}{'' if i == 0 else f'#{i}'}", pr.gm) for i, ((g, _t), pr) in enumerate(runner.block_progs.items())]
     rep = Report(n_tokens=n, p=mesh.p, capture_seconds=cap.seconds, n_nodes=cap.n_nodes,
-                 blocks={g: len(b.paths) for g, b in cap.blocks.items()},
-                 shape_rewrites=len(an.shape_rewrites), view=mr.view, model=model)
+                 blocks={g: len(b.paths) for g, b in cap.blocks.items()}, programs=progs, model=model)
     itemsize = 4
     for t in tensors:
         if t.dtype.is_floating_point:
@@ -96,18 +114,15 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
             rep.dtype = t.dtype
             break
     batch = next((int(t.shape[0]) for t in tensors if t.dim() >= 3 and t.shape[1] == n and t.shape[2] == n), 1)
-    matched_paths = {}
-    for m in mr.matches:
-        matched_paths.setdefault(m.path, m)
 
     def sort_key(path):
         return [int(x) if x.isdigit() else x for x in path.split(".")]
 
+    from ..registry import lookup_module
+
     for path in sorted(plan.actions, key=sort_key):
         act = plan.actions[path]
         mod = model.get_submodule(path)
-        from ..registry import lookup_module
-
         rule = lookup_module(mod)
         comm = None
         per_rank = {}
@@ -118,28 +133,12 @@ def build_report(model, cap, an, mr, plan, mesh, n, tensors=()) -> Report:
             comm = act.full_bytes
         rep.rows.append(Row(
             path=path, module_cls=act.module_cls, kind=act.kind or "module",
-            rule=act.why if act.action == "op" else (
-                f"op by op by the shard pass (no 2D op: {act.why})" if act.action == "glue" else f"fallback ({act.why})"),
+            rule=act.why if act.action == "op" else f"fallback ({act.why})",
             action=act.action,
             in_layouts=", ".join(layout_name(t) for t in act.in_tags),
             out_layouts=", ".join(layout_name(t) for t in act.out_tags),
             comm_bytes=comm, note=act.op_name, comm_per_rank=per_rank,
         ))
-    # structural matches (also those inside fallback modules: what a 2D op would replace)
-    for m in mr.matches:
-        if not m.rule.startswith("structural:"):
-            continue
-        blk = next((b for b in cap.blocks.values() if b.rep == m.graph), None) if m.graph else None
-        paths = [p + m.path[len(blk.rep):] for p in blk.paths] if blk is not None and m.path.startswith(blk.rep) else [m.path]
-        for p in paths:
-            act = plan.actions.get(p)
-            rep.rows.append(Row(
-                path=p, module_cls=m.module_cls, kind=m.kind, rule=m.rule,
-                action=("fallback" if act is not None and act.action == "fallback" else "structural"),
-                in_layouts=", ".join(m.in_layouts), out_layouts=", ".join(m.out_layouts),
-                comm_bytes=None, note=f"{m.detail}; nodes {','.join(m.nodes[:3])}",
-            ))
-    rep.uncovered = [(pre, nd.name, path, reason) for pre, nd, path, reason in mr.uncovered]
     return rep
 
 
@@ -202,8 +201,8 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
     else:
         head = (f"autocp plan: N={rep.n_tokens} on a {rep.p}x{rep.p} mesh; captured {rep.n_nodes} ATen nodes in "
                 f"{rep.capture_seconds:.2f}s; repeated blocks captured once: "
-                f"{', '.join(f'{g}' for g in rep.blocks) or 'none'}; {rep.shape_rewrites} token-axis shape constants "
-                f"recomputed on tiles")
+                f"{', '.join(f'{g}' for g in rep.blocks) or 'none'}; every op not claimed by a registered module "
+                f"is sharded by one rule table (the notes below)")
     cols = ["module", "class", "op kind", "matched by", "action", "in layouts", "out layouts", "comm/call"]
     # comm/call: op rows = max over ranks of the bytes one rank sends in one forward call
     # (exact: the op's own formula); fallback rows = bytes of the full tensors it gathers
@@ -224,10 +223,7 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
         out += [f"  {p}: {m} ({d})" for p, m, d in isl[:40]]
     n_op = sum(1 for r in rep.rows if r.action == "op")
     n_fb = sum(1 for r in rep.rows if r.action == "fallback")
-    n_glue = sum(1 for r in rep.rows if r.action == "glue")
-    out.append(f"{n_op} modules run as 2D ops, {n_fb} gathered (fallback), "
-               + (f"{n_glue} run op by op as glue, " if n_glue else "") +
-               f"{sum(1 for r in rep.rows if r.action == 'structural')} structural matches")
+    out.append(f"{n_op} modules run as 2D ops, {n_fb} gathered (fallback)")
     per_layer = {k: max(v.values()) for k, v in layer_comm(rep).items() if v and max(v.values())}
     if per_layer:
         first = next(iter(per_layer))

@@ -27,6 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .rewrite import opaque_layouts
 from .shard import ShardingError, shard_graph
 from .storage import apply_storage_passes
 from .trace import capture
@@ -152,12 +153,13 @@ class GraphRunner:
             prog = self._block_prog(entry.group, in_tags)
             self.block_layout[entry.path] = (entry.group, tuple(tuple(t) if t is not None else None for t in in_tags))
             return {"in_tags": list(in_tags), "out_tags": prog.out_tags, "prog": prog}
-        path = entry.path
-        act = self.plan.actions.get(path)
-        if act is None:
-            # inside a block graph: the representative's path
-            raise RuntimeError(f"autocp graph emit: no plan action for opaque module {path}")
-        return {"in_tags": act.in_tags, "out_tags": act.out_tags}
+        if not any(a.entry_path == entry.path for a in self.plan.actions.values()):
+            raise RuntimeError(f"autocp graph emit: no plan action for opaque module {entry.path}")
+        ins, outs = opaque_layouts(entry, in_tags, self.n)
+        for act in self.plan.actions.values():  # every instance of it (a block's representative)
+            if act.entry_path == entry.path:
+                act.in_tags, act.out_tags = list(ins), list(outs)
+        return {"in_tags": ins, "out_tags": outs}
 
     def _op_for(self, entry, inst_prefix_map):
         if entry.kind == "block":
@@ -194,30 +196,19 @@ class GraphRunner:
 
 def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n_seq, mesh, *, strict=False,
                        reuse_blocks=True, recompute="ops", pair_dtype=None):
-    """Capture ``model`` with every module the plan binds to a 2D op opaque, shard every
-    graph, and return the :class:`GraphRunner`. Warns once per gathered op (exact, but
-    O(N^2/p) memory).
+    """Capture ``model`` with every module the plan claims opaque, shard every graph, and
+    return the :class:`GraphRunner`. Warns once per gathered op (exact, but O(N^2/p) memory).
 
-    Modules the planning analysis could not bind (``fallback`` / ``glue`` actions) are not
-    kept opaque: their ATen ops go through the sharding pass op by op like any glue (tile
-    local, redistributed, or gathered per op -- never the whole module's inputs). Only if
-    the sharding pass refuses one of their ops (:class:`ShardingError`, e.g. an in-place
-    write it cannot prove) are they captured opaque and run gathered as planned;
-    ``runner.opaque_fallbacks`` lists them."""
-    bound = frozenset(p for p, a in plan.actions.items() if p and a.action == "op")
+    Registered modules run their 2D ops (or, without one, gathered: ``runner.opaque_fallbacks``);
+    every other op, inside unregistered modules too, goes through the sharding pass (tile
+    local, redistributed, a ring, or gathered per op -- never a whole module's inputs). A
+    :class:`ShardingError` (an in-place write the rules cannot prove) propagates: the caller
+    runs the model on the eager engine instead (exact), or raises under ``strict``."""
     planned = frozenset(p for p in plan.actions if p)
-    try:
-        cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=bound)
-        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,
-                             pair_dtype=pair_dtype)
-        runner.opaque_fallbacks = []
-    except ShardingError:
-        if bound == planned or strict:  # strict: no module may run gathered
-            raise
-        cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=planned)
-        runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,
-                             pair_dtype=pair_dtype)
-        runner.opaque_fallbacks = sorted(planned - bound)
+    cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=planned)
+    runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,
+                         pair_dtype=pair_dtype)
+    runner.opaque_fallbacks = sorted(p for p, a in plan.actions.items() if p and a.action == "fallback")
     gathers = pair_gathers(runner.notes)
     if gathers:
         warnings.warn(f"autocp: {gathers[0]} glue op(s) gather a pair tensor (exact; per-rank memory and order "

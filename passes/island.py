@@ -7,7 +7,7 @@ recognised -- each call sees one op, and an ``[i, j, k]`` score tensor has three
 axes -- so it would be gathered. :func:`install_islands` makes each parameterised submodule
 of the model an *island*: the first call with TileTensor arguments captures the submodule
 alone at the call's global shapes (:func:`autocp.passes.compile.graph_module`: the same
-capture, plan, structural matches and rule table as ``parallelize``'s graph path) and runs
+capture, claims and rule table as ``parallelize``'s graph path) and runs
 its sharded tile program on the tiles; later calls with the same signature reuse it. If the
 submodule cannot be compiled (a branch on a value, ``.item()``, a data-dependent shape, an in-place
 write the rules cannot prove) or is called with too many

@@ -1,9 +1,8 @@
-"""The compile pipeline driver: trace -> analyze -> match -> rewrite-plan, with the second
-round after fallbacks -- one module, used by :func:`autocp.parallelize` and
-:func:`autocp.estimate` alike (neither imports the other).
+"""The compile pipeline driver: capture -> claim -- one module, used by
+:func:`autocp.parallelize` and :func:`autocp.estimate` alike (neither imports the other).
 
 * :func:`resolve_input_tags` -- the input layouts (given, or inferred by shape).
-* :func:`compile_stages` -- ``(capture, analysis, matches, plan)``.
+* :func:`compile_stages` -- ``(capture, plan)``.
 * :func:`n_seq_of` -- the MSA depth of tagged inputs.
 """
 
@@ -18,7 +17,7 @@ __all__ = ["resolve_input_tags", "compile_stages", "n_seq_of", "planning_n"]
 
 
 def resolve_input_tags(model, args, kwargs, input_layouts, mesh=None):
-    from .analyze import infer_input_layouts, tags_of_layout
+    from .tags import infer_input_layouts, tags_of_layout
 
     leaves, _ = tree_flatten((args, kwargs))
     tensors = [l for l in leaves if isinstance(l, torch.Tensor)]
@@ -168,61 +167,14 @@ def n_seq_of(tensors, tags):
     return None
 
 
-def compile_stages(model, args, kwargs, input_tags, n, mesh, *, strict=False, reuse_blocks=True):
-    """trace -> analyze -> match -> rewrite-plan (:mod:`autocp.passes.infra` passes, their
-    contracts checked under ``AUTOCP_CHECK_PASSES=1``); returns ``(capture, analysis, matches,
-    plan)``."""
-    from .infra import ANALYZE, CAPTURE, MATCH, PLAN, CompileState, PassManager
+def compile_stages(model, args, kwargs, input_tags, n, mesh, *, reuse_blocks=True):
+    """capture -> claim (:mod:`autocp.passes.infra` passes, their contracts checked under
+    ``AUTOCP_CHECK_PASSES=1``); returns ``(capture, plan)``: the model captured once (each
+    repeated block once, registered modules opaque) and one action per registered module.
+    Every other op is decided by the sharding pass's rule table when the graph runner
+    shards the capture (:mod:`autocp.passes.shard`)."""
+    from .infra import CAPTURE, CLAIM, CompileState, PassManager
 
-    def run(fallback, boundary=None):
-        st = CompileState(model, args, kwargs, input_tags, n, mesh, strict=strict, reuse_blocks=reuse_blocks,
-                          fallback=frozenset(fallback))
-        PassManager([CAPTURE])(st)
-        cap = st.capture
-        if boundary:
-            from .rewrite import fallback_out_tags
-
-            for e in cap.opaque.values():
-                if e.kind == "fallback":
-                    e.out_tags = fallback_out_tags(e.out_meta or [], boundary.get(e.path), n)
-        try:
-            PassManager([ANALYZE, MATCH])(st)
-        except Exception as e:  # noqa: BLE001 -- a graph the planning analysis cannot follow (a
-            # data-dependent size, an op it mis-sizes): not compiled; parallelize / an island run it
-            # on the eager engine instead (exact), saying why
-            from .trace import CaptureError
-
-            raise CaptureError(f"autocp could not plan {type(model).__name__} from its captured graph: the layout "
-                               f"analysis failed with {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                               ) from e
-        return st
-
-    def plan_of(st, reasons=None):
-        st.reasons = reasons
-        PassManager([PLAN])(st)
-        return st.plan
-
-    st = run(frozenset())
-    cap, an, mr = st.capture, st.analysis, st.matches
-    first_capture = [cap]
-    plan = plan_of(st)
-    if plan.fallback_paths and "" not in plan.fallback_paths:
-        first = mr
-        st = run(frozenset(plan.fallback_paths), plan.boundary)
-        cap, an, mr = st.capture, st.analysis, st.matches
-        plan2 = plan_of(st, reasons=plan.reasons)
-        # the structural matches inside the (now opaque) fallback modules, for the report
-        import dataclasses
-
-        first_cap = first_capture[0]
-        for m in first.matches:
-            if not m.rule.startswith("structural:"):
-                continue
-            blk = next((b for b in first_cap.blocks.values() if b.rep == m.graph), None) if m.graph else None
-            if blk is not None and m.path.startswith(blk.rep):
-                for inst in blk.paths:
-                    mr.matches.append(dataclasses.replace(m, path=inst + m.path[len(blk.rep):], graph=""))
-            else:
-                mr.matches.append(dataclasses.replace(m, graph=""))
-        plan = plan2
-    return cap, an, mr, plan
+    st = CompileState(model, args, kwargs, input_tags, n, mesh, reuse_blocks=reuse_blocks)
+    PassManager([CAPTURE, CLAIM])(st)
+    return st.capture, st.plan

@@ -7,19 +7,10 @@ exists. The record is frozen and :func:`put` replaces it, so a node copied with 
 Fields, by the pass that writes them:
 
 * trace -- ``opaque``: the :class:`~autocp.passes.trace.OpaqueEntry` of an opaque call
-  (a registered module, a repeated block instance, a fallback module);
-* analyze -- ``layout``: per-dim layout tags of the value (a tuple, or a list of them for a
-  multi-output node); ``kind``: ``"pair"`` / ``"token"`` / ``"msa"`` / ``"other"``;
-  ``needs_full``: why the op would need a whole tensor (None: it does not); ``comm``: the
-  cheap layout conversion it needs instead; ``contracted``: the tags of contracted dims;
-  ``operands``: a contraction's operand nodes; ``softmax_tag``: the token tag a softmax /
-  reduction runs over; ``shape_rewrite``: a token-length shape constant recomputed on
-  tiles; ``in_layouts`` / ``out_layouts``: an opaque call's boundary layouts;
-* match -- ``match``: the :class:`~autocp.passes.match.Match` a node belongs to;
-  ``layout_override``: a matched op's output layout, for the second analysis round;
-* structural / shard -- ``param``: a placeholder that is a parameter or buffer;
-  ``src``: the source node a tile-program node was emitted for; ``tags``: the tile
-  program's proven layout tags of the value;
+  (a registered module, a repeated block instance, a module kept opaque on request);
+* shard -- ``param``: a placeholder that is a parameter or buffer; ``src``: the source
+  node a tile-program node was emitted for; ``tags``: the tile program's proven layout
+  tags of the value (the one propagator's result: :mod:`autocp.passes.shard`);
 * storage -- ``fresh``: the value owns a fresh, unaliased buffer.
 """
 
@@ -38,18 +29,6 @@ KEY = "autocp"
 @dataclass(frozen=True)
 class NodeRecord:
     opaque: Any = None
-    layout: Any = None
-    kind: Optional[str] = None
-    needs_full: Optional[str] = None
-    comm: Optional[str] = None
-    contracted: Optional[dict] = None
-    operands: Optional[list] = None
-    softmax_tag: Optional[str] = None
-    shape_rewrite: Optional[str] = None
-    in_layouts: Optional[list] = None
-    out_layouts: Any = None
-    match: Any = None
-    layout_override: Optional[tuple] = None
     param: bool = False
     src: Optional[str] = None
     tags: Any = None

@@ -1,25 +1,21 @@
-"""Pass 4 -- rewrite: decide, per module, what runs on the tiles.
+"""Claims: decide, per registered module, what runs on the tiles.
 
-Requires: capture + analysis + match (``autocp.match``, uncovered nodes).
+Requires: a capture (:mod:`autocp.passes.trace`) with registered modules opaque.
 
-Guarantees: a :class:`RewritePlan` mapping module paths to actions, every live node that
-needs a full tensor covered by exactly one action:
+Guarantees: a :class:`RewritePlan` with one :class:`Action` per registered module instance:
 
-* ``"op"`` -- a registered module replaced by its 2D op (``rule.build(module, mesh)``),
-  called with the module's own arguments on local tiles; or an unregistered module whose
-  only full-tensor ops are structurally matched triangle multiplications / triangle
-  attentions, replaced by :class:`autocp.passes.structural.StructuralOp` (its own graph on
-  tiles; ``why`` = ``structural:triangle_mult`` / ``structural:triangle_attn``);
-* ``"fallback"`` -- a module (registered without an available op, or containing pair
-  ops no rule covers) replaced by :class:`GatherFallback`: gather its inputs to full
-  tensors, run the original module, re-shard its outputs. Exact (forward and backward)
-  but it costs full ``O(N^2)`` memory on every rank: a warning says how much, and
-  ``strict=True`` raises instead, naming the node and how to register the module.
+* ``"op"`` -- replaced by its 2D op (``rule.build(module, mesh)``), called with the
+  module's own arguments on local tiles, its inputs in the layouts the sharding pass met
+  them in (:func:`opaque_layouts`);
+* ``"fallback"`` -- a registered module without an available op: :class:`GatherFallback`
+  gathers its inputs to full tensors, runs the original module and re-shards its outputs.
+  Exact (forward and backward) but ``O(N^2)`` memory per rank: warned with the MiB it costs.
 
-Everything else -- the model's own python glue, LayerNorms, Linears, transitions,
-residuals, dropout masks -- runs unchanged on the tiles: those ops are tile-local, and
-shape constants on token axes (``rand([1, N, 1, 1])``, ``new_ones(x.shape[:-1])``) come
-out at the tile size because the python recomputes them from local shapes.
+Everything else -- the model's python glue, LayerNorms, Linears, transitions, residuals,
+dropout masks, and every unregistered module's ops (triangle updates and attentions in any
+spelling included) -- is the sharding pass's: one rule table (:mod:`autocp.passes.shard`)
+proves each op tile-local, redistributes it, runs it as a ring or gathers it exactly
+(refused under ``strict=True`` for a pair tensor).
 """
 
 from __future__ import annotations
@@ -33,22 +29,19 @@ from torch import nn
 from .. import comm
 from ..layout import block_size, pad_to
 from ..mesh import COL, ROW
+from .shard import canonical_tags
 from .tags import canonical_out_tags, map_tagged
 from .wrapper import ModuleWrapper
 from .record import rec
 
-__all__ = ["UnsupportedPairOpError", "Action", "RewritePlan", "plan_rewrite", "GatherFallback",
+__all__ = ["Action", "RewritePlan", "plan_rewrite", "GatherFallback",
            "gather_tags", "shard_tags"]
-
-
-class UnsupportedPairOpError(RuntimeError):
-    """strict=True and a pair op has no distributed implementation."""
 
 
 @dataclass
 class Action:
     path: str
-    action: str  # "op" | "fallback" | "glue" (graph emit: unbound, sharded op by op)
+    action: str  # "op" | "fallback" (gathered) | "eager" (the root, on the engine)
     why: str
     kind: str = ""
     module_cls: str = ""
@@ -57,14 +50,12 @@ class Action:
     out_tags: list = field(default_factory=list)
     op_name: str = ""
     builder: Optional[Callable] = None  # (module, mesh) -> replacement; None = the registry's op
+    entry_path: str = ""  # the opaque call's path in its captured graph (a block's representative)
 
 
 @dataclass
 class RewritePlan:
     actions: dict = field(default_factory=dict)  # path -> Action
-    fallback_paths: set = field(default_factory=set)  # need an opaque re-capture
-    boundary: dict = field(default_factory=dict)  # fallback path -> [(shape, tags)] of its outputs
-    reasons: dict = field(default_factory=dict)  # fallback path -> why (first pair op / structural match)
     warnings: list = field(default_factory=list)
 
 
@@ -119,195 +110,71 @@ class GatherFallback(ModuleWrapper):
     leaf of the call's ``(args, kwargs)`` / of the output, in ``tree_flatten`` order.
     """
 
-    def __init__(self, module: nn.Module, mesh, in_tags, out_tags, path: str = ""):
+    def __init__(self, module: nn.Module, mesh, in_tags, out_tags, path: str = "", action=None):
         super().__init__(module, mesh, path)
         self.in_tags = list(in_tags)
         self.out_tags = list(out_tags)
+        self.action = action  # a plan Action: its boundary tags, filled in when the graph is sharded
 
     def forward(self, *args, **kwargs):
         from .context import current
 
         ctx = current()
-        a, kw = map_tagged((args, kwargs), self.in_tags,
+        in_tags = self.action.in_tags if self.action is not None else self.in_tags
+        out_tags = self.action.out_tags if self.action is not None else self.out_tags
+        a, kw = map_tagged((args, kwargs), in_tags,
                            lambda x, tags: gather_tags(x, tags, self.mesh, ctx.n, ctx.n_seq))
         out = self.inner(*a, **kw)
-        return map_tagged(out, self.out_tags, lambda x, tags: shard_tags(x, tags, self.mesh))
+        return map_tagged(out, out_tags, lambda x, tags: shard_tags(x, tags, self.mesh))
 
 
 # ----------------------------------------------------------------------------- planning
-def _tags_list(tags):
-    if tags is None:
-        return []
-    return list(tags) if isinstance(tags, list) else [tags]
-
-
-def plan_rewrite(capture, match_result, mesh, *, strict: bool = False, n_tokens: int = 0,
-                 reasons: Optional[dict] = None) -> RewritePlan:
-    """Decide the action of every registered module and every uncovered pair op."""
+def plan_rewrite(capture, mesh, n_tokens: int = 0) -> RewritePlan:
+    """One action per registered module the capture kept opaque: ``"op"`` (its 2D op) when
+    the rule builds one for this module and mesh, else ``"fallback"`` (gathered, exact,
+    warned). Everything else -- every ATen op of the model's glue and of unregistered
+    modules -- is the sharding pass's (:mod:`autocp.passes.shard`, the one rule table). The
+    boundary layouts of each action are the ones the sharding pass meets at its call
+    (:func:`opaque_layouts`, filled in by the graph runner)."""
     plan = RewritePlan()
-    # 1. registered modules -> op, else fallback (exact)
-    for prefix, gm, blk in capture.graphs():
-        for nd in gm.graph.nodes:
+    for _prefix, _gm, blk in capture.graphs():
+        for nd in _gm.graph.nodes:
             entry = rec(nd).opaque
             if entry is None or entry.kind not in ("module", "fallback"):
                 continue
-            paths = [entry.path]
-            if blk is not None:
-                paths = [p + entry.path[len(blk.rep):] for p in blk.paths]
-            in_tags = rec(nd).in_layouts or []
-            out_tags = _tags_list(rec(nd).out_layouts)
-            if entry.kind == "fallback":
-                out_tags = entry.out_tags or canonical_out_tags(entry.out_meta or [], n_tokens)
+            paths = [entry.path] if blk is None else [p + entry.path[len(blk.rep):] for p in blk.paths]
             full = sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
                 _nbytes(s, d) for s, d in (entry.out_meta or [(entry.in_meta or [((), torch.float32)])[0]]))
-            structural, s_err = None, None
-            if entry.kind == "fallback":
-                structural, s_err = _try_structural(entry, in_tags, out_tags, mesh, n_tokens)
+            rule = entry.rule
             for path in paths:
-                rule = entry.rule
-                if structural is not None:
-                    kinds, detail, s_rule, prog = structural
-                    plan.actions[path] = Action(path, "op", s_rule, kinds, entry.cls_name,
-                                                in_tags=in_tags, out_tags=out_tags,
-                                                op_name=f"StructuralOp ({detail})",
-                                                builder=_structural_builder(entry, in_tags, out_tags, n_tokens,
-                                                                            prog))
-                    continue
-                if entry.kind == "fallback" and strict:
-                    why = (reasons or {}).get(path) or f"{entry.cls_name} contains pair ops no rule covers"
-                    raise UnsupportedPairOpError(
-                        f"autocp (strict): module {path} ({entry.cls_name}) needs the full pair tensor: {why}. "
-                        f"Given: no registered module covers it, and the structural rewrite (which ports "
-                        f"triangle multiplications and triangle attentions without registration) failed: "
-                        f"{s_err}. Required: a distributed implementation of every pair op in it. Fix: "
-                        f"autocp.register_module({entry.cls_name}, "
-                        f"lambda module, mesh: My2DOp(module, mesh)) (call='pair' for the op(z, mask, n_tokens=N) "
-                        f"contract), or run with strict=False to gather -> run -> re-shard that module."
-                    )
-                if entry.kind == "module" and rule is not None and rule.op_factory is not None and _op_available(rule, entry.module, mesh):
+                if entry.kind == "module" and rule is not None and rule.op_factory is not None \
+                        and _op_available(rule, entry.module, mesh):
                     plan.actions[path] = Action(path, "op", f"registry:{entry.cls_name}", rule.kind, entry.cls_name,
-                                                in_tags=in_tags, out_tags=out_tags,
-                                                op_name=getattr(rule.op_factory, "__qualname__", ""))
+                                                op_name=getattr(rule.op_factory, "__qualname__", ""),
+                                                entry_path=entry.path)
                 else:
                     why = (f"registered {entry.cls_name} has no 2D op in this checkout" if entry.kind == "module"
-                           else (reasons or {}).get(path) or f"{entry.cls_name} contains pair ops no rule covers")
-                    if s_err:
-                        why += f" (structural rewrite: {s_err})"
+                           else f"{entry.cls_name} was asked to run gathered")
                     plan.actions[path] = Action(path, "fallback", why, rule.kind if rule else "unsupported",
-                                                entry.cls_name, full_bytes=full, in_tags=in_tags, out_tags=out_tags)
-    # 2. uncovered pair ops and structural matches without an op -> the innermost module
-    reasons: dict = {}
-    for prefix, nd, path, reason in match_result.uncovered:
-        reasons.setdefault((prefix, path), []).append((nd, reason))
-    for m in match_result.matches:
-        if m.rule.startswith("structural:"):
-            reasons.setdefault((m.graph, m.path), []).append((None, f"structural match {m.kind} ({m.rule}) "
-                                                                   f"in {m.module_cls or 'glue'} has no 2D op bound"))
-    for (prefix, path), items in reasons.items():
-        blk = next((b for b in capture.blocks.values() if b.rep == prefix), None) if prefix else None
-        inst = [p + path[len(blk.rep):] for p in blk.paths] if blk is not None and path.startswith(blk.rep) else [path]
-        first = items[0]
-        node_name = first[0].name if first[0] is not None else "-"
-        # only structural matches (no uncovered node) and a module to capture: the second round
-        # tries the structural rewrite first (strict raises there if it fails)
-        deferred = path != "" and all(nd is None for nd, _r in items)
-        if strict and not deferred:
-            cls = next((m.module_cls for m in match_result.matches if m.path == path), "") or path or "<top level>"
-            raise UnsupportedPairOpError(
-                f"autocp (strict): node {node_name!r} in module {path or '<top level>'} needs the full pair "
-                f"tensor: {first[1]}. Given: no registered module or structural rule with a 2D op covers it. "
-                f"Required: a distributed implementation. Fix: autocp.register_module({cls.split('.')[-1]}, "
-                f"lambda module, mesh: My2DOp(module, mesh)) (call='pair' for the op(z, mask, n_tokens=N) "
-                f"contract), or run with strict=False to gather -> run -> re-shard that module."
-            )
-        bnd = _boundary(capture, prefix, path)
-        for p in inst:
-            if p in plan.actions:
-                continue
-            plan.fallback_paths.add(p)
-            plan.boundary[p] = bnd
-            plan.reasons[p] = "; ".join(sorted({r for _n, r in items}))
+                                                entry.cls_name, full_bytes=full, entry_path=entry.path)
     return plan
 
 
-def _boundary(capture, prefix, path):
-    """[(shape, tags)] of the values a module hands to the rest of the graph (its outputs),
-    from the analysis -- the layouts the surrounding glue expects back from a fallback."""
-    from .match import module_path_of
-
-    gm = next((g for pre, g, _b in capture.graphs() if pre == prefix), None)
-    if gm is None:
-        return []
-
-    def inside(nd):
-        p = module_path_of(nd, prefix)[0]
-        return p == path or p.startswith(path + ".") if path else True
-
-    out = []
-    for nd in gm.graph.nodes:
-        if nd.op != "call_function" or not inside(nd):
-            continue
-        v = nd.meta.get("val")
-        tags = rec(nd).layout
-        if not isinstance(v, torch.Tensor) or not isinstance(tags, tuple):
-            continue
-        if any(not inside(u) or u.op == "output" for u in nd.users):
-            out.append((tuple(v.shape), tags))
-    return out
-
-
-def fallback_out_tags(meta, boundary, n):
-    """Output tags of a fallback module: the analysed layout of the matching boundary value
-    (same shape), else token-length dims -> r, c in order."""
-    canon = canonical_out_tags(meta, n)
-    res = []
-    for (shape, _d), c in zip(meta, canon):
-        hit = next((t for s, t in reversed(boundary or []) if tuple(s) == tuple(shape)
-                    and _token_tags_fit(t, s, n)), None)
-        res.append(tuple(x if x in ("r", "c", "s", None) else None for x in hit) if hit else c)
-    return res
-
-
-def _token_tags_fit(tags, shape, n) -> bool:
-    """A boundary layout is usable only if it puts the token tags 'r' / 'c' on dims of
-    length N (a layout analysed for a differently shaped value must not be reused)."""
-    return len(tags) == len(shape) and all(t not in ("r", "c") or s == n for t, s in zip(tags, shape))
-
-
-def _try_structural(entry, in_tags, out_tags, mesh, n_tokens):
-    """((kind, detail, rules, program), None) if the fallback module's graph can be rewritten
-    to run on tiles (:mod:`autocp.passes.structural`), else (None, why not)."""
-    from .structural import StructuralRewriteError, get_program
-
-    try:
-        prog = get_program(entry.module, entry.last_call, entry.in_meta or [], in_tags, n_tokens, mesh.p,
-                           out_tags, share_key=entry.key)
-    except StructuralRewriteError as exc:
-        return None, str(exc)
-    dirs = sorted({d for _n, d, _x in prog.contractions})
-    kind = "triangle_mult_out" if dirs == ["outgoing"] else ("triangle_mult_in" if dirs == ["incoming"]
-                                                             else "triangle_mult")
-    detail = "; ".join(f"{nm} -> Cannon {d}" for nm, d, _x in prog.contractions)
-    rules = ["structural:triangle_mult"] if prog.contractions else []
-    if prog.attentions:  # triangle attention -> the ring attention of autocp.ops.triangle_attn
-        akinds = sorted({k for _n, k, _x in prog.attentions})
-        akind = akinds[0] if len(akinds) == 1 else "triangle_attn"
-        kind = akind if not prog.contractions else f"{kind}+{akind}"
-        detail = "; ".join([detail] * bool(detail) + [f"{nm} -> ring attention ({x})" for nm, _k, x in prog.attentions])
-        rules.append("structural:triangle_attn")
-    return (kind, detail, "+".join(rules), prog), None
-
-
-def _structural_builder(entry, in_tags, out_tags, n_tokens, prog):
-    """The plan's builder of the StructuralOp; it holds the program built while planning
-    (the program cache is weak), so building the op does not capture the module again."""
-    from .structural import StructuralOp
-
-    def build(module, mesh):
-        return StructuralOp(module, mesh, entry.last_call, entry.in_meta or [], in_tags, n_tokens,
-                            path=entry.path, out_tags=out_tags, share_key=entry.key)
-
-    return build
+def opaque_layouts(entry, in_tags, n: int):
+    """``(in_tags, out_tags)`` of an opaque call whose tensor inputs arrive with ``in_tags``
+    (the sharding pass's tags, canonical): a registered module takes them as they are and
+    returns ``rule.out_layouts(in_tags)`` (default: its first input's layout); a module run
+    gathered returns its token-length dims as ``r``, ``c`` in order."""
+    in_tags = [canonical_tags(t) if isinstance(t, tuple) else None for t in in_tags]
+    if entry.kind == "module":
+        rule = entry.rule
+        if rule is not None and rule.out_layouts is not None:
+            out = list(rule.out_layouts(in_tags))
+        else:
+            out = [in_tags[0]] if in_tags else [None]
+    else:
+        out = entry.out_tags or canonical_out_tags(entry.out_meta or [], n)
+    return in_tags, [canonical_tags(t) if isinstance(t, tuple) else t for t in out]
 
 
 def _op_available(rule, module, mesh) -> bool:

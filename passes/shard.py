@@ -2,8 +2,8 @@
 
 Requires: a captured graph (:mod:`autocp.passes.trace`) with ``node.meta["val"]`` (global
 FakeTensors), the tags of its user inputs, the global sizes (N, MSA depth), the mesh side
-p, and a resolver for its opaque nodes (registered / structurally matched / fallback
-modules and repeated blocks).
+p, and a resolver for its opaque nodes (registered modules -- their 2D ops or gathered --
+and repeated blocks).
 
 Guarantees (the soundness rule): every node of the emitted graph is one of
 
@@ -48,8 +48,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import block_size
 from . import tile_ops as T
-from .structural import (StructuralRewriteError, attention_nodes, einsum_letters, fill_nodes, match_attention,
-                         match_sdpa, pack_kv, tile_attention)
+from .attention import (AttentionMismatch, attention_nodes, einsum_letters, fill_nodes, match_attention, match_sdpa,
+                        pack_kv, tile_attention)
 from .record import put, rec
 
 __all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
@@ -397,12 +397,12 @@ class _Sharder:
 
     def attention(self, av):
         """A triangle attention over a block-sharded key axis: the ring of
-        :func:`autocp.passes.structural.tile_attention` (keys over all N tokens, O(N^2/P)).
+        :func:`autocp.passes.attention.tile_attention` (keys over all N tokens, O(N^2/P)).
         Any other region runs op by op through the rules."""
         sm, covered = self.attn_at[av]
         try:
             sp, key = match_attention(sm, self._match_layout)
-        except StructuralRewriteError as e:
+        except AttentionMismatch as e:
             sp = None
             self.note("attention-unmatched", str(e))
         if sp is None:
@@ -1633,7 +1633,7 @@ def _sdpa(s, node):
     mask = kw.get("attn_mask")
     try:  # a triangle attention: the ring (O(N^2/P)) rather than keys gathered along their axis
         sp, key = match_sdpa(node, s._match_layout)
-    except StructuralRewriteError:
+    except AttentionMismatch:
         sp = None
     if sp is not None:
         return s.ring_attention(node, sp, key)

@@ -12,7 +12,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["map_tagged", "op_name", "layout_name", "kind_of", "canonical_out_tags", "TOKEN_TAGS"]
+__all__ = ["map_tagged", "op_name", "layout_name", "kind_of", "canonical_out_tags", "TOKEN_TAGS",
+           "infer_input_layouts", "tags_of_layout"]
 
 TOKEN_TAGS = ("r", "c")
 
@@ -43,7 +44,8 @@ def layout_name(tags) -> str:
     if isinstance(tags, list):
         return ", ".join(layout_name(t) for t in tags)
     real = [t for t in tags if t is not None]
-    body = "[" + ",".join(t if t is not None else "." for t in tags) + "]"
+    body = "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
+                          for t in tags) + "]"
     if not real:
         return "Replicated"
     if real == ["r", "c"]:
@@ -82,3 +84,45 @@ def canonical_out_tags(meta, n):
                 tags[d] = next(order, None)
         out.append(tuple(tags))
     return out
+
+
+def infer_input_layouts(inputs: list, n_tokens: Optional[int] = None):
+    """Guess tag tuples for the flattened tensor inputs: ``[B,N,N,...]`` -> Pair2D,
+    ``[B,S,N,...]`` / ``[B,S,N]`` (S != N) -> MsaTiles, ``[B,N,...]`` -> RowToken, else Replicated.
+    N is the first square pair tensor's length when not given."""
+    if n_tokens is None:
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.shape[1] == t.shape[2]:
+                n_tokens = int(t.shape[1])
+                break
+    if n_tokens is None:
+        raise ValueError(
+            "autocp: cannot tell the token length N from the inputs (no [B, N, N, ...] pair tensor). "
+            "Fix: pass input_layouts={name: autocp.Pair2D() | RowToken() | ...} to parallelize."
+        )
+    out = []
+    for t in inputs:
+        if not isinstance(t, torch.Tensor):
+            out.append(None)
+            continue
+        tags = [None] * t.dim()
+        if t.dim() >= 3 and t.shape[1] == n_tokens and t.shape[2] == n_tokens:
+            tags[1], tags[2] = "r", "c"
+        elif t.dim() >= 3 and t.shape[2] == n_tokens and t.shape[1] != n_tokens:  # [B,S,N(,C)]
+            tags[1], tags[2] = "s", "c"
+        elif t.dim() >= 2 and t.shape[1] == n_tokens:
+            tags[1] = "r"
+        out.append(tuple(tags))
+    return out, n_tokens
+
+
+def tags_of_layout(layout, ndim: int):
+    """Tag tuple of an :class:`autocp.layout.Layout` for a tensor with ``ndim`` dims."""
+    tags = [None] * ndim
+    name = type(layout).__name__
+    for d, a in zip(layout.dims, layout.axes):
+        if name == "MsaTiles" and a == "r":
+            tags[d] = "s"
+        else:
+            tags[d] = a
+    return tuple(tags)

@@ -1,8 +1,7 @@
 """One base class for the modules that stand in for a user module.
 
-:class:`GatherFallback` (runs a module gathered), :class:`~autocp.passes.structural.StructuralOp`
-(runs its rewritten tile program) and :class:`~autocp.passes.emit.ParallelModule` (the
-whole parallel model) all *adopt* the wrapped module's state and *hold* the module:
+:class:`GatherFallback` (runs a module gathered) and
+:class:`~autocp.passes.emit.ParallelModule` (the whole parallel model) both *adopt* the wrapped module's state and *hold* the module:
 
 * its children, direct parameters and buffers are registered on the wrapper under the
   same names (shared objects), so ``state_dict`` keys, ``parameters()`` and optimizers

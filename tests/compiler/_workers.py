@@ -33,16 +33,6 @@ def pairformer_inputs(n, cs=16, cz=8, seed=1):
     return s, z, mask, pair_mask
 
 
-def strict_plan(model, inputs):
-    """The planner with ``strict=True`` (every pair op bound to a 2D op, else
-    ``UnsupportedPairOpError`` naming the node, the reason and the fix)."""
-    from autocp.mesh import SquareMesh
-    from autocp.passes.pipeline import compile_stages, resolve_input_tags
-
-    tags, n = resolve_input_tags(model, inputs, {}, None)
-    return compile_stages(model, inputs, {}, tags, n, SquareMesh.single(), strict=True)
-
-
 def loss_weights(outs, seed=2):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(o.shape, generator=g) for o in outs]

@@ -1,4 +1,5 @@
-"""Single-process tests of the compiler passes: trace, analyze, match, explain, errors."""
+"""Single-process tests of the compiler passes: trace, claims, the sharding pass's layouts and
+notes (the one propagator), explain, errors."""
 
 import warnings
 
@@ -7,11 +8,10 @@ import torch
 from torch import nn
 
 from autocp.api import estimate, explain, parallelize
-from autocp.passes.analyze import analyze, infer_input_layouts, layout_name
-from autocp.passes.match import match
-from autocp.passes.rewrite import UnsupportedPairOpError
+from autocp.passes.shard import ShardingError
+from autocp.passes.tags import infer_input_layouts, layout_name
 from autocp.passes.trace import OPAQUE_OP, CaptureError, capture
-from tests.compiler._workers import build_pairformer, pairformer_inputs, strict_plan
+from tests.compiler._workers import build_pairformer, pairformer_inputs
 from autocp.passes.record import rec
 
 
@@ -68,21 +68,22 @@ def test_untraceable_model_error_names_module_construct_and_fix():
     assert "Fix" in msg and "torch.where" in msg
 
 
-def test_analyze_layouts_of_boltz_block():
+def _notes(pm, what=None):
+    return [nt for nt in pm.report.glue.notes if what is None or nt.what == what]
+
+
+def test_propagated_layouts_of_boltz_block():
+    """The sharding pass's tags are the layouts: the block's outputs, the boundary layouts of
+    each registered module as the glue hands them over, and no gather in the glue."""
     m = build_pairformer(2, blocks=2).train()
     inputs = pairformer_inputs(7)
-    cap = capture(m, inputs)
     tags, n = infer_input_layouts(list(inputs))
     assert n == 7 and [layout_name(t) for t in tags] == ["RowToken", "Pair2D", "RowToken", "Pair2D"]
-    an = analyze(cap, tags, n)
-    assert [layout_name(t) for t in an.output_tags] == ["RowToken", "Pair2D"]
-    assert an.needs_full == []  # everything outside the registered modules is tile-local
-    blk = next(iter(cap.blocks.values()))
-    by_path = {rec(n).opaque.path: n for n in blk.gm.graph.nodes if n.target is OPAQUE_OP}
-    att = by_path["layers.0.attention"]
-    assert [layout_name(t) for t in rec(att).in_layouts] == ["RowToken", "Pair2D", "RowToken", "RowToken"]
-    # the dropout masks rand([1, N, 1, 1]) are token-axis shape constants recomputed on tiles
-    assert len(an.shape_rewrites) >= 4
+    pm = parallelize(m, None, example_inputs=inputs)
+    assert [layout_name(t) for t in pm.output_tags] == ["RowToken", "Pair2D"]
+    assert not [nt for nt in _notes(pm) if nt.what in ("gather", "op-gather")]
+    row = next(r for r in pm.report.rows if r.path == "layers.1.attention")
+    assert row.in_layouts == "RowToken, Pair2D, RowToken, RowToken" and row.out_layouts == "RowToken"
 
 
 def _af3like():
@@ -96,48 +97,40 @@ def _af3like():
     return m, (z, s, mask, mask[:, :, None] * mask[:, None, :])
 
 
-def test_structural_matches_on_foreign_spelling():
+def test_triangle_ops_recognised_in_a_foreign_spelling():
+    """af3like's triangle updates (matmul + permutes) and attentions (masked_fill, the ending
+    node transposed outside the module) run as rings with no registration; its pair-bias
+    attention over token tensors runs as a distributed softmax + contraction."""
     m, inputs = _af3like()
-    cap = capture(m, inputs)
-    tags, n = infer_input_layouts(list(inputs))
-    analyze(cap, tags, n)
-    match(cap)
-    analyze(cap, tags, n)
-    res = match(cap)
-    got = sorted((x.path, x.kind, x.rule) for x in res.matches)
-    assert got == sorted([
-        ("blocks.0.mul_o", "triangle_mult_out", "structural:triangle_mult"),
-        ("blocks.0.mul_i", "triangle_mult_in", "structural:triangle_mult"),
-        ("blocks.0.att_row", "triangle_attn_start", "structural:attention"),
-        ("blocks.0.att_col", "triangle_attn_end", "structural:attention"),
-        ("blocks.0.single", "pair_bias_attn", "structural:attention"),
-    ])
-    assert res.uncovered == []  # every pair op that needs the full tensor is inside a match
-    mo = next(x for x in res.matches if x.kind == "triangle_mult_out")
-    assert mo.out_layouts == ["Pair2D"]
+    pm = parallelize(m, None, example_inputs=inputs, strict=True)
+    assert pm.plan.actions == {}  # nothing registered: every op is the rule table's
+    rings = sorted(nt.detail.split(" (")[0].split(":")[0] for nt in _notes(pm, "ring"))
+    assert rings == ["triangle attention", "triangle attention", "triangle contraction over token letter 'K'",
+                     "triangle contraction over token letter 'K'"], rings
+    details = " ".join(nt.detail for nt in _notes(pm, "ring"))
+    assert "outgoing" in details and "incoming" in details and "starting node" in details and "ending node" in details
+    assert not [nt for nt in _notes(pm) if nt.what in ("gather", "op-gather")]
+    ref = m(*inputs)
+    for a, b in zip(pm(*inputs), ref):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_strict_raises_on_unsupported_pair_op_and_default_warns():
-    m, inputs = _af3like()
-    # the planner's refusal (a strict plan binds every pair op to a 2D op)
-    with pytest.raises(UnsupportedPairOpError) as ei:
-        strict_plan(m, inputs)
+class _SortsTokens(nn.Module):
+    def forward(self, z):
+        return z.sort(dim=1).values + z
+
+
+def test_strict_refuses_a_pair_gather_and_default_warns():
+    z = torch.randn(1, 7, 7, 4)
+    with pytest.raises(ShardingError) as ei:
+        parallelize(_SortsTokens(), None, example_inputs=(z,), strict=True)
     msg = str(ei.value)
-    assert "node" in msg and "register_module" in msg and "blocks.0." in msg
-    # emit="graph" (default): strict refuses gathers only; this trunk's unbound ops all run
-    # tile-local or distributed, so strict passes
-    parallelize(m, None, example_inputs=inputs, strict=True)
-    # default: the unbound module's ops go through the shard pass one by one (exact; on a
-    # mesh an op that needs a whole pair tensor gathers it and warns), not gathered whole
+    assert "aten.sort" in msg and "two sharded axes" in msg and "Fix" in msg and "strict=False" in msg
     with warnings.catch_warnings(record=True) as wl:
         warnings.simplefilter("always")
-        pm = parallelize(m, None, example_inputs=inputs)
-    assert not [w for w in wl if "runs gathered" in str(w.message)]
-    assert "glue" in {a.action for a in pm.plan.actions.values()}
-    ref = m(*inputs)
-    out = pm(*inputs)
-    for a, b in zip(out, ref):
-        assert torch.allclose(a, b, atol=1e-5)
+        pm = parallelize(_SortsTokens(), None, example_inputs=(z,))
+    assert [w for w in wl if "gather a pair tensor" in str(w.message)]
+    torch.testing.assert_close(pm(z), _SortsTokens()(z))
 
 
 def test_explain_lists_every_triangle_op_of_4_block_pairformer(tmp_path):
@@ -205,13 +198,12 @@ def test_register_module_binds_custom_class_to_2d_op():
     spec.loader.exec_module(ex)
     model, inputs = ex.make()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # unregistered: ported by the structural rewrite, not gathered
-        pm = parallelize(model, None, example_inputs=inputs)
-    kinds = sorted({(r.path, r.kind) for r in pm.report.rows if r.rule.startswith("structural:")})
-    assert kinds == [("ins.0", "triangle_mult_in"), ("ins.1", "triangle_mult_in"),
-                     ("outs.0", "triangle_mult_out"), ("outs.1", "triangle_mult_out")]
-    assert {p: (a.action, a.why) for p, a in pm.plan.actions.items()} == {
-        p: ("op", "structural:triangle_mult") for p in ("outs.0", "outs.1", "ins.0", "ins.1")}
+        warnings.simplefilter("error")  # unregistered: its contractions run as rings, not gathered
+        pm = parallelize(model, None, example_inputs=inputs, strict=True)
+    assert pm.plan.actions == {}
+    dirs = sorted(nt.detail.split("(")[1].split(",")[0] for nt in _notes(pm, "ring"))
+    assert dirs == ["incoming", "outgoing"], dirs  # one program per repeated block: each once
+    torch.testing.assert_close(pm(*inputs), model(*inputs))
     ex.register()
     pm = parallelize(model, None, example_inputs=inputs, strict=True)
     acts = {p: a.action for p, a in pm.plan.actions.items()}

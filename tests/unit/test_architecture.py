@@ -57,7 +57,7 @@ def _imports():
 
 def test_scan_sees_the_package():
     g, _ = _imports()
-    assert g.has_edge("autocp.passes.analyze", "autocp.passes.trace")
+    assert g.has_edge("autocp.passes.shard", "autocp.passes.attention")
     assert len(g) > 30
 
 

@@ -6,18 +6,27 @@ import pytest
 import torch
 from torch import nn
 
-from autocp.passes.infra import (ANALYZE, CAPTURE, MATCH, PLAN, CompileState, PassBase, PassCheckError, PassManager,
-                                 checking)
-from autocp.passes.record import put, rec
+from autocp.passes.infra import CAPTURE, CLAIM, CompileState, PassBase, PassCheckError, PassManager, checking
 
 
-class Tiny(nn.Module):
+class Claimed(nn.Module):
+    """A module registered without a 2D op: captured opaque, claimed as "fallback"."""
+
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(4, 4)
 
     def forward(self, z):
-        return self.lin(z) + z.transpose(1, 2)
+        return self.lin(z)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Claimed()
+
+    def forward(self, z):
+        return self.inner(z) + z.transpose(1, 2)
 
 
 def _state():
@@ -32,35 +41,40 @@ def test_suite_checks_contracts():
 
 
 def test_pipeline_runs_every_pass_in_order():
-    st = PassManager([CAPTURE, ANALYZE, MATCH, PLAN], check=True)(_state())
-    assert st.log == ["capture", "analyze", "match", "plan"]
-    assert st.capture is not None and st.analysis is not None and st.matches is not None and st.plan is not None
+    import autocp
+
+    autocp.register_module(Claimed, None, kind="test_claimed")
+    st = PassManager([CAPTURE, CLAIM], check=True)(_state())
+    assert st.log == ["capture", "claim"]
+    assert st.plan.actions["inner"].action == "fallback"
 
 
 def test_requires_names_the_missing_input():
-    with pytest.raises(PassCheckError, match="'analyze' requires: no capture"):
-        PassManager([ANALYZE], check=True)(_state())
+    with pytest.raises(PassCheckError, match="'claim' requires: no capture"):
+        PassManager([CLAIM], check=True)(_state())
 
 
-def test_a_pass_that_breaks_the_records_fails_at_its_ensures():
+def test_a_pass_that_breaks_the_plan_fails_at_its_ensures():
+    import autocp
+
+    autocp.register_module(Claimed, None, kind="test_claimed")
+
     class Corrupt(PassBase):
-        """A buggy analysis: one layout with the wrong number of dims."""
+        """A buggy claim pass: it loses the action of a registered module."""
 
-        name = "analyze"
+        name = "claim"
 
         def call(self, state):
-            ANALYZE.call(state)
-            nd = next(n for n in state.capture.top.graph.nodes if n.op == "call_function"
-                      and isinstance(n.meta.get("val"), torch.Tensor))
-            put(nd, layout=(None, "r"))
+            CLAIM.call(state)
+            state.plan.actions.pop("inner")
 
-        ensures = ANALYZE.ensures
+        ensures = CLAIM.ensures
 
-    with pytest.raises(PassCheckError, match="'analyze' ensures: node .* has layout \\(None, 'r'\\) for a 4-dim"):
+    with pytest.raises(PassCheckError, match="'claim' ensures: opaque module inner has no plan action"):
         PassManager([CAPTURE, Corrupt()], check=True)(_state())
     # unchecked, the same bug passes silently: the contract is what catches it
     st = PassManager([CAPTURE, Corrupt()], check=False)(_state())
-    assert any(rec(n).layout == (None, "r") for n in st.capture.top.graph.nodes)
+    assert "inner" not in st.plan.actions
 
 
 def test_pass_check_error_is_not_an_exception():

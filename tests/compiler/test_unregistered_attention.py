@@ -1,6 +1,7 @@
 """Porting without registration, triangle attention: unregistered modules whose ATen graph
 holds ``softmax(q.k + pair bias + key mask) @ v`` over a token axis run the ring attention
-of ``autocp.ops.triangle_attn`` on their own tiles (passes/structural.py), not gathered.
+of ``autocp.ops.triangle_attn`` on their own tiles (recognised by the sharding pass,
+passes/attention.py), not gathered.
 
 Spellings: af3like's ``RowAttention`` (matmul + permutes, scaled scores, ``masked_fill``;
 the ending node by transposing z outside the module) and ``EinsumTriAttn`` below (einsum,
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from autocp.testing import run_distributed
-from tests.compiler.test_structural_rewrite import _check_case, _nograd_peaks, _pair_inputs, _parity, _redraw
+from tests.compiler.test_unregistered_trimul import _check_case, _nograd_peaks, _pair_inputs, _parity, _redraw, _rings
 
 
 class EinsumTriAttn(nn.Module):
@@ -86,6 +87,11 @@ class AttnLayer(nn.Module):
         return z + self.ff(z)
 
 
+def _kind(ring_detail: str) -> str:
+    """The note of a triangle attention ring -> triangle_attn_start / _end."""
+    return "triangle_attn_start" if "starting node" in ring_detail else "triangle_attn_end"
+
+
 EXPECTED = {"layer.att_row": "triangle_attn_start", "layer.att_col": "triangle_attn_end",
             "layer.e_start": "triangle_attn_start", "layer.e_end": "triangle_attn_end",
             "layer.e_inplace": "triangle_attn_start"}
@@ -113,15 +119,15 @@ def attention_worker(rank, world):
         big = _redraw(AttnModel(c=16)).eval()
         zb, pmb, _ = _pair_inputs(13, c=16)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")  # a gather fallback would warn
-            pmod = parallelize(big, mesh, example_inputs=(zb, pmb))
-        res["peak"] = _nograd_peaks(big, pmod, mesh, zb, pmb)
+            warnings.simplefilter("error")  # a gather would warn
+            pmod = parallelize(big, mesh, example_inputs=(zb, pmb), strict=True)
+        res["peak"] = _nograd_peaks(big, pmod, (zb, pmb))
     return res
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [9, 4])
-def test_structural_attention_parity_and_no_gather(world):
+def test_unregistered_attention_parity_strict(world):
     res = run_distributed(attention_worker, world, timeout=400)
     for rank, r in enumerate(res):
         a = r["parity"]
@@ -129,10 +135,7 @@ def test_structural_attention_parity_and_no_gather(world):
             print(f"\n{world} ranks: out {max(e / s for e, s in zip(a['out_err'], a['scale'])):.1e} rel, input grad "
                   f"{a['in_err']:.1e} rel, param grads {a['grad_err']:.1e} rel"
                   + (f"; peak/rank {r['peak'][0]} B vs single-device {r['peak'][1]} B" if "peak" in r else ""))
-        acts = {p: x for p, x in a["actions"].items() if p in EXPECTED}
-        assert sorted(acts) == sorted(EXPECTED), a["actions"]
-        for path, (action, why, kind) in acts.items():
-            assert (action, why, kind) == ("op", "structural:triangle_attn", EXPECTED[path]), (path, action, why, kind)
+        assert sorted(_kind(x) for x in a["rings"]) == sorted(EXPECTED.values()), a["rings"]
         _check_case(a, world, rank)
         if "peak" in r:
             peak, single = r["peak"]
@@ -154,17 +157,15 @@ class TokenBiasAttn(EinsumTriAttn):
         return self.o(o.reshape(B, N, N, self.h * self.d))
 
 
-def test_one_process_plan_and_unfit_attention_falls_back():
+def test_one_process_rings_and_unfit_attention_gathers():
     from autocp.api import parallelize
-    from autocp.passes.structural import StructuralOp
 
     model = _redraw(AttnModel())
     z, pm, _ = _pair_inputs(7)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing gathered
         pmod = parallelize(model, None, example_inputs=(z, pm), strict=True)
-    assert isinstance(pmod.inner.layer.e_end, StructuralOp)
-    assert all(pmod.plan.actions[p].why == "structural:triangle_attn" for p in EXPECTED)
+    assert sorted(_kind(x) for x in _rings(pmod)) == sorted(EXPECTED.values())
     assert (pmod(z, pm) - model(z, pm)).abs().max() < 1e-5
 
     class T(nn.Module):
@@ -178,6 +179,6 @@ def test_one_process_plan_and_unfit_attention_falls_back():
     bad = _redraw(T())
     with pytest.warns(UserWarning, match=r"glue op\(s\) gather a pair tensor"):
         pb = parallelize(bad, None, example_inputs=(z, pm))
-    act = pb.plan.actions["att"]
-    assert act.action == "glue" and "structural rewrite" in act.why and "triangle bias" in act.why, act.why
+    unmatched = [nt.detail for nt in pb.report.glue.notes if nt.what == "attention-unmatched"]
+    assert unmatched and "triangle bias" in unmatched[0], unmatched  # why the ring does not apply
     assert (pb(z, pm) - bad(z, pm)).abs().max() < 1e-5

@@ -1,15 +1,17 @@
-"""Porting without registration: structurally matched triangle multiplications of modules
-autocp has never seen are rewritten into real 2D computations (passes/structural.py),
+"""Porting without registration: the triangle multiplications of modules autocp has never
+seen run as real 2D computations -- the sharding pass's one rule table recognises each
+contraction over a token axis between two pair tensors and runs it on the Cannon ring --
 not gathered.
 
 Two foreign spellings (their own class names, einsum vs bmm + reshape, argument order
 (mask, z) vs (z, mask), no masking of autocp's padding) in a 2-block trunk, plus the
-AF3-like trunk of af3like.py (its triangle multiplications and triangle attentions
-rewritten, its pair-bias attention over token tensors still gathered; 2x2 only). 2x2 and 3x3 gloo meshes, N=7 (not divisible by 2 or 3), a pair mask with a
-masked token, all parameters re-drawn; forward, input gradient and every parameter
-gradient (after sync_grads) against the single-device model. The rewritten modules must
-not take the gather fallback: the plan says "op" and the measured per-rank peak of a
-forward is a fraction of the single-device one.
+AF3-like trunk of af3like.py (its triangle multiplications and triangle attentions on the
+rings, its pair-bias attention over token tensors a distributed softmax; 2x2 only). 2x2 and
+3x3 gloo meshes, N=7 (not divisible by 2 or 3), a pair mask with a masked token, all
+parameters re-drawn; forward, input gradient and every parameter gradient (after
+sync_grads) against the single-device model; ``strict=True`` (no pair gather); the explain
+notes list the rings; the measured per-rank peak of what runs (this rank's tiles in,
+``output="local"``) is a fraction of the single-device one.
 """
 
 import warnings
@@ -19,7 +21,6 @@ import torch
 from torch import nn
 
 from autocp.testing import run_distributed
-from tests.compiler._workers import strict_plan
 
 
 class EinsumMix(nn.Module):
@@ -123,22 +124,30 @@ def _pair_inputs(n, c=8, seed=1):
     return z, mask[:, :, None] * mask[:, None, :], mask
 
 
-def _nograd_peaks(big, pmod, mesh, zb, pmb):
-    """(per-rank peak of the parallel no-grad forward on this rank's tiles, peak of the
-    single-device model) in live tensor bytes, parameters and inputs included."""
-    from autocp.layout import Pair2D
-    from autocp.memory import MemoryTracker
-    from autocp.passes.context import tile_context
+def _nograd_peaks(big, pmod, inputs):
+    """(per-rank peak of the parallel no-grad forward -- what runs: this rank's tiles in
+    (``pm.to_tiles``), tiles out --, peak of the single-device model) in live tensor bytes,
+    parameters and inputs included."""
+    from torch.distributed.tensor import DTensor
 
-    n = zb.shape[1]
-    loc = [Pair2D().shard(zb, mesh).clone(), Pair2D().shard(pmb, mesh).clone()]
+    from autocp.memory import MemoryTracker
+
     with torch.no_grad():
+        a, kw = pmod.to_tiles(*inputs)
+        loc = [x.to_local() if isinstance(x, DTensor) else x for x in a]
         with MemoryTracker(track=[*big.parameters(), *loc]) as mt:
-            with tile_context(mesh, n):
-                pmod.inner(*loc)
-        with MemoryTracker(track=[*big.parameters(), zb, pmb]) as mt1:
-            big(zb, pmb)
+            pmod(*a, output="local", **kw)
+        with MemoryTracker(track=[*big.parameters(), *inputs]) as mt1:
+            big(*inputs)
     return mt.peak_bytes, mt1.peak_bytes
+
+
+def _rings(pm):
+    return [nt.detail for nt in pm.report.glue.notes if nt.what == "ring"]
+
+
+def _pair_gathers(pm):
+    return [nt.detail for nt in pm.report.glue.notes if nt.what in ("gather", "op-gather") and nt.pair]
 
 
 def _parity(model, inputs, mesh, grad_inputs=(0,)):
@@ -147,9 +156,7 @@ def _parity(model, inputs, mesh, grad_inputs=(0,)):
     from autocp.api import parallelize
     from autocp.ops.common import sync_grads
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # af3like's attentions still warn (gathered)
-        pm = parallelize(model, mesh, example_inputs=inputs)
+    pm = parallelize(model, mesh, example_inputs=inputs, strict=True)  # no pair gather
     ins_ref = [x.clone().requires_grad_(i in grad_inputs) for i, x in enumerate(inputs)]
     ins_par = [x.clone().requires_grad_(i in grad_inputs) for i, x in enumerate(inputs)]
     ref = model(*ins_ref)
@@ -178,11 +185,13 @@ def _parity(model, inputs, mesh, grad_inputs=(0,)):
         "in_err": in_err,
         "grad_err": max(rel.values()),
         "missing": missing,
-        "actions": {p: (a.action, a.why, a.kind) for p, a in pm.plan.actions.items()},
+        "actions": {p: a.action for p, a in pm.plan.actions.items()},
+        "rings": _rings(pm),
+        "pair_gathers": _pair_gathers(pm),
     }
 
 
-def structural_worker(rank, world, full=True):
+def trimul_worker(rank, world, full=True):
     import autocp
     from autocp.api import parallelize
 
@@ -205,9 +214,8 @@ def structural_worker(rank, world, full=True):
     # 3. memory: per-rank peak of a no-grad forward, N=13, vs the single-device model
     big = _redraw(ForeignTrunk(c=16)).eval()
     zb, pmb, _ = _pair_inputs(13, c=16)
-    pmod = parallelize(big, mesh, example_inputs=(zb, pmb))
-    res["peak"] = (*_nograd_peaks(big, pmod, mesh, zb, pmb), zb.numel() * zb.element_size())
-    res["peak_actions"] = sorted({a.action for a in pmod.plan.actions.values()})
+    pmod = parallelize(big, mesh, example_inputs=(zb, pmb), strict=True)
+    res["peak"] = (*_nograd_peaks(big, pmod, (zb, pmb)), zb.numel() * zb.element_size())
     return res
 
 
@@ -219,31 +227,24 @@ def _check(res, world, full=True):
                 f"{k}: out {max(e / sc for e, sc in zip(r[k]['out_err'], r[k]['scale'])):.1e} rel, input grad "
                 f"{r[k]['in_err']:.1e} rel, param grads {r[k]['grad_err']:.1e} rel" for k in ("foreign", "af3like")
                 if k in r) + (f"; peak/rank {r['peak'][0]} B vs single-device {r['peak'][1]} B" if full else ""))
-        assert sorted(f["actions"]) == sorted(TRIMUL_PATHS), f["actions"]
-        for path, (action, why, kind) in f["actions"].items():
-            assert action == "op" and why == "structural:triangle_mult", (path, action, why)
-            assert kind == ("triangle_mult_out" if path.endswith("_out") else "triangle_mult_in"), (path, kind)
+        # one program per repeated block: its outgoing and incoming pairs (einsum, bmm) once each
+        assert sorted(f["rings"]) == sorted(
+            [f"triangle contraction over token letter '{k}' ({d}, Cannon ring)"
+             for k in ("k", "K") for d in ("outgoing", "incoming")]), f["rings"]
         _check_case(f, world, rank)
         if not full:
             a = r["af3like"]
-            for i in range(2):
-                for name, kind in (("mul_o", "triangle_mult_out"), ("mul_i", "triangle_mult_in")):
-                    act = a["actions"][f"blocks.{i}.{name}"]
-                    assert act == ("op", "structural:triangle_mult", kind), act
-                # triangle attentions: rewritten too (tests/compiler/test_structural_attention.py);
-                # the pair-bias attention over token tensors still runs gathered
-                assert a["actions"][f"blocks.{i}.att_row"] == ("op", "structural:triangle_attn", "triangle_attn_start")
-                assert a["actions"][f"blocks.{i}.att_col"] == ("op", "structural:triangle_attn", "triangle_attn_end")
-                assert a["actions"][f"blocks.{i}.single"][0] == "glue"
+            kinds = sorted(x.split(":")[0].split(" over")[0] for x in a["rings"])
+            assert kinds == ["triangle attention"] * 2 + ["triangle contraction"] * 2, a["rings"]
             _check_case(a, world, rank)
             continue
         peak, single, full_z = r["peak"]
-        assert r["peak_actions"] == ["op"]
         # gathered execution would hold at least the single-device working set per rank
         assert peak < 0.5 * single, (world, rank, peak, single, full_z)
 
 
 def _check_case(case, world, rank):
+    assert case["actions"] == {} and case["pair_gathers"] == [], case  # nothing registered, nothing gathered
     assert case["missing"] == [], case["missing"]
     for err, scale in zip(case["out_err"], case["scale"]):
         assert err <= 1e-5 * scale, (world, rank, case["out_err"], case["scale"])
@@ -253,45 +254,29 @@ def _check_case(case, world, rank):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [4, 9])
-def test_structural_trimul_parity_and_no_gather(world):
+def test_unregistered_trimul_parity_strict(world):
     # 3x3: the foreign trunk + memory; 2x2: both trunks (keeps the file near ~90 s on 2 CPU cores)
     full = world == 9
-    res = run_distributed(structural_worker, world, full, timeout=400)
+    res = run_distributed(trimul_worker, world, full, timeout=400)
     _check(res, world, full)
 
 
-def test_one_process_plan_and_strict():
+def test_one_process_rings_and_shapes():
     from autocp.api import parallelize
-    from autocp.passes.rewrite import UnsupportedPairOpError
-    from autocp.passes.structural import StructuralOp
 
     model = _redraw(ForeignTrunk())
     z, pm_, _ = _pair_inputs(7)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no gather warning: everything is rewritten
+        warnings.simplefilter("error")  # no gather warning: every contraction is a ring
         pm = parallelize(model, None, example_inputs=(z, pm_), strict=True)
-    assert isinstance(pm.inner.layers[1].b_in, StructuralOp)
+    assert len(_rings(pm)) == 4 and pm.plan.actions == {}
     assert list(pm.state_dict()) == list(model.state_dict())
     assert all(a is b for a, b in zip(pm.parameters(), model.parameters()))
     assert (pm(z, pm_) - model(z, pm_)).abs().max() < 1e-5
     # another N than the example: re-captured for that N
     z9, pm9, _ = _pair_inputs(9)
     assert (pm(z9, pm9) - model(z9, pm9)).abs().max() < 1e-5
-    text = pm.explain()
-    assert "structural:triangle_mult" in text
-    # strict on a pair op the structural rewrite cannot port (pair-bias attention over token
-    # tensors, softmax over a token axis) raises, naming the module and why
-    from tests.compiler.af3like import Trunk
-
-    af = Trunk()
-    z8, pm8, mask = _pair_inputs(7)
-    s = torch.randn(1, 7, 8)
-    with pytest.raises(UnsupportedPairOpError) as ei:
-        strict_plan(af, (z8, s, mask, pm8))
-    msg = str(ei.value)
-    assert "blocks.0.single (SingleAttention)" in msg and "softmax" in msg and "register_module" in msg
-    assert "not pair-derived" in msg
-    assert "structural rewrite" in msg and "Fix" in msg
+    assert "Cannon ring" in pm.explain()
 
 
 class SlicingMix(EinsumMix):
@@ -301,7 +286,7 @@ class SlicingMix(EinsumMix):
         return super().forward(m, z) + z[:, :1, :1]
 
 
-def test_unportable_module_falls_back_with_reason():
+def test_token_slice_beside_a_ring():
     from autocp.api import parallelize
 
     class T(nn.Module):
@@ -318,6 +303,5 @@ def test_unportable_module_falls_back_with_reason():
         warnings.simplefilter("always")
         pm = parallelize(model, None, example_inputs=(z, pm_), strict=True)
     assert not [w for w in wl if "gather" in str(w.message)], [str(w.message) for w in wl]
-    act = pm.plan.actions["mix"]  # no 2D op: its ops run one by one through the shard pass
-    assert act.action == "glue" and "structural rewrite" in act.why and "slice" in act.why, act.why
+    assert len(_rings(pm)) == 1 and pm.plan.actions == {}
     assert (pm(z, pm_) - model(z, pm_)).abs().max() < 1e-5
