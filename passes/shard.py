@@ -443,7 +443,7 @@ class _Sharder:
         fn = RULES.get(tgt)
         if fn is None and isinstance(tgt, torch._ops.OpOverload):
             fn = RULES.get(tgt.overloadpacket)
-            if fn is None and torch.Tag.pointwise in tgt.tags:
+            if fn is None and (torch.Tag.pointwise in tgt.tags or _pointwise_alias(tgt)):
                 fn = _pointwise
         if fn is None and isinstance(tgt, torch._ops.HigherOrderOperator):
             fn = RULES.get(getattr(tgt, "__name__", ""))
@@ -453,6 +453,30 @@ class _Sharder:
 
 
 # ----------------------------------------------------------------------------- rules
+#: ATen alias ops that carry no ``pointwise`` tag of their own but are pointwise ops under
+#: another name (``torch.multiply``, ``torch.greater_equal``, ...: einx and numpy-style code
+#: call them) -> the op they alias. Without this they ran gathered ("no sharding rule").
+POINTWISE_ALIASES = {
+    "multiply": "mul", "divide": "div", "true_divide": "div", "subtract": "sub", "negative": "neg",
+    "greater_equal": "ge", "greater": "gt", "less_equal": "le", "less": "lt", "not_equal": "ne",
+    "absolute": "abs", "clip": "clamp", "fix": "trunc", "arccos": "acos", "arcsin": "asin", "arctan": "atan",
+    "arctan2": "atan2", "arccosh": "acosh", "arcsinh": "asinh", "arctanh": "atanh", "special_expit": "sigmoid",
+    "special_exp2": "exp2", "special_expm1": "expm1", "special_log1p": "log1p", "special_round": "round",
+    "special_sinc": "sinc", "special_logit": "logit", "special_xlogy": "xlogy", "special_erf": "erf",
+    "special_erfc": "erfc", "special_erfinv": "erfinv", "special_i0": "i0", "special_psi": "digamma",
+    "special_digamma": "digamma", "special_gammaln": "lgamma", "special_ndtri": "ndtri",
+}
+
+
+def _pointwise_alias(op) -> bool:
+    """``op`` (an OpOverload) is an alias of a pointwise op (:data:`POINTWISE_ALIASES`)."""
+    target = POINTWISE_ALIASES.get(op.overloadpacket.__name__)
+    if target is None:
+        return False
+    packet = getattr(aten, target, None)
+    return packet is not None and any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
+
+
 def _inputs_tensor_nodes(node):
     out = []
     for a in tree_flatten((node.args, node.kwargs))[0]:

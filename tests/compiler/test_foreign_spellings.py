@@ -12,7 +12,11 @@
   ring (``strict=True``: no gather), outputs and input gradients exact;
 * pair-weighted averaging spelled as one einsum of a pair tensor and an MSA tensor over a
   token letter (MSA-Pairformer's ``einsum(weights, values, 'b h i j, b h s j d -> b h s i d')``),
-  and an MSA-axis count of a mask expanded over the MSA rows, run on rings (strict)."""
+  and an MSA-axis count of a mask expanded over the MSA rows, run on rings (strict);
+* ATen alias ops (``torch.multiply``, ``torch.greater_equal``, ``torch.less``, ``torch.divide``,
+  ``torch.subtract``: what einx and numpy-style code call; they carry no pointwise tag) on pair
+  tensors run tile-local (strict; they ran gathered as "no sharding rule" -- the outer product
+  mean and the windowed masks of alphafold3-pytorch's whole model)."""
 
 import pytest
 import torch
@@ -97,6 +101,21 @@ class EinsumPWA(nn.Module):
         return o.permute(0, 2, 3, 1, 4).flatten(-2) + cnt.sum(-1)[:, None, :, None]
 
 
+class AliasOps(nn.Module):
+    """Pointwise ops called by their alias names, on a pair tensor and a pair mask built from a
+    token mask (einx.multiply / einx.logical_and and numpy-style comparisons)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, z, mask):
+        pair = torch.logical_and(mask[:, :, None] > 0.5, mask[:, None, :] > 0.5)
+        v = torch.multiply(self.lin(z), pair[..., None].to(z.dtype))
+        band = torch.logical_and(torch.greater_equal(v, -1.0), torch.less(v, 1.0))
+        return torch.subtract(torch.divide(v, 2.0), torch.multiply(band.to(v.dtype), z))
+
+
 class WholeScan(nn.Module):
     """A cumulative sum over the flattened pair: needs the whole tensor on every rank."""
 
@@ -121,7 +140,8 @@ def spellings_worker(rank, world):
     tok_mask = torch.ones(1, n)
     tok_mask[0, 5] = 0
     for name, model, args, kwargs in (("pwa", EinsumPWA(), (msa, z, tok_mask), {}),
-                                      ("opm", EinsumOPM(), (msa, msa_mask), {}),("drop", RandDrop().train(), (z,), {"bias": None, "use_kernels": False}),
+                                      ("opm", EinsumOPM(), (msa, msa_mask), {}),
+                                      ("alias", AliasOps(), (z, tok_mask), {}), ("drop", RandDrop().train(), (z,), {"bias": None, "use_kernels": False}),
                                       ("lens", IntLengths(), (z, lens), {}), ("scan", WholeScan(), (z,), {}),
                                       ("none", NoneFirst(), (z,), {})):
         torch.manual_seed(0)
@@ -130,8 +150,9 @@ def spellings_worker(rank, world):
         with warnings.catch_warnings(record=True) as wl:
             warnings.simplefilter("always")
             lays = {"opm": {"m": MsaTiles(), "mask": MsaTiles()},
-                    "pwa": {"m": MsaTiles(), "z": Pair2D(), "mask": RowToken()}}.get(name)
-            pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=name in ("opm", "pwa"),
+                    "pwa": {"m": MsaTiles(), "z": Pair2D(), "mask": RowToken()},
+                    "alias": {"z": Pair2D(), "mask": RowToken()}}.get(name)
+            pm = autocp.parallelize(model, mesh, example_inputs=(args, kwargs), strict=name in ("opm", "pwa", "alias"),
                                     input_layouts=lays)
             zp = args[0].clone().requires_grad_(True)
             torch.manual_seed(3)
@@ -159,6 +180,7 @@ def test_foreign_spellings(world):
             assert c["err"] < 1e-5 and c["gerr"] < 1e-5, (name, c)
         assert r["drop"]["tags"] == [(None, "r", "c", None)]
         assert not r["opm"]["warnings"], r["opm"]["warnings"]
+        assert not [w for w in r["alias"]["warnings"] if "autocp" in w], r["alias"]["warnings"]
         assert not [w for w in r["pwa"]["warnings"] if "autocp" in w], r["pwa"]["warnings"]
         assert r["lens"]["tags"] == [(None, "r", "c", None), (None, "r")]
         gathers = [w for w in r["scan"]["warnings"] if "gather a pair tensor" in w]
