@@ -214,8 +214,11 @@ def render(rep: Report, memory: bool = False, mesh_shape=None) -> str:
     def line(vals):
         return "  ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths))
 
-    out = [head, line(cols), line(["-" * w for w in widths])]
-    out += [line(d) for d in data]
+    if data:
+        out = [head, line(cols), line(["-" * w for w in widths])]
+        out += [line(d) for d in data]
+    else:
+        out = [head, "no module claimed (no registered module): every op runs through the rule table"]
     if rep.islands is not None:
         isl = rep.islands()
         out.append(f"submodules run so far: {sum(m == 'captured' for _, m, _ in isl)} captured (their sharded tile "
