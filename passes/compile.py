@@ -12,7 +12,8 @@ from .emit import ParallelModule
 from .explain import build_report
 from .graph_emit import build_graph_runner
 from .pipeline import compile_stages
-from .rewrite import GatherFallback
+from .rewrite import Action, GatherFallback, entry_full_bytes, refused_module_paths
+from .shard import ShardingError
 from .trace import structural_clone
 
 __all__ = ["graph_module", "warn_fallbacks"]
@@ -40,9 +41,29 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
     glue = GlueLog()
 
     def builder(a, kw, n_, n_seq_):
-        runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
-                                    strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
-                                    pair_dtype=pair_dtype)
+        while True:
+            try:
+                runner = build_graph_runner(model, a, kw, plan, replacements, input_tags, n_, n_seq_, sq,
+                                            strict=strict, reuse_blocks=reuse_blocks, recompute=recompute,
+                                            pair_dtype=pair_dtype)
+                break
+            except ShardingError as e:
+                # an op the rules refuse (an in-place write into a redistributed value): its
+                # innermost module runs gathered instead (exact, warned); none (top-level
+                # python) or strict: the caller runs the engine or raises
+                paths = [p for p in refused_module_paths(e) if p not in plan.actions]
+                if strict or not paths:
+                    raise
+                why = f"the sharding pass refuses one of its ops ({str(e).splitlines()[0][:300]})"
+                for p in paths:
+                    mod = work.get_submodule(p)
+                    act = Action(p, "fallback", why, "unsupported", type(mod).__name__, entry_path=p)
+                    plan.actions[p] = act
+                    replacements[p] = GatherFallback(mod, sq, [], [], path=p, action=act)
+        for e in runner.cap.opaque.values():  # what a gathered module materialises, for its warning
+            act = plan.actions.get(e.path)
+            if act is not None and act.action == "fallback" and not act.full_bytes:
+                act.full_bytes = entry_full_bytes(e)
         warn_fallbacks(plan, runner.opaque_fallbacks, n_)
         glue.add("graph", runner.notes)  # what the glue does, for explain() (the first N's programs)
         return runner

@@ -237,6 +237,7 @@ def _dispatch(func, args, kwargs):
     if func in _METADATA:
         return _plain_call(func, args, kwargs)
     leaves, spec = tree_flatten((args, kwargs))
+    _check_view_writes(func, args, leaves)
     imap = next((type(a) for a in leaves if type(a).__name__ == "IndexMap"), None)
     if imap is not None:  # a one-hot map (passes/index_map.py) met a tile: its handlers decide
         return imap.__torch_function__(func, (), args, kwargs)
@@ -274,7 +275,7 @@ def _dispatch(func, args, kwargs):
             _STATS["traced"] += 1
     if isinstance(entry, (_PlainFallback, _InplaceFallback)):
         return entry(func, leaves, spec)
-    prog, out_spec, out_meta = entry
+    prog, out_spec, out_meta, out_alias = entry
     if prog.notes:
         log_notes(key, prog.notes, _user_line)
     # the graph was traced on contiguous fakes (view vs reshape decided on them): give a
@@ -299,7 +300,67 @@ def _dispatch(func, args, kwargs):
             res.append(o)
         else:
             res.append(TileTensor(o, tags, meta))
+    _mark_broken_views(func, res, flat, out_alias, [leaves[i] for i in tpos], locals_)
+    if mutates and tpos:
+        _record_view_write(func, leaves[tpos[0]])
     return tree_unflatten(res, out_spec)
+
+
+# ----------------------------------------------------------------------------- views that are copies
+# A call whose single-device output is a *view* of an input (``z[:, 1:4]``, ``x.transpose``)
+# may produce a new tensor here (an owner narrow across token blocks, a contiguous copy).
+# Reading it is exact; writing it in place is not seen by the base, as it would be on one
+# device. Such an output is marked; an in-place write into it is recorded on its (sharded)
+# base; reading that base afterwards -- or returning it -- raises, unless the view was
+# written back (``z[:, 1:4] *= 0.5`` is ``t = z[...]; t *= 0.5; z[...] = t``: the write-back
+# clears it). A silent wrong result becomes an error naming the three lines.
+def _mark_broken_views(func, res, flat, out_alias, inputs, locals_):
+    for k, alias in enumerate(out_alias):
+        if not alias or k >= len(res) or not isinstance(res[k], torch.Tensor):
+            continue
+        j = alias[0]
+        base = inputs[j]
+        if not isinstance(base, TileTensor) or res[k] is base:
+            continue
+        if not torch._C._is_alias_of(flat[k], locals_[j]):
+            res[k].__dict__["_autocp_view_of"] = (base, getattr(func, "__name__", str(func)), _user_line())
+
+
+def _record_view_write(func, target):
+    info = getattr(target, "__dict__", {}).get("_autocp_view_of")
+    if info is None:
+        return
+    base, view_op, view_at = info
+    base.__dict__.setdefault("_autocp_view_writes", []).append(
+        (id(target), view_op, view_at, getattr(func, "__name__", str(func)), _user_line()))
+
+
+def _check_view_writes(func, args, leaves):
+    for a in leaves:
+        pending = getattr(a, "__dict__", {}).get("_autocp_view_writes") if isinstance(a, TileTensor) else None
+        if not pending:
+            continue
+        if getattr(func, "__name__", "") == "__setitem__" and args and args[0] is a and len(args) > 2:
+            pending[:] = [w for w in pending if w[0] != id(args[2])]  # the view written back
+            if not pending:
+                continue
+        raise_view_write(a, f"read by {getattr(func, '__name__', func)} at {_user_line()}")
+
+
+def raise_view_write(base, how: str):
+    """Raise for a sharded tensor with an in-place write into a copy-view still pending."""
+    _vid, view_op, view_at, write_op, write_at = base.__dict__["_autocp_view_writes"][0]
+    raise EagerShardingError(
+        f"autocp: a view of a sharded tensor was written in place, and the tensor is {how}. The view "
+        f"({view_op} at {view_at}) had to be computed as a new tensor on the tiles (it crosses token blocks, or "
+        f"is a copy), so the write ({write_op} at {write_at}) does not reach the tensor, as it would on one "
+        f"device: the result would be silently wrong. Fix: write into the tensor itself (z[:, 1:4] *= 0.5, or "
+        f"z[:, 1:4] = z[:, 1:4] * 0.5), or write out of place (z = ...).")
+
+
+def pending_view_writes(t) -> bool:
+    """``t`` is a TileTensor with an in-place write into a copy-view not written back."""
+    return isinstance(t, TileTensor) and bool(t.__dict__.get("_autocp_view_writes"))
 
 
 # ----------------------------------------------------------------------------- atom windows
@@ -497,7 +558,10 @@ def _build(func, leaves, spec, tpos, ctx):
         why = f"{getattr(func, '__name__', func)} needs values to build its output ({type(e).__name__})"
         return _gathered_call(why, leaves, tpos, e)
     out_spec = tree_flatten(sample)[1]
-    return prog, out_spec, out_meta
+    # which inputs each output leaf is a view of, on one device (checked against the tiles)
+    out_alias = [[j for j, fk in enumerate(fakes) if torch._C._is_alias_of(o, fk)] if isinstance(o, torch.Tensor)
+                 else [] for o in tree_flatten(sample)[0]]
+    return prog, out_spec, out_meta, out_alias
 
 
 def _token_axes(tags) -> int:

@@ -218,7 +218,7 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
         """The model's own python on TileTensors (:mod:`autocp.passes.eager`): every torch call
         on a sharded input goes through the rule table, registered modules run their 2D ops;
         the outputs' layouts are what the run produced (``output_tags`` is updated)."""
-        from .eager import TileTensor, global_shape, strict_mode
+        from .eager import TileTensor, global_shape, pending_view_writes, raise_view_write, strict_mode
 
         leaves, spec = tree_flatten((a, kw))
         wrapped, k = [], 0
@@ -237,6 +237,8 @@ class ParallelModule(GradSyncMixin, ModuleWrapper):
         oleaves, ospec = tree_flatten(out)
         res, tags_out = [], []  # one layout per output leaf
         for o in oleaves:
+            if pending_view_writes(o):
+                raise_view_write(o, "returned by the model")
             if isinstance(o, TileTensor):
                 res.append(o.local)
                 tags_out.append(o.tags)

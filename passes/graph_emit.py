@@ -131,8 +131,13 @@ class GraphRunner:
         key = (group, tuple(tuple(t) if t is not None else None for t in in_tags))
         if key not in self.block_progs:
             blk = self.cap.blocks[group]
-            prog = shard_graph(blk.gm, list(in_tags), n=self.n, n_seq=self.n_seq, p=self.p,
-                               resolver=self._resolve, strict=self.strict, what=f"block {blk.rep}")
+            try:
+                prog = shard_graph(blk.gm, list(in_tags), n=self.n, n_seq=self.n_seq, p=self.p,
+                                   resolver=self._resolve, strict=self.strict, what=f"block {blk.rep}")
+            except ShardingError as e:
+                if not e.block_paths:  # the innermost block: its instances own the module paths
+                    e.block_paths = list(blk.paths)
+                raise
             self.notes.extend(prog.notes)
             self._storage(prog)
             self.block_progs[key] = prog

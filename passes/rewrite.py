@@ -34,7 +34,8 @@ from .tags import canonical_out_tags, map_tagged
 from .wrapper import ModuleWrapper
 from .record import rec
 
-__all__ = ["Action", "RewritePlan", "plan_rewrite", "GatherFallback",
+__all__ = ["Action", "RewritePlan", "plan_rewrite", "opaque_layouts", "entry_full_bytes", "refused_module_paths",
+           "GatherFallback",
            "gather_tags", "shard_tags"]
 
 
@@ -143,8 +144,7 @@ def plan_rewrite(capture, mesh, n_tokens: int = 0) -> RewritePlan:
             if entry is None or entry.kind not in ("module", "fallback"):
                 continue
             paths = [entry.path] if blk is None else [p + entry.path[len(blk.rep):] for p in blk.paths]
-            full = sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
-                _nbytes(s, d) for s, d in (entry.out_meta or [(entry.in_meta or [((), torch.float32)])[0]]))
+            full = entry_full_bytes(entry)
             rule = entry.rule
             for path in paths:
                 if entry.kind == "module" and rule is not None and rule.op_factory is not None \
@@ -158,6 +158,25 @@ def plan_rewrite(capture, mesh, n_tokens: int = 0) -> RewritePlan:
                     plan.actions[path] = Action(path, "fallback", why, rule.kind if rule else "unsupported",
                                                 entry.cls_name, full_bytes=full, entry_path=entry.path)
     return plan
+
+
+def entry_full_bytes(entry) -> int:
+    """Bytes of the whole tensors an opaque call takes and returns (what running it gathered
+    materialises on every rank)."""
+    return sum(_nbytes(s, d) for s, d in (entry.in_meta or [])) + sum(
+        _nbytes(s, d) for s, d in (entry.out_meta or [(entry.in_meta or [((), torch.float32)])[0]]))
+
+
+def refused_module_paths(err) -> list:
+    """The module instance paths a :class:`~autocp.passes.shard.ShardingError` names (the
+    innermost module of the refused op; a repeated block's module in every instance), or
+    ``[]`` when the op is the model's own top-level python."""
+    path, _cls = err.module_path
+    if err.block_paths:
+        if path != "block" and not path.startswith("block."):
+            return []
+        return [p + path[len("block"):] for p in err.block_paths]
+    return [path] if path else []
 
 
 def opaque_layouts(entry, in_tags, n: int):

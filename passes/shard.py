@@ -52,14 +52,19 @@ from .attention import (AttentionMismatch, attention_nodes, einsum_letters, fill
                         pack_kv, tile_attention)
 from .record import put, rec
 
-__all__ = ["canonical_tags", "ShardingError", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
+__all__ = ["canonical_tags", "ShardingError", "module_path_of", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
            "source_line", "tag_str"]
 
 aten = torch.ops.aten
 
 
 class ShardingError(RuntimeError):
-    """An op of the captured graph cannot be run soundly on tiles (or strict refuses it)."""
+    """The rules refuse an op (an in-place write they cannot prove, strict and a pair
+    gather). ``module_path``: ``(path, class)`` of the module the op belongs to (block graphs:
+    under ``"block"``; :attr:`block_paths` then names the block's instances)."""
+
+    module_path = ("", "")
+    block_paths: list = []
 
 
 @dataclass
@@ -101,6 +106,18 @@ def tag_str(tags) -> str:
     """``[.,r,c,.]``: one entry per dim (``.`` whole, ``outer*tag*inner`` merged)."""
     return "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
                           for t in tags) + "]"
+
+
+def module_path_of(node) -> tuple:
+    """``(innermost module path, class name)`` of a captured node (``nn_module_stack``; the
+    block-capture wrapper skipped: a repeated block's graph gives paths under ``"block"``)."""
+    path, cls = "", ""
+    for _k, (p, t) in (node.meta.get("nn_module_stack") or {}).items():
+        tname = t if isinstance(t, str) else getattr(t, "__qualname__", str(t))
+        if tname.endswith("BoundCall"):
+            continue
+        path, cls = p, tname
+    return path, cls.rsplit(".", 1)[-1]
 
 
 def source_line(node) -> str:
@@ -241,11 +258,13 @@ class _Sharder:
     def refuse(self, why, fix=""):
         n = self.cur
         src = _src_line(n) if n is not None else ""
-        raise ShardingError(
+        err = ShardingError(
             f"autocp: cannot run `{n.target}` (node {n.name}) of {self.what} on tiles: {why}."
             f"{' Source: ' + src + '.' if src else ''} "
             f"{fix or 'Fix: register the enclosing module with autocp.register_module(cls, op_factory), or rewrite the construct.'}"
         )
+        err.module_path = module_path_of(n) if n is not None else ("", "")
+        raise err
 
     def to_tags(self, a, dst):
         """The emitted value of src node ``a`` redistributed to ``dst`` tags."""

@@ -73,3 +73,34 @@ def refused_glue_falls_back_worker(rank, world, n=7):
     ref = model(z)
     return {"err": float((out - ref).abs().max() / ref.abs().max()), "action": pm.plan.actions["mix"].action,
             "warned": any("mix (UnboundWithInplaceWrite) runs gathered" in str(w.message) for w in wl)}
+
+
+def view_write_worker(rank, world, n=7):
+    """On the eager engine: an in-place write into a view that had to be a copy (a slice
+    across token blocks) is an error naming the lines when the base is read again (it was a
+    silently wrong result: relative error 0.78); the write-back idiom ``z[:, 1:4] *= 0.5`` is
+    exact."""
+    import torch
+
+    import autocp
+    from autocp.passes.eager import EagerShardingError
+    from tests.shard.programs import RetryModel, SliceWriteBack, redraw
+
+    mesh = autocp.init_mesh()
+    z = torch.randn(1, n, n, 8, generator=torch.Generator().manual_seed(3))
+    res = {}
+    pm = autocp.parallelize(redraw(RetryModel()), mesh, example_inputs=(z,), emit="eager")
+    try:
+        pm(z)
+        res["lost_write"] = "no error"
+    except EagerShardingError as e:
+        res["lost_write"] = str(e)
+    model = redraw(SliceWriteBack())
+    pm = autocp.parallelize(model, mesh, example_inputs=(z,), emit="eager", strict=False)
+    zp, zr = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out, ref = pm(zp), model(zr)
+    out.sum().backward()
+    ref.sum().backward()
+    res["write_back"] = (float((out - ref).abs().max() / ref.abs().max()),
+                         float((zp.grad - zr.grad).abs().max() / zr.grad.abs().max()))
+    return res

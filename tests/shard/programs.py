@@ -306,6 +306,19 @@ class UnboundWithInplaceWrite(nn.Module):
         return z
 
 
+class SliceWriteBack(nn.Module):
+    """``z[:, 1:4] *= 0.5`` across token blocks: python's get / in-place op / set-back."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, z):
+        z = self.lin(z) * 1.0
+        z[:, 1:4] *= 0.5
+        return z + 1.0
+
+
 class RetryModel(nn.Module):
     def __init__(self, c=8):
         super().__init__()

@@ -37,3 +37,13 @@ def test_unbound_module_the_shard_pass_refuses_runs_gathered():
     for r in run_distributed(refused_glue_falls_back_worker, 4, timeout=300):
         assert r["action"] == "fallback" and r["warned"], r
         assert r["err"] < 1e-5, r
+
+
+def test_engine_in_place_write_into_a_copied_view_is_an_error():
+    from tests.shard._emit_workers import view_write_worker
+
+    for r in run_distributed(view_write_worker, 4, timeout=300):
+        msg = r["lost_write"]
+        assert "written in place" in msg and "part = z[:, 1:4]" in msg and "part.mul_(0.5)" in msg, msg
+        assert "silently wrong" in msg and "Fix" in msg, msg
+        assert r["write_back"][0] < 1e-5 and r["write_back"][1] < 1e-5, r["write_back"]
