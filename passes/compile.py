@@ -20,11 +20,14 @@ __all__ = ["graph_module", "warn_fallbacks"]
 
 
 def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *, strict=False, reuse_blocks=True,
-                 recompute="ops", pair_dtype=None):
+                 recompute="ops", pair_dtype=None, gather_refused=True):
     """``model`` captured, claimed and sharded (the default, ``emit="graph"``): registered
     modules run their 2D ops; every other op -- the model's glue and every unregistered
     module -- goes through the sharding pass's rule table (which enforces ``strict`` per
-    op: no pair gather)."""
+    op: no pair gather). ``gather_refused``: an op the rules refuse runs its innermost module
+    gathered (exact, warned) instead of failing the compile -- off for an island of the
+    eager engine, whose refused submodule runs better op by op on the engine (each call
+    sharded on its own: an in-place ``z += x`` is tile-local there)."""
 
     cap, plan = compile_stages(model, args, kwargs, input_tags, n, sq, reuse_blocks=reuse_blocks)
     replacements = {}
@@ -52,7 +55,7 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
                 # innermost module runs gathered instead (exact, warned); none (top-level
                 # python) or strict: the caller runs the engine or raises
                 paths = [p for p in refused_module_paths(e) if p not in plan.actions]
-                if strict or not paths:
+                if strict or not gather_refused or not paths:
                     raise
                 why = f"the sharding pass refuses one of its ops ({str(e).splitlines()[0][:300]})"
                 for p in paths:

@@ -150,7 +150,7 @@ def _compile(module, state, leaves, spec, ctx):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch.export's own chatter; gathers are warned below
         pm = graph_module(clean, private_tree(clean), ctx.mesh, args, kwargs, in_tags, ctx.n, ctx.n_seq,
-                          ex_tensors, strict=state.strict)
+                          ex_tensors, strict=state.strict, gather_refused=False)
     runner = pm.graph_runner(ctx.n, ctx.n_seq)
     gathers = pair_gathers(runner.notes)
     if gathers:
