@@ -479,7 +479,7 @@ def _build_tile_program(ctx, model, make_inputs, n, p):
             repl[path] = (act.builder(mod, sim) if getattr(act, "builder", None) is not None
                           else lookup_module(mod).build(mod, sim))
         else:
-            repl[path] = GatherFallback(mod, sim, [], [], path=path, action=act)
+            repl[path] = GatherFallback(mod, sim, act, path=path)
     fm = FakeTensorMode(allow_non_fake_inputs=True)
 
     def fake(shape, kind):

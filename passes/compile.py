@@ -38,7 +38,7 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
         if act.action == "op":
             replacements[path] = act.builder(mod, sq) if act.builder is not None else lookup_module(mod).build(mod, sq)
         else:
-            replacements[path] = GatherFallback(mod, sq, [], [], path=path, action=act)
+            replacements[path] = GatherFallback(mod, sq, act, path=path)
     clone = structural_clone(work, replacements)
 
     glue = GlueLog()
@@ -62,7 +62,7 @@ def graph_module(model, work, sq, args, kwargs, input_tags, n, n_seq, tensors, *
                     mod = work.get_submodule(p)
                     act = Action(p, "fallback", why, "unsupported", type(mod).__name__, entry_path=p)
                     plan.actions[p] = act
-                    replacements[p] = GatherFallback(mod, sq, [], [], path=p, action=act)
+                    replacements[p] = GatherFallback(mod, sq, act, path=p)
         for e in runner.cap.opaque.values():  # what a gathered module materialises, for its warning
             act = plan.actions.get(e.path)
             if act is not None and act.action == "fallback" and not act.full_bytes:

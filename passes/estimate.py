@@ -265,7 +265,7 @@ def _peak_for_graph(model, plan, input_tags, inputs, p, n, dtype, training, reco
             op = act.builder(mod, sim) if getattr(act, "builder", None) is not None else lookup_module(mod).build(mod, sim)
             repl[path] = _WatchOp(op, tracker, path, act.kind)
         else:
-            repl[path] = _WatchOp(GatherFallback(mod, sim, [], [], path=path, action=act), tracker, path, "gathered")
+            repl[path] = _WatchOp(GatherFallback(mod, sim, act, path=path), tracker, path, "gathered")
     model.train(training)
     for m in repl.values():
         m.inner.train(training)

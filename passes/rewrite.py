@@ -107,26 +107,24 @@ class GatherFallback(ModuleWrapper):
     """Runs ``module`` on gathered full tensors and returns this rank's blocks.
 
     Same parameters and state_dict keys as ``module`` (its children and direct
-    parameters are registered here). ``in_tags`` / ``out_tags``: one tag tuple per tensor
-    leaf of the call's ``(args, kwargs)`` / of the output, in ``tree_flatten`` order.
+    parameters are registered here). The layouts are its plan :class:`Action`'s
+    ``in_tags`` / ``out_tags`` (one tag tuple per tensor leaf of the call's ``(args,
+    kwargs)`` / of the output, in ``tree_flatten`` order), filled in when the graph runner
+    shards the call (:func:`opaque_layouts`).
     """
 
-    def __init__(self, module: nn.Module, mesh, in_tags, out_tags, path: str = "", action=None):
+    def __init__(self, module: nn.Module, mesh, action, path: str = ""):
         super().__init__(module, mesh, path)
-        self.in_tags = list(in_tags)
-        self.out_tags = list(out_tags)
-        self.action = action  # a plan Action: its boundary tags, filled in when the graph is sharded
+        self.action = action
 
     def forward(self, *args, **kwargs):
         from .context import current
 
         ctx = current()
-        in_tags = self.action.in_tags if self.action is not None else self.in_tags
-        out_tags = self.action.out_tags if self.action is not None else self.out_tags
-        a, kw = map_tagged((args, kwargs), in_tags,
+        a, kw = map_tagged((args, kwargs), self.action.in_tags,
                            lambda x, tags: gather_tags(x, tags, self.mesh, ctx.n, ctx.n_seq))
         out = self.inner(*a, **kw)
-        return map_tagged(out, out_tags, lambda x, tags: shard_tags(x, tags, self.mesh))
+        return map_tagged(out, self.action.out_tags, lambda x, tags: shard_tags(x, tags, self.mesh))
 
 
 # ----------------------------------------------------------------------------- planning
@@ -138,8 +136,8 @@ def plan_rewrite(capture, mesh, n_tokens: int = 0) -> RewritePlan:
     boundary layouts of each action are the ones the sharding pass meets at its call
     (:func:`opaque_layouts`, filled in by the graph runner)."""
     plan = RewritePlan()
-    for _prefix, _gm, blk in capture.graphs():
-        for nd in _gm.graph.nodes:
+    for _prefix, gm, blk in capture.graphs():
+        for nd in gm.graph.nodes:
             entry = rec(nd).opaque
             if entry is None or entry.kind not in ("module", "fallback"):
                 continue
