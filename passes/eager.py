@@ -44,13 +44,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .context import current, log_notes
 from . import tile_ops as T
 from .rewrite import gather_tags, shard_tags
-from .shard import ShardingError, shard_graph
+from .shard import ShardingError, shard_graph, standard_tags
 from .storage import reinplace
 from .wrapper import ModuleWrapper
 from ..tile_io import FLAT_TAGS
 
 __all__ = ["TileTensor", "distribute", "eager_stats", "EagerShardingError", "clear_cache", "strict_mode",
-           "RegisteredOp", "bind_registered", "standard_tags", "global_shape"]
+           "RegisteredOp", "bind_registered", "global_shape"]
 
 
 class EagerShardingError(BaseException):
@@ -590,22 +590,6 @@ def _no_opaque(entry, in_tags):
 
 
 # ----------------------------------------------------------------------------- registered modules
-def standard_tags(tags) -> tuple:
-    """The layout a registered 2D op is built for: the first token dim of a tensor on the
-    mesh rows (``"r"``), the second on the columns (``"c"``), MSA rows ``"s"`` kept --
-    Pair2D ``[B, N, N, C]``, RowToken ``[B, N, C]``, MsaTiles ``[B, S, N, C]``."""
-    out, k = [], 0
-    for t in tags:
-        if t is None or t in _FLAT:
-            out.append(t)
-        elif T.base_tag(t) == "s":
-            out.append("s")
-        else:
-            out.append(("r", "c")[min(k, 1)] if not any(x == "s" for x in tags) else "c")
-            k += 1
-    return tuple(out)
-
-
 def global_shape(local_shape, tags, n: int, n_seq) -> tuple:
     """Global shape of a tile with ``tags`` (token dims ``n``, MSA rows ``n_seq``)."""
     return tuple((n_seq if T.base_tag(t) == "s" else n) if t is not None else s for s, t in zip(local_shape, tags))

@@ -29,7 +29,7 @@ from torch import nn
 from .. import comm
 from ..layout import block_size, pad_to
 from ..mesh import COL, ROW
-from .shard import canonical_tags
+from .shard import canonical_tags, standard_tags
 from .tags import canonical_out_tags, map_tagged
 from .wrapper import ModuleWrapper
 from .record import rec
@@ -179,10 +179,12 @@ def refused_module_paths(err) -> list:
 
 def opaque_layouts(entry, in_tags, n: int):
     """``(in_tags, out_tags)`` of an opaque call whose tensor inputs arrive with ``in_tags``
-    (the sharding pass's tags, canonical): a registered module takes them as they are and
-    returns ``rule.out_layouts(in_tags)`` (default: its first input's layout); a module run
-    gathered returns its token-length dims as ``r``, ``c`` in order."""
-    in_tags = [canonical_tags(t) if isinstance(t, tuple) else None for t in in_tags]
+    (the sharding pass's tags): a registered module takes each in its standard layout
+    (:func:`~autocp.passes.shard.standard_tags`, the same as the engine's ``RegisteredOp``:
+    a transposed pair is exchanged to Pair2D first) and returns ``rule.out_layouts(in_tags)``
+    (default: its first input's layout); a module run gathered returns its token-length dims
+    as ``r``, ``c`` in order."""
+    in_tags = [standard_tags(canonical_tags(t)) if isinstance(t, tuple) else None for t in in_tags]
     if entry.kind == "module":
         rule = entry.rule
         if rule is not None and rule.out_layouts is not None:

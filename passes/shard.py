@@ -47,12 +47,13 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import block_size
+from ..tile_io import FLAT_TAGS
 from . import tile_ops as T
 from .attention import (AttentionMismatch, attention_nodes, einsum_letters, fill_nodes, match_attention, match_sdpa,
                         pack_kv, tile_attention)
 from .record import put, rec
 
-__all__ = ["canonical_tags", "ShardingError", "module_path_of", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
+__all__ = ["canonical_tags", "standard_tags", "ShardingError", "module_path_of", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
            "source_line", "tag_str"]
 
 aten = torch.ops.aten
@@ -181,6 +182,27 @@ def canonical_tags(tags):
                 continue
         used.add(_axis(t))
         out.append(t)
+    return tuple(out)
+
+
+def standard_tags(tags) -> tuple:
+    """The layout a claimed (registered) 2D op is built for: the first token dim of a tensor
+    on the mesh rows (``"r"``), the second on the columns (``"c"``), MSA rows ``"s"`` kept --
+    Pair2D ``[B, N, N, C]``, RowToken ``[B, N, C]``, MsaTiles ``[B, S, N, C]``. Both runtimes
+    hand a claimed op its arguments in this layout (the graph path by the converting
+    redistribution of :func:`autocp.passes.rewrite.opaque_layouts`, the engine by
+    ``RegisteredOp``): a transposed pair (``z.transpose(1, 2)``, tags ``(c, r)``) is
+    exchanged to Pair2D first -- handed over as it was, the op read it as Pair2D (a silently
+    wrong result)."""
+    out, k = [], 0
+    for t in tags:
+        if t is None or t in FLAT_TAGS:
+            out.append(t)
+        elif T.base_tag(t) == "s":
+            out.append("s")
+        else:
+            out.append(("r", "c")[min(k, 1)] if not any(x == "s" for x in tags) else "c")
+            k += 1
     return tuple(out)
 
 
