@@ -104,7 +104,10 @@ def build_report(model, cap, plan, mesh, n, tensors=(), runner=None) -> Report:
     progs = []
     if runner is not None:
         progs.append(("top", runner.prog.gm))
-        progs += [(f"{g}{'' if i == 0 else f'#{i}'}", pr.gm) for i, ((g, _t), pr) in enumerate(runner.block_progs.items())]
+        seen: dict = {}
+        for (g, _tags), pr in runner.block_progs.items():  # a block group sharded per input layout
+            k = seen[g] = seen.get(g, -1) + 1
+            progs.append((g if k == 0 else f"{g}#{k}", pr.gm))
     rep = Report(n_tokens=n, p=mesh.p, capture_seconds=cap.seconds, n_nodes=cap.n_nodes,
                  blocks={g: len(b.paths) for g, b in cap.blocks.items()}, programs=progs, model=model)
     itemsize = 4

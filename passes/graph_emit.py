@@ -208,7 +208,9 @@ def build_graph_runner(model, args, kwargs, plan, replacements, input_tags, n, n
     every other op, inside unregistered modules too, goes through the sharding pass (tile
     local, redistributed, a ring, or gathered per op -- never a whole module's inputs). A
     :class:`ShardingError` (an in-place write the rules cannot prove) propagates: the caller
-    runs the model on the eager engine instead (exact), or raises under ``strict``."""
+    (:func:`autocp.passes.compile.graph_module`) runs the refused op's module gathered and
+    shards again, or -- an island, or an op of the top-level python -- leaves the model to
+    the eager engine; under ``strict`` it raises."""
     planned = frozenset(p for p in plan.actions if p)
     cap = capture(model, args, kwargs, reuse_blocks=reuse_blocks, fallback=planned)
     runner = GraphRunner(model, cap, plan, replacements, input_tags, n, n_seq, mesh, strict, recompute=recompute,

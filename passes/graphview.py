@@ -12,21 +12,13 @@ from __future__ import annotations
 import torch
 
 from .record import rec
-from .tags import op_name
+from .tags import layout_name, op_name
 
 __all__ = ["GraphView"]
 
 #: emitted helpers that move data between ranks (tile_ops / attention / opaque calls)
 _COMM = ("gather", "exchange", "all_reduce", "ring", "tile_attention", "pack_kv", "transpose", "contract",
          "invoke_opaque", "owner")
-
-
-def _layout(tags) -> str:
-    from .shard import tag_str
-
-    if isinstance(tags, list):
-        return "; ".join(_layout(t) for t in tags)
-    return tag_str(tags) if isinstance(tags, tuple) else "-"
 
 
 class GraphView:
@@ -42,7 +34,7 @@ class GraphView:
                 tags = rec(nd).tags
                 tgt = op_name(nd.target) if nd.op == "call_function" else str(nd.target)
                 self.g.add_node(nid, op=nd.op, target=tgt,
-                                layout=_layout(tags),
+                                layout=layout_name(tags if isinstance(tags, (tuple, list)) else None),
                                 src=rec(nd).src or "", comm=any(c in tgt for c in _COMM), graph=name,
                                 shape=str(tuple(nd.meta["val"].shape)) if isinstance(nd.meta.get("val"), torch.Tensor)
                                 else "")

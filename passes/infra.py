@@ -48,7 +48,6 @@ class CompileState:
     n: int
     mesh: Any = None
     reuse_blocks: bool = True
-    fallback: frozenset = frozenset()
     capture: Any = None  # autocp.passes.trace.Capture
     plan: Any = None  # autocp.passes.rewrite.RewritePlan
     log: list = field(default_factory=list)  # names of the passes run, in order
@@ -102,8 +101,8 @@ def _graphs(cap):
 
 
 class CapturePass(PassBase):
-    """``torch.export`` of the model (repeated blocks once, registered and ``fallback``
-    modules opaque) -> ``state.capture``."""
+    """``torch.export`` of the model (repeated blocks once, registered modules opaque) ->
+    ``state.capture``."""
 
     name = "capture"
 
@@ -114,8 +113,7 @@ class CapturePass(PassBase):
     def call(self, state):
         from .trace import capture
 
-        state.capture = capture(state.model, state.args, state.kwargs, reuse_blocks=state.reuse_blocks,
-                                fallback=state.fallback)
+        state.capture = capture(state.model, state.args, state.kwargs, reuse_blocks=state.reuse_blocks)
 
     def ensures(self, state):
         from .trace import OPAQUE_OP
@@ -149,7 +147,7 @@ class ClaimPass(PassBase):
     def call(self, state):
         from .rewrite import plan_rewrite
 
-        state.plan = plan_rewrite(state.capture, state.mesh, n_tokens=state.n)
+        state.plan = plan_rewrite(state.capture, state.mesh)
 
     def ensures(self, state):
         plan, cap = state.plan, state.capture

@@ -128,7 +128,7 @@ class GatherFallback(ModuleWrapper):
 
 
 # ----------------------------------------------------------------------------- planning
-def plan_rewrite(capture, mesh, n_tokens: int = 0) -> RewritePlan:
+def plan_rewrite(capture, mesh) -> RewritePlan:
     """One action per registered module the capture kept opaque: ``"op"`` (its 2D op) when
     the rule builds one for this module and mesh, else ``"fallback"`` (gathered, exact,
     warned). Everything else -- every ATen op of the model's glue and of unregistered
@@ -192,7 +192,7 @@ def opaque_layouts(entry, in_tags, n: int):
         else:
             out = [in_tags[0]] if in_tags else [None]
     else:
-        out = entry.out_tags or canonical_out_tags(entry.out_meta or [], n)
+        out = canonical_out_tags(entry.out_meta or [], n)
     return in_tags, [canonical_tags(t) if isinstance(t, tuple) else t for t in out]
 
 

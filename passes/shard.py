@@ -52,6 +52,7 @@ from . import tile_ops as T
 from .attention import (AttentionMismatch, attention_nodes, einsum_letters, fill_nodes, match_attention, match_sdpa,
                         pack_kv, tile_attention)
 from .record import put, rec
+from .tags import tag_entry
 
 __all__ = ["canonical_tags", "standard_tags", "ShardingError", "module_path_of", "TileProgram", "Note", "shard_graph", "RULES", "covered_ops", "invoke_opaque",
            "source_line", "tag_str"]
@@ -105,8 +106,7 @@ def _axis(t) -> int:
 
 def tag_str(tags) -> str:
     """``[.,r,c,.]``: one entry per dim (``.`` whole, ``outer*tag*inner`` merged)."""
-    return "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
-                          for t in tags) + "]"
+    return "[" + ",".join(tag_entry(t) for t in tags) + "]"
 
 
 def module_path_of(node) -> tuple:

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-__all__ = ["map_tagged", "op_name", "layout_name", "kind_of", "canonical_out_tags", "TOKEN_TAGS",
+__all__ = ["map_tagged", "op_name", "tag_entry", "layout_name", "kind_of", "canonical_out_tags", "TOKEN_TAGS",
            "infer_input_layouts", "tags_of_layout"]
 
 TOKEN_TAGS = ("r", "c")
@@ -37,6 +37,11 @@ def op_name(target) -> str:
     return getattr(target, "__name__", str(target))
 
 
+def tag_entry(t) -> str:
+    """One dim's tag as text: ``.`` whole, ``r`` / ``c`` / ``s``, ``outer*tag*inner`` merged."""
+    return "." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
+
+
 def layout_name(tags) -> str:
     """Human name of a tag tuple: Pair2D / Pair2D^T / RowToken / ColToken / MsaTiles / ..."""
     if tags is None:
@@ -44,8 +49,7 @@ def layout_name(tags) -> str:
     if isinstance(tags, list):
         return ", ".join(layout_name(t) for t in tags)
     real = [t for t in tags if t is not None]
-    body = "[" + ",".join("." if t is None else (t if isinstance(t, str) else f"{t[1]}*{t[0]}*{t[2]}")
-                          for t in tags) + "]"
+    body = "[" + ",".join(tag_entry(t) for t in tags) + "]"
     if not real:
         return "Replicated"
     if real == ["r", "c"]:

@@ -81,7 +81,6 @@ class OpaqueEntry:
     out_meta_mask: Optional[list] = None
     last_call: Any = None
     in_meta: Optional[list] = None  # [(shape, dtype)] of the tensor inputs, first call
-    out_tags: Optional[list] = None  # fallback modules: output layouts the glue expects
 
     @property
     def cls_name(self) -> str:
